@@ -25,6 +25,9 @@ MAX_PROMPT_CHARS = 2000  # a cheap bound before tokenising; the token limit is c
 
 QUANTIZATION_CHOICES = ("auto", "fp8", "int8", "none")
 COMPILE_CHOICES = ("auto", "aoti", "none")
+# "blocks": regional AoT, one program per repeated transformer block class (fast cold start);
+# "model": one program for the whole transformer.
+AOT_SCOPE_CHOICES = ("blocks", "model")
 # "auto" picks by hardware; "sdpa" is torch's own scaled_dot_product_attention; the rest are diffusers
 # attention backends (`AttentionBackendName`) such as "_native_cudnn", "_native_flash" or "_flash_3_hub".
 ATTENTION_DEFAULT = "auto"
@@ -93,6 +96,7 @@ class Settings:
     quantization: str
     attention: str
     compile: str
+    aot_scope: str
     dynamic_shapes: bool
     cache_dir: str
     queue_size: int
@@ -128,6 +132,7 @@ class Settings:
             quantization=_choice(env, "QUANTIZATION", QUANTIZATION_CHOICES, "auto"),
             attention=env.get("ATTENTION", "").strip() or ATTENTION_DEFAULT,
             compile=_choice(env, "COMPILE", COMPILE_CHOICES, "auto"),
+            aot_scope=_choice(env, "AOT_SCOPE", AOT_SCOPE_CHOICES, "blocks"),
             dynamic_shapes=_flag(env, "DYNAMIC_SHAPES", False),
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
             queue_size=int(env.get("QUEUE_SIZE", "32")),
