@@ -18,9 +18,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 log = logging.getLogger("aot-space")
 
 SETTINGS = Settings.from_env()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-pipe = load_pipeline(SETTINGS, DEVICE, DTYPE)
+pipe = load_pipeline(SETTINGS)
 DEFAULTS = model_defaults(pipe)
 REPORT = optimization.optimize_pipeline_(pipe, SETTINGS, DEFAULTS.max_sequence_length)
 PRESETS = {preset.name: preset for preset in SETTINGS.presets}
@@ -93,11 +91,9 @@ def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, gu
                 generator=generator, max_sequence_length=DEFAULTS.max_sequence_length).images[0]
 
 
-def generate(prompt, resolution=None, seed=0, randomize_seed=True, steps=None, guidance=None,
-             progress=gr.Progress(track_tqdm=True)):
-    resolution = SETTINGS.presets[0].name if resolution is None else resolution
-    steps = DEFAULTS.steps if steps is None else steps
-    guidance = DEFAULTS.guidance if guidance is None else guidance
+def generate(prompt, resolution=SETTINGS.presets[0].name, seed=0, randomize_seed=False, steps=DEFAULTS.steps,
+             guidance=DEFAULTS.guidance, progress=gr.Progress(track_tqdm=True)):
+    """Text to image. Returns the image, the seed used and a one-line summary with the time taken."""
     prompt, preset, seed, steps, guidance, notes = validate(prompt, resolution, seed, randomize_seed, steps, guidance)
     start = time.perf_counter()
     try:

@@ -344,6 +344,19 @@ def compile_into_cache(pipe, settings: Settings, token_presets: dict[int, Preset
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def fetch_from_hub(hub_repo: str, digest: str, cache_dir: Path, report: Report) -> None:
+    """Downloads the packages for this key from a revision-pinned Hub repo into the cache. They are
+    checked against their manifest like any cached entry; anything missing or wrong means compiling."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = hub_repo.partition("@")
+    try:
+        snapshot_download(repo, revision=revision, allow_patterns=[f"{digest}/*"], local_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001 - offline, missing or gated: compile instead, and say so
+        report.fallback("compiled packages", f"could not fetch {digest} from {hub_repo} "
+                                             f"({type(err).__name__}: {err}); compiling here")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The entry point.
 # ---------------------------------------------------------------------------------------------------
@@ -391,6 +404,8 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
     report.cache_key = key_digest(key)
     root = Path(settings.cache_dir) / report.cache_key
     start = time.perf_counter()
+    if settings.hub_repo and not root.exists():
+        fetch_from_hub(settings.hub_repo, report.cache_key, Path(settings.cache_dir), report)
     try:
         program_dirs = read_cached(root, key)
         if program_dirs is None:
@@ -430,3 +445,31 @@ def warm_up(pipe, token_presets: dict[int, Preset], max_sequence_length: int) ->
                            max_sequence_length=max_sequence_length, output_type="latent").images
         if not torch.isfinite(latents).all():
             raise RuntimeError(f"the {tokens}-token program returned non-finite values")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python optimization.py --precompile --out DIR`: compile ahead of deploy with the current settings
+    (MODEL_ID, PRESETS, QUANTIZATION, ...) on the target GPU, print the key and where the files went."""
+    import argparse
+
+    from settings import load_pipeline, model_defaults
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--precompile", action="store_true", required=True)
+    parser.add_argument("--out", required=True, help="cache directory to fill (AOT_CACHE_DIR for the app)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env({**os.environ, "AOT_CACHE_DIR": args.out, "COMPILE": "aoti"})
+    pipe = load_pipeline(settings)
+    report = optimize_pipeline_(pipe, settings, model_defaults(pipe).max_sequence_length)
+    if report.compile != "aoti":
+        print(json.dumps({"error": report.fallbacks}), flush=True)
+        return 1
+    entry = Path(args.out) / report.cache_key
+    print(json.dumps({"key": report.cache_key, "source": report.compile_source, "dir": str(entry),
+                      "files": sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file())}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -99,6 +99,7 @@ class Settings:
     aot_scope: str
     dynamic_shapes: bool
     cache_dir: str
+    hub_repo: str | None  # "owner/name@<commit>": precompiled packages to download; opt-in, pinned
     queue_size: int
     demo_model_reason: str = ""  # why the tiny model runs, when it does
 
@@ -135,6 +136,7 @@ class Settings:
             aot_scope=_choice(env, "AOT_SCOPE", AOT_SCOPE_CHOICES, "blocks"),
             dynamic_shapes=_flag(env, "DYNAMIC_SHAPES", False),
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
+            hub_repo=env.get("AOT_HUB_REPO", "").strip() or None,
             queue_size=int(env.get("QUEUE_SIZE", "32")),
             demo_model_reason=reason,
         )
@@ -147,6 +149,13 @@ class Settings:
             raise ValueError("DYNAMIC_SHAPES=1 needs compilation, but COMPILE=none")
         if self.compile == "none" and self.quantization in ("fp8",):
             raise ValueError("QUANTIZATION=fp8 is only wired through the compiled program; set COMPILE=aoti or auto")
+        if self.hub_repo is not None:
+            repo, _, revision = self.hub_repo.partition("@")
+            if repo.count("/") != 1 or len(revision) != 40 or not all(c in "0123456789abcdef" for c in revision):
+                raise ValueError(f"AOT_HUB_REPO={self.hub_repo!r} must be OWNER/NAME@<40-hex commit>: compiled "
+                                 "packages contain native code, so only a repo pinned to an exact commit is loaded")
+            if self.compile == "none":
+                raise ValueError("AOT_HUB_REPO is set but COMPILE=none")
         if self.queue_size < 1:
             raise ValueError("QUEUE_SIZE must be at least 1")
 
@@ -218,9 +227,13 @@ def build_tiny_pipeline():
     return pipe.to(torch.float32)
 
 
-def load_pipeline(settings: Settings, device: str, dtype):
-    """The pipeline named by MODEL_ID, on `device`. A model that cannot be loaded stops startup with one
-    message that says which setting to change."""
+def load_pipeline(settings: Settings):
+    """The pipeline named by MODEL_ID: bf16 on a GPU, fp32 on CPU. A model that cannot be loaded stops
+    startup with one message that says which setting to change."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if settings.is_tiny:
         log.warning("Running the built-in tiny random-weight FLUX pipeline (%s). Its images are noise. "
                     "Set MODEL_ID (e.g. %s) to serve a real model.", settings.demo_model_reason, DEFAULT_MODEL_ID)

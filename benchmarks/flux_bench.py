@@ -1,0 +1,545 @@
+"""GPU benchmark of the template's AoT path on a FLUX.1-dev-sized pipeline with random weights.
+
+It drives the project's own code: `settings.Settings` and `optimization.optimize_pipeline_`, so what it
+measures is what the Space serves. The pipeline is built from configs (FLUX.1-dev transformer, CLIP-L,
+T5-XXL encoder, FLUX's VAE) with random bf16 weights straight on the GPU; no hub, no download. The speed
+of a step does not depend on the weight values.
+
+Every run first measures the eager bf16 reference in the same process, then each variant side by side:
+median ms/step (CUDA events, after warm-up), compile seconds, peak GPU memory, and the relative L2 error of
+one step against eager on the very same inputs. It prints a table and ends with one JSON line.
+
+Examples (run by hand on a GPU machine, never by pytest):
+  python benchmarks/flux_bench.py --mode eager
+  python benchmarks/flux_bench.py --variants aoti:none:model:p1 --presets square=1024x1024
+  python benchmarks/flux_bench.py --variants aoti:none,aoti:fp8,aoti:fp8:p1 --full-pipeline
+  python benchmarks/flux_bench.py --blocks 1,2 --t5-layers 2 --variants aoti:fp8 --fp8-granularity tensor \
+      --inductor coordinate_descent_tuning=false --stack-dump 30
+
+A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
+none|fp8|int8, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets, and any other word
+is the attention backend (sdpa or a diffusers backend name).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Inductor reads CXX when it is imported, so this comes before `import torch`. The GPU image's
+# /opt/gcc/bin/g++ links libstdc++ statically into AOTI wrappers, which then segfault when loaded.
+CXX_FIX = None
+if os.environ.get("CXX") == "/opt/gcc/bin/g++" and os.path.exists("/usr/bin/g++"):
+    os.environ["CXX"] = "/usr/bin/g++"
+    CXX_FIX = "CXX was /opt/gcc/bin/g++ (AOTI packages built with it segfault on load); set CXX=/usr/bin/g++"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # "auto" attention must not wait for a hub it cannot reach
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import faulthandler  # noqa: E402
+import gc  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import optimization  # noqa: E402
+import settings as project_settings  # noqa: E402
+
+log = logging.getLogger("flux-bench")
+GiB = 2**30
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+              relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0)
+FLUX_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611)
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+# A CPU smoke test of this script: same code paths, laptop-sized.
+TINY = dict(
+    transformer=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                     axes_dims_rope=(4, 6, 6)),
+    clip=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+              max_position_embeddings=77, projection_dim=32),
+    t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"),
+    vae=dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+             sample_size=32, shift_factor=0.0609, scaling_factor=1.5035),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline, from configs, random weights, built where it runs.
+# ---------------------------------------------------------------------------------------------------
+def shrink_linears_(module: torch.nn.Module, factor: float = 0.5) -> None:
+    """Random weights make activations grow block after block; a smaller scale keeps them finite."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.weight.mul_(factor)
+
+
+def on_device(device: str, dtype: torch.dtype, make):
+    """Builds a module directly on `device` in `dtype`: 12B parameters never exist in fp32 or on the CPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = make()
+    finally:
+        torch.set_default_dtype(previous)
+    return module.to(device=device, dtype=dtype).eval()  # eval: dropout off
+
+
+def build_transformer(args, device: str, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(TINY["transformer"] if args.tiny else FLUX_DEV)
+    if args.blocks:
+        config["num_layers"], config["num_single_layers"] = args.blocks
+    torch.manual_seed(0)  # the same weights every time it is rebuilt, so every variant computes the same function
+    transformer = on_device(device, dtype, lambda: FluxTransformer2DModel(**config))
+    shrink_linears_(transformer)
+    return transformer
+
+
+def weights_fingerprint(module: torch.nn.Module) -> float:
+    return float(sum(p.detach().float().sum() for p in list(module.parameters())[:8]))
+
+
+def build_pipeline(args, device: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    t0 = time.perf_counter()
+    # Byte-level vocabularies (as settings.build_tiny_pipeline): any prompt tokenizes, far below the
+    # models' embedding tables (49408 and 32128 rows), so every id is valid.
+    chars = [chr(c) for c in range(32, 127)]
+    clip_vocab = {tok: i for i, tok in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0), *((c, -2.0) for c in chars)]
+    tokenizer_2 = T5TokenizerFast(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+
+    clip = dict(TINY["clip"] if args.tiny else CLIP_L)
+    t5 = dict(TINY["t5"] if args.tiny else T5_XXL)
+    if args.clip_layers:
+        clip["num_hidden_layers"] = args.clip_layers
+    if args.t5_layers:
+        t5["num_layers"] = args.t5_layers
+    torch.manual_seed(1)
+    text_encoder = on_device(device, dtype, lambda: CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408 if not args.tiny else len(clip_vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1, **clip)))
+    text_encoder_2 = on_device(device, dtype, lambda: T5EncoderModel(T5Config(
+        vocab_size=32128 if not args.tiny else len(t5_vocab), decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1, **t5)))
+    vae_config = dict(TINY["vae"] if args.tiny else FLUX_VAE)
+    vae = on_device(device, dtype, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False, **vae_config))
+    for module in (text_encoder, text_encoder_2):
+        shrink_linears_(module)
+    transformer = build_transformer(args, device, dtype)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+    sync(device)
+    params = {name: sum(p.numel() for p in m.parameters()) / 1e9
+              for name, m in (("transformer", transformer), ("clip", text_encoder), ("t5", text_encoder_2), ("vae", vae))}
+    log.info("built pipeline in %.1f s, parameters (B): %s", time.perf_counter() - t0,
+             {k: round(v, 3) for k, v in params.items()})
+    return pipe, params
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Span:
+    """Elapsed milliseconds between two points: CUDA events on a GPU (the GPU's own timeline), else wall."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self):
+        self.a.record() if self.cuda else setattr(self, "t0", time.perf_counter())
+        return self
+
+    def stop(self):
+        self.b.record() if self.cuda else setattr(self, "t1", time.perf_counter())
+        return self
+
+    def ms(self) -> float:  # call after synchronizing
+        return self.a.elapsed_time(self.b) if self.cuda else (self.t1 - self.t0) * 1000
+
+
+def time_step(transformer, args, kwargs, device: str, warmup: int, iters: int):
+    """Median ms of one transformer call (one denoising step) and its output."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            out = transformer(*args, **kwargs)[0]
+        sync(device)
+        spans = []
+        for _ in range(iters):
+            span = Span(device).start()
+            out = transformer(*args, **kwargs)[0]
+            spans.append(span.stop())
+            sync(device)
+    return statistics.median(s.ms() for s in spans), out.clone()
+
+
+def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: str, repeats: int) -> dict:
+    """One whole image as the app makes it (text encoders, `steps` steps, VAE decode, PIL), and where the
+    time goes. Seconds, median over `repeats` after one short warm-up."""
+    spans: dict[str, list[Span]] = {"text_encoders": [], "transformer": [], "vae_decode": []}
+    open_spans: list[Span] = []
+    handles = []
+
+    def pre(key):
+        def hook(*_):
+            span = Span(device).start()
+            spans[key].append(span)
+            open_spans.append(span)
+        return hook
+
+    def post(*_):
+        open_spans.pop().stop()
+
+    for key, module in (("text_encoders", pipe.text_encoder), ("text_encoders", pipe.text_encoder_2),
+                        ("transformer", pipe.transformer)):
+        handles += [module.register_forward_pre_hook(pre(key)), module.register_forward_hook(post)]
+    decode = pipe.vae.decode
+
+    def timed_decode(*args, **kwargs):
+        pre("vae_decode")()
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            post()
+
+    pipe.vae.decode = timed_decode
+    results = []
+    try:
+        for run in range(repeats + 1):
+            for key in spans:
+                spans[key].clear()
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                pipe("a watercolor fox in a snowy birch forest", width=preset.width, height=preset.height,
+                     num_inference_steps=steps if run else 1, guidance_scale=3.5, max_sequence_length=max_sequence_length,
+                     generator=torch.Generator("cpu").manual_seed(run))
+            sync(device)
+            if run:  # run 0 warms the text encoders and the VAE
+                part = {key: sum(s.ms() for s in spans[key]) / 1000 for key in spans}
+                part["total"] = time.perf_counter() - t0
+                part["other"] = part["total"] - sum(part[key] for key in spans)
+                part["transformer_calls"] = len(spans["transformer"])  # one per step: proves the hooks saw each
+                results.append(part)
+    finally:
+        for handle in handles:
+            handle.remove()
+        pipe.vae.__dict__.pop("decode", None)
+    return {key: round(statistics.median(r[key] for r in results), 3) if key != "transformer_calls" else results[0][key]
+            for key in results[0]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants.
+# ---------------------------------------------------------------------------------------------------
+def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
+    variant = dict(spec=spec, mode=defaults.mode, quant=defaults.quant, attention=defaults.attention,
+                   scope=defaults.scope, presets=None)
+    for word in filter(None, spec.split(":")):
+        if word in ("eager", "aoti"):
+            variant["mode"] = word
+        elif word in ("none", "fp8", "int8"):
+            variant["quant"] = word
+        elif word in project_settings.AOT_SCOPE_CHOICES:
+            variant["scope"] = word
+        elif re.fullmatch(r"p\d+", word):
+            variant["presets"] = int(word[1:])
+        else:
+            variant["attention"] = word
+    return variant
+
+
+def settings_for(variant: dict, presets, args, cache_dir: str):
+    chosen = presets[: variant["presets"]] if variant["presets"] else presets
+    env = {
+        "MODEL_ID": "bench/flux-dev-random",
+        "PRESETS": ",".join(f"{p.label}={p.name}" for p in chosen),
+        "QUANTIZATION": variant["quant"],
+        "ATTENTION": variant["attention"],
+        "COMPILE": "aoti",
+        "DYNAMIC_SHAPES": "1" if args.dynamic else "0",
+        "AOT_CACHE_DIR": cache_dir,
+    }
+    if variant["scope"]:
+        env["AOT_SCOPE"] = variant["scope"]
+    settings = project_settings.Settings.from_env(env, has_cuda=True)
+    if variant["mode"] == "eager":
+        # The app refuses fp8 without compiling; the benchmark still measures it, so it skips that check.
+        settings = dataclasses.replace(settings, compile="none")
+    return settings
+
+
+class CompileLog(logging.Handler):
+    """Collects the export / compile seconds that optimization.py logs for each program it builds."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.export_s = self.compile_s = 0.0
+        self.programs = 0
+
+    def emit(self, record):
+        match = re.search(r"export ([\d.]+) s, compile ([\d.]+) s", record.getMessage())
+        if match:
+            self.export_s += float(match[1])
+            self.compile_s += float(match[2])
+            self.programs += 1
+
+
+def override_fp8_granularity(granularity: str) -> None:
+    """Swaps the granularity of the project's fp8 quantization (PerRow) for this benchmark run only."""
+    if granularity == "row":
+        return
+    project_quantize_ = optimization.quantize_
+
+    def quantize_(transformer, mode):
+        if mode != "fp8":
+            return project_quantize_(transformer, mode)
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor
+        from torchao.quantization import quantize_ as torchao_quantize_
+
+        torchao_quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()))
+
+    optimization.quantize_ = quantize_
+    log.warning("fp8 granularity overridden for this run: PerTensor instead of the project's PerRow")
+
+
+def parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def emit(kind: str, **fields) -> None:
+    """One machine-readable line per measurement, so a run cut short still leaves its numbers."""
+    print(f"RESULT {json.dumps({'kind': kind, **fields})}", flush=True)
+
+
+def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl) -> dict:
+    settings = settings_for(variant, presets, args, cache_dir)
+    handler = CompileLog()
+    logging.getLogger("aot-space").addHandler(handler)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        report = optimization.optimize_pipeline_(pipe, settings, msl)
+    finally:
+        logging.getLogger("aot-space").removeHandler(handler)
+    setup_s = time.perf_counter() - t0
+    result = dict(variant=variant["spec"], mode=variant["mode"], quant=report.quantization, attention=report.attention,
+                  compile=report.compile, scope=report.compile_scope, presets_compiled=[p.name for p in settings.presets],
+                  setup_s=round(setup_s, 1), export_s=round(handler.export_s, 1), compile_s=round(handler.compile_s, 1),
+                  programs_built=handler.programs, compile_source=report.compile_source, fallbacks=report.fallbacks,
+                  steps={})
+    if device == "cuda":
+        result["peak_gib_setup"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+        result["resident_gib"] = round(torch.cuda.memory_allocated() / GiB, 2)
+    result["fell_back"] = ((variant["mode"] == "aoti" and report.compile != "aoti") or report.quantization != variant["quant"]
+                           or (variant["attention"] != "auto" and report.attention != variant["attention"]))
+    emit("setup", **result)
+    for preset in settings.presets:
+        step_args, step_kwargs = inputs[preset.name]
+        ms, out = time_step(pipe.transformer, step_args, step_kwargs, device, args.warmup, args.iters)
+        ref_ms, ref_out = reference[preset.name]
+        err = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
+        result["steps"][preset.name] = dict(ms=round(ms, 2), speedup=round(ref_ms / ms, 3), rel_err=round(err, 5),
+                                            finite=bool(torch.isfinite(out).all()))
+        emit("step", variant=variant["spec"], preset=preset.name, **result["steps"][preset.name])
+    if args.full_pipeline:
+        result["pipeline"] = time_pipeline(pipe, settings.presets[0], args.steps, msl, device, args.pipeline_repeats)
+        emit("pipeline", variant=variant["spec"], preset=settings.presets[0].name, **result["pipeline"])
+    if device == "cuda":
+        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+    return result
+
+
+def fresh_transformer_(pipe, args, device, dtype, fingerprint: float) -> None:
+    """Gives the pipeline back its unquantized, uncompiled transformer with the same weights."""
+    old = pipe.transformer
+    pipe.transformer = None
+    del old
+    gc.collect()
+    torch._dynamo.reset()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    pipe.transformer = build_transformer(args, device, dtype)
+    assert weights_fingerprint(pipe.transformer) == fingerprint, "rebuilt transformer has other weights"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------------------------------
+def print_table(eager: dict, results: list[dict], steps: int) -> None:
+    print()
+    print(f"{'variant':<26} {'preset':<10} {'ms/step':>8} {'vs eager':>8} {f'{steps}-step s':>9} {'rel err':>9} "
+          f"{'export s':>8} {'compile s':>9} {'setup s':>8} {'peak GiB':>8}")
+    rows = [("eager (reference)", eager["steps"], dict(peak_gib=eager.get("peak_gib")))] + \
+        [(r["variant"] + (" FELL BACK" if r.get("fell_back") else ""), r.get("steps", {}), r) for r in results]
+    for name, by_preset, info in rows:
+        if "error" in info:
+            print(f"{name:<26} ERROR {info['error']}")
+            continue
+        for i, (preset, s) in enumerate(by_preset.items()):
+            first = i == 0
+            once = {key: str(info.get(key, "") or "") if first else "" for key in ("export_s", "compile_s", "setup_s", "peak_gib")}
+            print(f"{name if first else '':<26} {preset:<10} {s['ms']:>8.1f} {s.get('speedup', 1.0):>8.2f} "
+                  f"{s['ms'] * steps / 1000:>9.2f} {s.get('rel_err', 0.0):>9.2e} {once['export_s']:>8} "
+                  f"{once['compile_s']:>9} {once['setup_s']:>8} {once['peak_gib']:>8}")
+    pipelines = [("eager (reference)", eager.get("pipeline"))] + [(r["variant"], r.get("pipeline")) for r in results]
+    pipelines = [(n, p) for n, p in pipelines if p]
+    if pipelines:
+        print(f"\nwhole image ({steps} steps), seconds:")
+        print(f"{'variant':<26} {'total':>7} {'text enc':>8} {'transformer':>11} {'vae dec':>8} {'other':>7} {'calls':>6}")
+        for name, p in pipelines:
+            print(f"{name:<26} {p['total']:>7.2f} {p['text_encoders']:>8.2f} {p['transformer']:>11.2f} "
+                  f"{p['vae_decode']:>8.2f} {p['other']:>7.2f} {p['transformer_calls']:>6}")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("eager", "aoti"), default="aoti")
+    parser.add_argument("--quant", choices=("none", "fp8", "int8"), default="none")
+    parser.add_argument("--attention", default="sdpa", help="sdpa, auto or a diffusers attention backend name")
+    parser.add_argument("--scope", choices=project_settings.AOT_SCOPE_CHOICES, default=None,
+                        help="AOT_SCOPE; default: the project's default")
+    parser.add_argument("--variants", default="", help="comma-separated variants (see above); default: from --mode etc.")
+    parser.add_argument("--presets", default=project_settings.REAL_PRESETS)
+    parser.add_argument("--dynamic", action="store_true", help="DYNAMIC_SHAPES=1")
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps per image")
+    parser.add_argument("--cache-dir", default="", help="AOT_CACHE_DIR; default: a fresh temporary directory")
+    parser.add_argument("--full-pipeline", action="store_true", help="also time whole images and where time goes")
+    parser.add_argument("--pipeline-repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--blocks", default="", help="DOUBLE,SINGLE transformer blocks (FLUX.1-dev: 19,38)")
+    parser.add_argument("--t5-layers", type=int, default=0, help="fewer T5 layers, for quick compile probes")
+    parser.add_argument("--clip-layers", type=int, default=0)
+    parser.add_argument("--fp8-granularity", choices=("row", "tensor"), default="row")
+    parser.add_argument("--inductor", default="", help="KEY=VALUE,... merged into optimization.INDUCTOR_CONFIGS; "
+                                                       "'none' drops the project's options first")
+    parser.add_argument("--stack-dump", type=float, default=0, help="dump every thread's stack every N s (stderr)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--tiny", action="store_true", help="laptop-sized models: a smoke test of this script")
+    args = parser.parse_args()
+    args.blocks = tuple(int(v) for v in args.blocks.split(",")) if args.blocks else ()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    faulthandler.register(signal.SIGTERM, chain=True)  # `timeout` shows where a stalled compile was
+    if args.stack_dump:
+        faulthandler.dump_traceback_later(args.stack_dump, repeat=True)
+    if CXX_FIX:
+        log.warning(CXX_FIX)
+    device = args.device
+    assert device == "cpu" or torch.cuda.is_available(), "no CUDA device; use --device cpu --tiny for a smoke test"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if args.inductor:
+        configs = {} if args.inductor.startswith("none") else dict(optimization.INDUCTOR_CONFIGS)
+        for item in filter(None, args.inductor.removeprefix("none").split(",")):
+            key, _, value = item.partition("=")
+            configs[key.strip()] = parse_value(value.strip())
+        optimization.INDUCTOR_CONFIGS = configs
+    override_fp8_granularity(args.fp8_granularity)
+    log.info("inductor configs: %s", optimization.INDUCTOR_CONFIGS)
+    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               cxx=os.environ.get("CXX"), inductor=optimization.INDUCTOR_CONFIGS, fp8_granularity=args.fp8_granularity)
+    for name in ("diffusers", "transformers", "torchao", "triton", "spaces", "huggingface_hub"):
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env[name] = "not installed"
+    log.info("environment: %s", env)
+
+    presets = project_settings.parse_presets(args.presets)
+    variants = [parse_variant(s, args) for s in (args.variants.split(",") if args.variants else [""])]
+    variants = [v for v in variants if (v["mode"], v["quant"], v["attention"]) != ("eager", "none", "sdpa")]
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flux-bench-aot-")
+
+    pipe, params = build_pipeline(args, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    msl = project_settings.model_defaults(pipe).max_sequence_length
+    fingerprint = weights_fingerprint(pipe.transformer)
+
+    # The eager bf16 reference, in this process, on the inputs every variant is measured on.
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    inputs, reference, eager = {}, {}, dict(steps={})
+    for preset in presets:
+        inputs[preset.name] = optimization.capture_inputs(pipe, pipe.transformer, preset, msl)
+        ms, out = time_step(pipe.transformer, *inputs[preset.name], device, args.warmup, args.iters)
+        reference[preset.name] = (ms, out)
+        eager["steps"][preset.name] = dict(ms=round(ms, 2), finite=bool(torch.isfinite(out).all()),
+                                           rms=float(out.float().pow(2).mean().sqrt()))
+        emit("step", variant="eager", preset=preset.name, **eager["steps"][preset.name])
+    prompt_embeds = inputs[presets[0].name][1]["encoder_hidden_states"]
+    eager["text_embeddings_finite"] = bool(torch.isfinite(prompt_embeds).all())
+    if args.full_pipeline:
+        eager["pipeline"] = time_pipeline(pipe, presets[0], args.steps, msl, device, args.pipeline_repeats)
+        emit("pipeline", variant="eager", preset=presets[0].name, **eager["pipeline"])
+    if device == "cuda":
+        eager["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+
+    results = []
+    for i, variant in enumerate(variants):
+        if i:
+            fresh_transformer_(pipe, args, device, dtype, fingerprint)
+        log.info("variant %s: %s", variant["spec"], variant)
+        try:
+            results.append(measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl))
+        except Exception as err:  # noqa: BLE001 - one broken variant must not hide the others' numbers
+            log.exception("variant %s failed", variant["spec"])
+            results.append(dict(variant=variant["spec"], error=f"{type(err).__name__}: {str(err)[:500]}"))
+            emit("error", **results[-1])
+
+    if not args.cache_dir:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    faulthandler.cancel_dump_traceback_later()
+    print_table(eager, results, args.steps)
+    print(json.dumps(dict(bench="flux", env=env, cxx_fix=CXX_FIX, params_b={k: round(v, 3) for k, v in params.items()},
+                          blocks=args.blocks or None, presets=[p.name for p in presets], steps=args.steps,
+                          eager=eager, variants=results)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Shared fixtures. Everything runs offline on the built-in tiny pipeline; each AoT compile happens once
+per session and later fixtures reuse it through the real artifact cache."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="aot-tests-"))
+# Set before anything imports gradio, huggingface_hub or the app.
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "GRADIO_TEMP_DIR": str(SESSION_DIR / "gradio"),
+    "MODEL_ID": "tiny",
+    "COMPILE": "aoti",
+    "AOT_CACHE_DIR": str(SESSION_DIR / "aot-cache"),
+})
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import optimization  # noqa: E402
+from settings import Settings, build_tiny_pipeline, model_defaults  # noqa: E402
+
+SEQ = 512  # the tiny model embeds guidance, so it follows FLUX.1-dev's text length
+
+
+def settings_for(**overrides) -> Settings:
+    env = {key: os.environ[key] for key in ("MODEL_ID", "COMPILE", "AOT_CACHE_DIR")}
+    env.update({key.upper(): str(value) for key, value in overrides.items()})
+    return Settings.from_env(env, has_cuda=False)
+
+
+def transformer_inputs(pipe, settings: Settings) -> dict:
+    """The transformer's real call for each preset, keyed by preset name."""
+    return {p.name: optimization.capture_inputs(pipe, pipe.transformer, p, SEQ) for p in settings.presets}
+
+
+def eager_outputs(pipe, inputs: dict) -> dict:
+    with torch.inference_mode():
+        return {name: pipe.transformer(*args, **kwargs)[0].clone() for name, (args, kwargs) in inputs.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+class Compiled:
+    """A tiny pipeline after `optimize_pipeline_`, with its eager outputs recorded before compiling."""
+
+    def __init__(self, **overrides):
+        self.settings = settings_for(**overrides)
+        self.pipe = build_tiny_pipeline()
+        assert model_defaults(self.pipe).max_sequence_length == SEQ
+        self.inputs = transformer_inputs(self.pipe, self.settings)
+        self.eager = eager_outputs(self.pipe, self.inputs)
+        self.eager_latents = self.latents()
+        self.report = optimization.optimize_pipeline_(self.pipe, self.settings, SEQ)
+        assert self.report.compile == "aoti", self.report.fallbacks
+
+    def run(self) -> dict:
+        """The transformer's output for every preset's captured inputs."""
+        return eager_outputs(self.pipe, self.inputs)
+
+    def latents(self) -> torch.Tensor:
+        """A whole 3-step pipeline run at one preset, as latents."""
+        generator = torch.Generator().manual_seed(5)
+        return self.pipe("a red cube", width=80, height=48, num_inference_steps=3, generator=generator,
+                         output_type="latent", max_sequence_length=SEQ).images
+
+
+@pytest.fixture(scope="session")
+def compiled_model():
+    """Whole-model scope: one program per preset token count."""
+    return Compiled(aot_scope="model")
+
+
+@pytest.fixture(scope="session")
+def compiled_blocks():
+    """Regional scope, with the app's default settings, so the app later loads these programs from cache."""
+    return Compiled()

@@ -1,0 +1,94 @@
+"""Settings parsing and the hardware-gated choices, as plain functions: capability in, choice out."""
+import pytest
+
+from optimization import choose_attention, choose_compile, choose_quantization
+from settings import DEFAULT_MODEL_ID, TINY_MODEL_ID, Settings, parse_presets
+
+HOPPER, ADA, AMPERE, BLACKWELL_RTX = (9, 0), (8, 9), (8, 0), (12, 0)
+
+
+@pytest.mark.parametrize("capability, expected", [
+    (HOPPER, "fp8"), (ADA, "fp8"), (BLACKWELL_RTX, "fp8"), (AMPERE, "none"),
+])
+def test_auto_quantization_by_capability(capability, expected):
+    mode, reason = choose_quantization("auto", "cuda", capability)
+    assert mode == expected
+    assert reason.startswith("fallback") == (expected == "none")
+
+
+def test_auto_quantization_on_cpu_falls_back_visibly():
+    assert choose_quantization("auto", "cpu", None) == ("none", "fallback: fp8 needs CUDA with compute capability >= 8.9, this is cpu")
+
+
+@pytest.mark.parametrize("device, capability", [("cpu", None), ("cuda", AMPERE)])
+def test_explicit_fp8_on_unsupported_hardware_is_a_startup_error(device, capability):
+    with pytest.raises(ValueError, match="compute capability >= 8.9"):
+        choose_quantization("fp8", device, capability)
+
+
+def test_int8_is_honoured_everywhere():
+    assert choose_quantization("int8", "cpu", None) == ("int8", "requested")
+
+
+@pytest.mark.parametrize("device, capability, online, expected", [
+    ("cuda", HOPPER, True, "_flash_3_hub"),
+    ("cuda", HOPPER, False, "sdpa"),        # no hub: FA3 cannot be fetched
+    ("cuda", BLACKWELL_RTX, True, "sdpa"),  # ZeroGPU's RTX Pro 6000: FA3 does not run on sm_120
+    ("cuda", AMPERE, True, "sdpa"),
+    ("cpu", None, True, "sdpa"),
+])
+def test_auto_attention_by_hardware(device, capability, online, expected):
+    backend, reason = choose_attention("auto", device, capability, online)
+    assert backend == expected
+    assert reason.startswith("fallback") == (expected == "sdpa")
+
+
+def test_explicit_attention_is_kept():
+    assert choose_attention("_native_cudnn", "cuda", AMPERE, False) == ("_native_cudnn", "requested")
+
+
+def test_compile_auto_is_on_for_cuda_and_off_but_reported_on_cpu():
+    assert choose_compile("auto", "cuda")[0] == "aoti"
+    mode, reason = choose_compile("auto", "cpu")
+    assert mode == "none" and "COMPILE=aoti" in reason
+
+
+def test_model_choice():
+    assert Settings.from_env({}, has_cuda=False).model_id == TINY_MODEL_ID
+    assert Settings.from_env({}, has_cuda=True).model_id == DEFAULT_MODEL_ID
+    assert Settings.from_env({"SPACE_ID": "me/space"}, has_cuda=False).model_id == DEFAULT_MODEL_ID
+    assert Settings.from_env({"MODEL_ID": "black-forest-labs/FLUX.1-schnell"}, has_cuda=False).model_id.endswith("schnell")
+    tiny = Settings.from_env({}, has_cuda=False)
+    assert tiny.is_tiny and "no MODEL_ID" in tiny.demo_model_reason
+    assert [p.name for p in tiny.presets] == ["64x64", "48x80", "80x48"]
+    assert [p.name for p in Settings.from_env({}, has_cuda=True).presets] == ["1024x1024", "832x1216", "1216x832"]
+
+
+def test_presets_parse_and_count_tokens():
+    presets = parse_presets("square=1024x1024, wide=1216x832")
+    assert [(p.label, p.width, p.height, p.image_tokens()) for p in presets] == [
+        ("square", 1024, 1024, 4096), ("wide", 1216, 832, 76 * 52)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("square=1000x1000", "multiples of 16"),
+    ("square=big", "LABEL=WIDTHxHEIGHT"),
+    ("", "empty"),
+    ("a=64x64,b=64x64", "duplicates"),
+])
+def test_bad_presets_are_refused(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_presets(text)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"COMPILE": "none", "DYNAMIC_SHAPES": "1"}, "DYNAMIC_SHAPES=1 needs compilation"),
+    ({"COMPILE": "none", "QUANTIZATION": "fp8"}, "fp8"),
+    ({"QUANTIZATION": "int4"}, "not one of"),
+    ({"COMPILE": "jit"}, "not one of"),
+    ({"AOT_SCOPE": "layers"}, "not one of"),
+    ({"DYNAMIC_SHAPES": "maybe"}, "DYNAMIC_SHAPES"),
+])
+def test_conflicting_or_unknown_settings_raise_at_startup(env, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env, has_cuda=False)
