@@ -376,9 +376,7 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
         try:
             transformer.set_attention_backend(report.attention)
         except Exception as err:  # noqa: BLE001 - a missing kernel or package: any failure means "use SDPA"
-            report.fallback("attention", f"{report.attention} unavailable ({type(err).__name__}: {err}); using sdpa")
-            transformer.set_attention_backend("native")
-            report.attention = "sdpa"
+            _use_sdpa(transformer, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
 
     report.quantization, report.quantization_reason = choose_quantization(settings.quantization, device, capability)
     if report.quantization_reason.startswith("fallback"):
@@ -400,41 +398,62 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
     token_presets: dict[int, Preset] = {}
     for preset in settings.presets:  # presets with the same token count share a program
         token_presets.setdefault(preset.image_tokens(multiple), preset)
-    key = cache_key(pipe, settings, report, sorted(token_presets), max_sequence_length)
-    report.cache_key = key_digest(key)
-    root = Path(settings.cache_dir) / report.cache_key
     start = time.perf_counter()
-    if settings.hub_repo and not root.exists():
-        fetch_from_hub(settings.hub_repo, report.cache_key, Path(settings.cache_dir), report)
-    try:
-        program_dirs = read_cached(root, key)
-        if program_dirs is None:
-            # Only picklable values cross into the ZeroGPU worker; the pipeline is reached through the closure.
-            @spaces.GPU(duration=1500)
-            def compile_on_gpu(root: str) -> None:
-                compile_into_cache(pipe, settings, token_presets, max_sequence_length, Path(root), key)
-
-            compile_on_gpu(str(root))
-            program_dirs = _program_dirs(root)
-            report.compile_source = "compiled now"
-        else:
-            report.compile_source = "loaded from cache"
-        install_programs_(transformer, program_dirs, token_range(settings, list(token_presets)))
-        warm_up(pipe, token_presets, max_sequence_length)
-    except Exception as err:  # noqa: BLE001 - the app must keep serving, eagerly, and say why
-        restore_eager_(transformer)
-        report.fallback("compile", f"AoT compilation failed, serving eager ({type(err).__name__}: {err})")
-        report.compile, report.compile_source = "none", ""
-        return report
+    while True:
+        try:
+            compile_or_load_(pipe, settings, report, token_presets, max_sequence_length)
+            break
+        except Exception as err:  # noqa: BLE001 - the app must keep serving, and say why
+            restore_eager_(transformer)
+            reason = f"{type(err).__name__}: {err}"
+            if report.attention != "sdpa":  # e.g. a hub kernel that torch.export cannot trace: retry once
+                _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
+                continue
+            report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
+            report.compile, report.compile_source = "none", ""
+            return report
     report.compile_seconds = round(time.perf_counter() - start, 1)
     served = token_range(settings, list(token_presets))
-    report.programs = [{"image_tokens": f"{served[0]}..{served[1]}", "resolutions": [p.name for p in settings.presets]}] \
-        if served else [{"image_tokens": tokens,
-                         "resolutions": [p.name for p in settings.presets if p.image_tokens(multiple) == tokens]}
-                        for tokens in sorted(token_presets)]
+    if served:
+        report.programs = [{"image_tokens": f"{served[0]}..{served[1]}", "resolutions": [p.name for p in settings.presets]}]
+    else:
+        report.programs = [{"image_tokens": tokens, "resolutions": [p.name for p in settings.presets
+                                                                    if p.image_tokens(multiple) == tokens]}
+                           for tokens in sorted(token_presets)]
     log.info("AoT %s: %s in %.1f s (cache key %s), programs for %s", report.compile_scope, report.compile_source,
              report.compile_seconds, report.cache_key, [p.name for p in settings.presets])
     return report
+
+
+def _use_sdpa(transformer: torch.nn.Module, report: Report, reason: str) -> None:
+    report.fallback("attention", f"{reason}; using sdpa")
+    transformer.set_attention_backend("native")
+    report.attention = "sdpa"
+
+
+def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: dict[int, Preset],
+                     max_sequence_length: int) -> None:
+    """Installs programs for `token_presets`: from the cache (or a pinned Hub repo) if the key matches,
+    else compiled now, on the GPU, into the cache."""
+    key = cache_key(pipe, settings, report, sorted(token_presets), max_sequence_length)
+    report.cache_key = key_digest(key)
+    root = Path(settings.cache_dir) / report.cache_key
+    if settings.hub_repo and not root.exists():
+        fetch_from_hub(settings.hub_repo, report.cache_key, Path(settings.cache_dir), report)
+    program_dirs = read_cached(root, key)
+    if program_dirs is None:
+        # Only picklable values cross into the ZeroGPU worker; the pipeline is reached through the closure.
+        @spaces.GPU(duration=1500)
+        def compile_on_gpu(root: str) -> None:
+            compile_into_cache(pipe, settings, token_presets, max_sequence_length, Path(root), key)
+
+        compile_on_gpu(str(root))
+        program_dirs = _program_dirs(root)
+        report.compile_source = "compiled now"
+    else:
+        report.compile_source = "loaded from cache"
+    install_programs_(pipe.transformer, program_dirs, token_range(settings, list(token_presets)))
+    warm_up(pipe, token_presets, max_sequence_length)
 
 
 def warm_up(pipe, token_presets: dict[int, Preset], max_sequence_length: int) -> None:

@@ -132,3 +132,23 @@ def test_compiled_program_is_loaded_once_not_per_request(compiled_model, monkeyp
         thread.join()
     assert loads == []
     assert rel_err(outputs["64x64"], compiled_model.eager["64x64"]) <= TOLERANCE
+
+
+def test_compile_failure_with_a_custom_attention_backend_retries_with_sdpa(monkeypatch, tmp_path):
+    """A hub attention kernel that torch.export cannot trace must cost the attention choice, not the compile."""
+    real = optimization.compile_programs
+    backends = []
+
+    def compile_programs(pipe, *args, **kwargs):
+        backend = pipe.transformer.transformer_blocks[0].attn.processor._attention_backend
+        backends.append(backend)
+        if backend != "native":
+            raise RuntimeError(f"cannot export attention backend {backend}")
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(optimization, "compile_programs", compile_programs)
+    compiled = Compiled(attention="_native_math", presets="small=32x32", aot_scope="model", aot_cache_dir=tmp_path)
+    assert backends == ["_native_math", "native"]
+    assert (compiled.report.compile, compiled.report.attention) == ("aoti", "sdpa")
+    assert any("AoT compile with _native_math failed" in f and f.endswith("using sdpa") for f in compiled.report.fallbacks)
+    assert rel_err(compiled.run()["32x32"], compiled.eager["32x32"]) <= TOLERANCE
