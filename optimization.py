@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -28,21 +29,22 @@ from pathlib import Path
 
 import spaces
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from settings import Preset, Settings
 
 log = logging.getLogger("aot-space")
 
-# Why each option: coordinate-descent tuning picks better Triton tile sizes for FLUX's large matmuls;
-# epilogue fusion off avoids slow fused matmul epilogues; 1x1 convs as matmuls matter only for conv parts.
-# CPU compiles ignore the Triton options.
+# Why each option: 1x1 convs as matmuls and no epilogue fusion follow the zerogpu-aoti recipe. Coordinate-
+# descent tuning is forced off: it benchmarks every Triton kernel at compile time (~3 s each), which made
+# fp8 compiles look stalled (benchmarks/RESULTS.md), and torchao's quantize_ turns it on globally otherwise.
 INDUCTOR_CONFIGS = {
     "conv_1x1_as_mm": True,
     "epilogue_fusion": False,
-    "coordinate_descent_tuning": True,
-    "coordinate_descent_check_all_directions": True,
+    "coordinate_descent_tuning": False,
+    "coordinate_descent_check_all_directions": False,
 }
-CACHE_FORMAT = 1  # bump when a change here alters what a compiled program contains
+CACHE_FORMAT = 2  # bump when a change here alters what a compiled program contains
 CAPTURE_PROMPT = "a photo of an astronaut riding a horse on the moon"
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and newer have fp8 tensor cores
 FA3_CAPABILITY = (9, 0)  # FlashAttention-3 is Hopper-only: not Ampere, Ada or Blackwell (sm_100/sm_120)
@@ -105,6 +107,7 @@ class Report:
     compile: str = "none"
     compile_reason: str = ""
     compile_scope: str = ""  # "model" | "blocks"
+    cuda_graphs: str = "off"
     compile_source: str = ""  # "compiled now" | "loaded from cache"
     compile_seconds: float = 0.0
     cache_key: str = ""
@@ -161,6 +164,68 @@ class ShapeDispatch:
         return self.runner(self.program_for(kwargs["hidden_states"].shape[1]), *args, **kwargs)
 
 
+class CudaGraphed:
+    """Replaces `transformer.forward` on CUDA: replays each input shape's whole transformer call as one
+    CUDA graph, removing the Python and launch gaps between programs (57 block programs per FLUX step).
+
+    A graph is captured on the first call of each shape, in one memory pool that all shapes share (they
+    never run at once). Graphs bake in weight addresses, so a shape is recaptured if any weight has moved
+    since (ZeroGPU may move weights between requests). If capture fails, it says so once and runs plainly.
+    """
+
+    def __init__(self, module: torch.nn.Module, report: Report):
+        self.module, self.report = module, report
+        self.forward = module.forward  # the shape dispatcher, or the eager forward around compiled blocks
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+        self.failed = False
+
+    def _weight_addresses(self) -> int:
+        addresses = []
+        for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
+            if is_traceable_wrapper_subclass(tensor):  # e.g. torchao fp8 weights: look at the inner tensors
+                addresses += [getattr(tensor, name).data_ptr() for name in tensor.__tensor_flatten__()[0]]
+            else:
+                addresses.append(tensor.data_ptr())
+        return hash(tuple(addresses))
+
+    def _capture(self, inputs: dict, others: dict):
+        static = {name: tensor.clone() for name, tensor in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: loads programs, settles the allocator
+            self.forward(**static, **others)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.forward(**static, **others)
+        return graph, static, outputs
+
+    def __call__(self, *args, **kwargs):
+        if self.failed or args:
+            return self.forward(*args, **kwargs)
+        inputs = {name: value for name, value in kwargs.items() if torch.is_tensor(value)}
+        others = {name: value for name, value in kwargs.items() if not torch.is_tensor(value)}
+        shape = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items()) + (repr(others),)
+        weights = self._weight_addresses()
+        if shape not in self.graphs or self.graphs[shape][0] != weights:
+            try:
+                self.graphs[shape] = (weights, *self._capture(inputs, others))
+            except UnsupportedShape:
+                raise
+            except Exception as err:  # noqa: BLE001 - graphs are an optimization: keep serving without them
+                self.failed = True
+                self.report.cuda_graphs = "off"
+                self.report.fallback("cuda graphs", f"capture failed, running without ({type(err).__name__}: {err})")
+                return self.forward(*args, **kwargs)
+        _, graph, static, outputs = self.graphs[shape]
+        for name, tensor in inputs.items():
+            static[name].copy_(tensor)
+        graph.replay()
+        return tuple(output.clone() for output in outputs)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Capture, quantize, export, compile, load.
 # ---------------------------------------------------------------------------------------------------
@@ -196,8 +261,9 @@ def quantize_(transformer: torch.nn.Module, mode: str) -> None:
     from torchao.quantization import quantize_ as torchao_quantize_
 
     config = {
-        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        "int8": lambda: Int8WeightOnlyConfig(),
+        # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
+        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+        "int8": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
     }[mode]()
     torchao_quantize_(transformer, config)
 
@@ -453,7 +519,13 @@ def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: di
     else:
         report.compile_source = "loaded from cache"
     install_programs_(pipe.transformer, program_dirs, token_range(settings, list(token_presets)))
-    warm_up(pipe, token_presets, max_sequence_length)
+    if pipe.transformer.device.type == "cuda" and settings.cuda_graphs:
+        pipe.transformer.forward = CudaGraphed(pipe.transformer, report)
+        report.cuda_graphs = "on"
+    if spaces.config.Config.zero_gpu:
+        log.info("ZeroGPU: programs load, and graphs are captured, on the first request of each shape")
+    else:
+        warm_up(pipe, token_presets, max_sequence_length)
 
 
 def warm_up(pipe, token_presets: dict[int, Preset], max_sequence_length: int) -> None:

@@ -98,6 +98,7 @@ class Settings:
     compile: str
     aot_scope: str
     dynamic_shapes: bool
+    cuda_graphs: bool
     cache_dir: str
     hub_repo: str | None  # "owner/name@<commit>": precompiled packages to download; opt-in, pinned
     queue_size: int
@@ -135,6 +136,7 @@ class Settings:
             compile=_choice(env, "COMPILE", COMPILE_CHOICES, "auto"),
             aot_scope=_choice(env, "AOT_SCOPE", AOT_SCOPE_CHOICES, "blocks"),
             dynamic_shapes=_flag(env, "DYNAMIC_SHAPES", False),
+            cuda_graphs=_flag(env, "CUDA_GRAPHS", True),
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
             hub_repo=env.get("AOT_HUB_REPO", "").strip() or None,
             queue_size=int(env.get("QUEUE_SIZE", "32")),
@@ -241,7 +243,7 @@ def load_pipeline(settings: Settings):
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(settings.model_id, revision=settings.revision, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(settings.model_id, revision=settings.revision, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
         raise SystemExit(
             f"Could not load MODEL_ID={settings.model_id!r}"

@@ -18,7 +18,7 @@ Examples (run by hand on a GPU machine, never by pytest):
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
 none|fp8|int8, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets, and any other word
-is the attention backend (sdpa or a diffusers backend name).
+is the attention backend (sdpa or a diffusers backend name). `nographs` sets CUDA_GRAPHS=0.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ import sys
 
 # Inductor reads CXX when it is imported, so this comes before `import torch`. The GPU image's
 # /opt/gcc/bin/g++ links libstdc++ statically into AOTI wrappers, which then segfault when loaded.
+import time  # noqa: E402
+
+PROCESS_START = time.perf_counter()
 CXX_FIX = None
 if os.environ.get("CXX") == "/opt/gcc/bin/g++" and os.path.exists("/usr/bin/g++"):
     os.environ["CXX"] = "/usr/bin/g++"
@@ -45,10 +48,10 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import torch.fx.experimental.proxy_tensor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -269,9 +272,11 @@ def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: st
 # ---------------------------------------------------------------------------------------------------
 def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     variant = dict(spec=spec, mode=defaults.mode, quant=defaults.quant, attention=defaults.attention,
-                   scope=defaults.scope, presets=None)
+                   scope=defaults.scope, presets=None, graphs=True)
     for word in filter(None, spec.split(":")):
-        if word in ("eager", "aoti"):
+        if word == "nographs":
+            variant["graphs"] = False
+        elif word in ("eager", "aoti"):
             variant["mode"] = word
         elif word in ("none", "fp8", "int8"):
             variant["quant"] = word
@@ -294,6 +299,7 @@ def settings_for(variant: dict, presets, args, cache_dir: str):
         "COMPILE": "aoti",
         "DYNAMIC_SHAPES": "1" if args.dynamic else "0",
         "AOT_CACHE_DIR": cache_dir,
+        "CUDA_GRAPHS": "1" if variant["graphs"] else "0",
     }
     if variant["scope"]:
         env["AOT_SCOPE"] = variant["scope"]
@@ -371,13 +377,25 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
                   compile=report.compile, scope=report.compile_scope, presets_compiled=[p.name for p in settings.presets],
                   setup_s=round(setup_s, 1), export_s=round(handler.export_s, 1), compile_s=round(handler.compile_s, 1),
                   programs_built=handler.programs, compile_source=report.compile_source, fallbacks=report.fallbacks,
-                  steps={})
+                  cuda_graphs=report.cuda_graphs, steps={})
     if device == "cuda":
         result["peak_gib_setup"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         result["resident_gib"] = round(torch.cuda.memory_allocated() / GiB, 2)
     result["fell_back"] = ((variant["mode"] == "aoti" and report.compile != "aoti") or report.quantization != variant["quant"]
                            or (variant["attention"] != "auto" and report.attention != variant["attention"]))
     emit("setup", **result)
+    if args.first_image:  # cold or warm start, as a user sees it: optimize, then one whole image
+        preset = settings.presets[0]
+        sync(device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            pipe("a first image", width=preset.width, height=preset.height, num_inference_steps=args.steps,
+                 max_sequence_length=msl, generator=torch.Generator("cpu").manual_seed(0))
+        sync(device)
+        result["first_image"] = dict(image_s=round(time.perf_counter() - t1, 2),
+                                     optimize_plus_image_s=round(setup_s + time.perf_counter() - t1, 2),
+                                     since_process_start_s=round(time.perf_counter() - PROCESS_START, 1))
+        emit("first_image", variant=variant["spec"], **result["first_image"])
     for preset in settings.presets:
         step_args, step_kwargs = inputs[preset.name]
         ms, out = time_step(pipe.transformer, step_args, step_kwargs, device, args.warmup, args.iters)
@@ -399,8 +417,12 @@ def fresh_transformer_(pipe, args, device, dtype, fingerprint: float) -> None:
     old = pipe.transformer
     pipe.transformer = None
     del old
-    gc.collect()
+    # torch.export keeps the last traced graph in a module-level map, and through it the old weights.
+    proxy_map = getattr(torch.fx.experimental.proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if proxy_map is not None:
+        proxy_map.clear()
     torch._dynamo.reset()
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     pipe.transformer = build_transformer(args, device, dtype)
@@ -451,6 +473,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="", help="AOT_CACHE_DIR; default: a fresh temporary directory")
     parser.add_argument("--full-pipeline", action="store_true", help="also time whole images and where time goes")
     parser.add_argument("--pipeline-repeats", type=int, default=2)
+    parser.add_argument("--first-image", action="store_true", help="time one whole image right after optimizing")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--blocks", default="", help="DOUBLE,SINGLE transformer blocks (FLUX.1-dev: 19,38)")
