@@ -42,7 +42,8 @@ def status() -> dict:
 
 
 def _integer(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+    # is_integer() is False for nan and inf; an int of any size is whole (math.isfinite would overflow on it)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
         raise gr.Error(f"{name} must be a whole number from {low} to {high}; got {value!r}.")
     if not low <= int(value) <= high:
         raise gr.Error(f"{name} must be from {low} to {high}; got {int(value)}.")
@@ -52,7 +53,9 @@ def _integer(value, name: str, low: int, high: int) -> int:
 def validate(prompt, resolution, seed, randomize_seed, steps, guidance):
     """Checks every request before it can reach the GPU. Returns the cleaned values and notes for the user."""
     notes = []
-    if not isinstance(prompt, str) or not prompt.strip():
+    if prompt is not None and not isinstance(prompt, str):
+        raise gr.Error(f"Prompt must be text; got {type(prompt).__name__}.")
+    if prompt is None or not prompt.strip():
         raise gr.Error("Prompt is empty: describe the image you want.")
     prompt = prompt.strip()
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -62,13 +65,14 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance):
         raise gr.Error(f"Prompt is {t5_tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. Shorten it.")
     if len(pipe.tokenizer(prompt).input_ids) > CLIP_TOKENS:
         notes.append(f"the CLIP encoder reads only the first {CLIP_TOKENS} tokens; T5 reads the whole prompt")
-    if resolution not in PRESETS:
+    if not isinstance(resolution, str) or resolution not in PRESETS:
         raise gr.Error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(PRESETS)}.")
     if not isinstance(randomize_seed, bool):
         raise gr.Error(f"randomize_seed must be true or false; got {randomize_seed!r}.")
     seed = random.randint(0, MAX_SEED) if randomize_seed else _integer(seed, "Seed", 0, MAX_SEED)
     steps = _integer(steps, "Steps", 1, MAX_STEPS)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+    if (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+            or (isinstance(guidance, float) and not math.isfinite(guidance))):
         raise gr.Error(f"Guidance must be a finite number from 0 to {MAX_GUIDANCE}; got {guidance!r}.")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise gr.Error(f"Guidance must be from 0 to {MAX_GUIDANCE}; got {guidance}.")
@@ -158,8 +162,10 @@ with gr.Blocks(title="AoT diffusion Space") as demo:
     outputs = [image, used_seed, details]
     gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], outputs=outputs, fn=generate,
                 cache_examples=True, cache_mode="lazy")
-    gr.on([run_button.click, prompt.submit], generate, inputs, outputs, api_name="generate")
-    demo.load(status, None, status_json, api_name="status")
+    # preprocess=False: API payloads reach validate() as sent, so a wrong type gets its clear message rather than
+    # failing inside a component's preprocess, which Gradio reports only as an opaque "upstream" error.
+    gr.on([run_button.click, prompt.submit], generate, inputs, outputs, api_name="generate", preprocess=False)
+    demo.load(status, None, status_json, api_name="status", queue=False)  # cheap: never waits behind images
 
 demo.queue(default_concurrency_limit=1, max_size=SETTINGS.queue_size)
 

@@ -14,6 +14,7 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
     "GRADIO_TEMP_DIR": str(SESSION_DIR / "gradio"),
+    "GRADIO_EXAMPLES_CACHE": str(SESSION_DIR / "examples"),
     "MODEL_ID": "tiny",
     "COMPILE": "aoti",
     "AOT_CACHE_DIR": str(SESSION_DIR / "aot-cache"),
@@ -82,3 +83,20 @@ def compiled_model():
 def compiled_blocks():
     """Regional scope, with the app's default settings, so the app later loads these programs from cache."""
     return Compiled()
+
+
+@pytest.fixture(scope="session")
+def app(compiled_blocks):
+    """The app module; it finds the session's compiled programs in the cache and loads them."""
+    import app as app_module
+
+    return app_module
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    from gradio_client import Client
+
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield Client(app.demo.local_url, verbose=False)
+    app.demo.close()

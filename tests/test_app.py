@@ -74,8 +74,8 @@ def test_generate_api_returns_image_and_seed_and_is_deterministic(client):
 def test_api_rejects_bad_input_and_keeps_serving(client):
     from gradio_client.exceptions import AppError
 
-    # the Radio component itself refuses values outside its choices, naming them
-    with pytest.raises(AppError, match=r"'1x1'.*not in the list of choices: \['64x64', '48x80', '80x48'\]"):
+    # payloads reach validate() as sent (preprocess=False), which names the allowed values
+    with pytest.raises(AppError, match=r"Unknown resolution '1x1'. Allowed: 64x64, 48x80, 80x48"):
         client.predict(**{**GOOD, "resolution": "1x1"}, api_name="/generate")
     path, seed, _ = client.predict(**GOOD, api_name="/generate")
     assert seed == 1234 and Image.open(path).size == (48, 80)
