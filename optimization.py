@@ -268,6 +268,14 @@ def quantize_(transformer: torch.nn.Module, mode: str) -> None:
     torchao_quantize_(transformer, config)
 
 
+def dequantize_(transformer: torch.nn.Module) -> None:
+    """Puts plain weights back where quantization left tensor subclasses."""
+    for module in transformer.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and is_traceable_wrapper_subclass(weight):
+            module.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=False)
+
+
 def token_range(settings: Settings, token_counts: list[int]) -> tuple[int, int] | None:
     """Image-token lengths a dynamic-shape program accepts: from the smallest preset to twice the largest."""
     return (max(2, min(token_counts)), 2 * max(token_counts)) if settings.dynamic_shapes else None
@@ -477,6 +485,10 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
                 continue
             report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
             report.compile, report.compile_source = "none", ""
+            if report.quantization == "fp8":  # unfused eager fp8 ran 3x slower than bf16 (RESULTS.md)
+                dequantize_(transformer)
+                report.fallback("quantization", "fp8 undone: without compilation it is slower than bf16")
+                report.quantization = "none"
             return report
     report.compile_seconds = round(time.perf_counter() - start, 1)
     served = token_range(settings, list(token_presets))
@@ -520,8 +532,13 @@ def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: di
         report.compile_source = "loaded from cache"
     install_programs_(pipe.transformer, program_dirs, token_range(settings, list(token_presets)))
     if pipe.transformer.device.type == "cuda" and settings.cuda_graphs:
-        pipe.transformer.forward = CudaGraphed(pipe.transformer, report)
-        report.cuda_graphs = "on"
+        if settings.aot_scope == "model":
+            pipe.transformer.forward = CudaGraphed(pipe.transformer, report)
+            report.cuda_graphs = "on"
+        else:
+            # Block programs reload each block's weights on every call; on an H100 that made capture fail
+            # and left the CUDA context unusable (benchmarks/RESULTS.md), so graphs need the whole model.
+            report.cuda_graphs = "off: needs AOT_SCOPE=model"
     if spaces.config.Config.zero_gpu:
         log.info("ZeroGPU: programs load, and graphs are captured, on the first request of each shape")
     else:
