@@ -14,8 +14,8 @@ key loads them instead of compiling.
 from __future__ import annotations
 
 import contextvars
+import gc
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import spaces
 import torch
+import torch.fx.experimental.proxy_tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from settings import Preset, Settings
@@ -107,7 +108,6 @@ class Report:
     compile: str = "none"
     compile_reason: str = ""
     compile_scope: str = ""  # "model" | "blocks"
-    cuda_graphs: str = "off"
     compile_source: str = ""  # "compiled now" | "loaded from cache"
     compile_seconds: float = 0.0
     cache_key: str = ""
@@ -162,68 +162,6 @@ class ShapeDispatch:
 
     def __call__(self, *args, **kwargs):
         return self.runner(self.program_for(kwargs["hidden_states"].shape[1]), *args, **kwargs)
-
-
-class CudaGraphed:
-    """Replaces `transformer.forward` on CUDA: replays each input shape's whole transformer call as one
-    CUDA graph, removing the Python and launch gaps between programs (57 block programs per FLUX step).
-
-    A graph is captured on the first call of each shape, in one memory pool that all shapes share (they
-    never run at once). Graphs bake in weight addresses, so a shape is recaptured if any weight has moved
-    since (ZeroGPU may move weights between requests). If capture fails, it says so once and runs plainly.
-    """
-
-    def __init__(self, module: torch.nn.Module, report: Report):
-        self.module, self.report = module, report
-        self.forward = module.forward  # the shape dispatcher, or the eager forward around compiled blocks
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
-        self.failed = False
-
-    def _weight_addresses(self) -> int:
-        addresses = []
-        for tensor in itertools.chain(self.module.parameters(), self.module.buffers()):
-            if is_traceable_wrapper_subclass(tensor):  # e.g. torchao fp8 weights: look at the inner tensors
-                addresses += [getattr(tensor, name).data_ptr() for name in tensor.__tensor_flatten__()[0]]
-            else:
-                addresses.append(tensor.data_ptr())
-        return hash(tuple(addresses))
-
-    def _capture(self, inputs: dict, others: dict):
-        static = {name: tensor.clone() for name, tensor in inputs.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: loads programs, settles the allocator
-            self.forward(**static, **others)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.pool = self.pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = self.forward(**static, **others)
-        return graph, static, outputs
-
-    def __call__(self, *args, **kwargs):
-        if self.failed or args:
-            return self.forward(*args, **kwargs)
-        inputs = {name: value for name, value in kwargs.items() if torch.is_tensor(value)}
-        others = {name: value for name, value in kwargs.items() if not torch.is_tensor(value)}
-        shape = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items()) + (repr(others),)
-        weights = self._weight_addresses()
-        if shape not in self.graphs or self.graphs[shape][0] != weights:
-            try:
-                self.graphs[shape] = (weights, *self._capture(inputs, others))
-            except UnsupportedShape:
-                raise
-            except Exception as err:  # noqa: BLE001 - graphs are an optimization: keep serving without them
-                self.failed = True
-                self.report.cuda_graphs = "off"
-                self.report.fallback("cuda graphs", f"capture failed, running without ({type(err).__name__}: {err})")
-                return self.forward(*args, **kwargs)
-        _, graph, static, outputs = self.graphs[shape]
-        for name, tensor in inputs.items():
-            static[name].copy_(tensor)
-        graph.replay()
-        return tuple(output.clone() for output in outputs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,6 +250,17 @@ def compile_programs(pipe, settings: Settings, token_presets: dict[int, Preset],
                                          submodule=name or None)
             log.info("compiled %s for %d image tokens: export %.1f s, compile %.1f s", name or "transformer",
                      tokens, t1 - t0, time.perf_counter() - t1)
+
+
+def release_export_memory() -> None:
+    """torch.export keeps its last trace in a module-level map, and through it tensors as large as the
+    weights (about 11 GiB more resident after an fp8 FLUX compile on an H100); drop them once compiled."""
+    proxy_map = getattr(torch.fx.experimental.proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if proxy_map is not None:
+        proxy_map.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def install_programs_(transformer: torch.nn.Module, program_dirs: dict[int, Path],
@@ -409,6 +358,7 @@ def compile_into_cache(pipe, settings: Settings, token_presets: dict[int, Preset
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
         compile_programs(pipe, settings, token_presets, max_sequence_length, staging)
+        release_export_memory()
         packages = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.pt2"))
         manifest = {"key": key, "sha256": {name: _sha256(staging / name) for name in packages}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -531,16 +481,8 @@ def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: di
     else:
         report.compile_source = "loaded from cache"
     install_programs_(pipe.transformer, program_dirs, token_range(settings, list(token_presets)))
-    if pipe.transformer.device.type == "cuda" and settings.cuda_graphs:
-        if settings.aot_scope == "model":
-            pipe.transformer.forward = CudaGraphed(pipe.transformer, report)
-            report.cuda_graphs = "on"
-        else:
-            # Block programs reload each block's weights on every call; on an H100 that made capture fail
-            # and left the CUDA context unusable (benchmarks/RESULTS.md), so graphs need the whole model.
-            report.cuda_graphs = "off: needs AOT_SCOPE=model"
     if spaces.config.Config.zero_gpu:
-        log.info("ZeroGPU: programs load, and graphs are captured, on the first request of each shape")
+        log.info("ZeroGPU: programs load on the first request of each shape")
     else:
         warm_up(pipe, token_presets, max_sequence_length)
 

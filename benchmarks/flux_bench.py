@@ -18,7 +18,7 @@ Examples (run by hand on a GPU machine, never by pytest):
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
 none|fp8|int8, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets, and any other word
-is the attention backend (sdpa or a diffusers backend name). `nographs` sets CUDA_GRAPHS=0.
+is the attention backend (sdpa or a diffusers backend name).
 """
 from __future__ import annotations
 
@@ -272,11 +272,9 @@ def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: st
 # ---------------------------------------------------------------------------------------------------
 def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     variant = dict(spec=spec, mode=defaults.mode, quant=defaults.quant, attention=defaults.attention,
-                   scope=defaults.scope, presets=None, graphs=True)
+                   scope=defaults.scope, presets=None)
     for word in filter(None, spec.split(":")):
-        if word == "nographs":
-            variant["graphs"] = False
-        elif word in ("eager", "aoti"):
+        if word in ("eager", "aoti"):
             variant["mode"] = word
         elif word in ("none", "fp8", "int8"):
             variant["quant"] = word
@@ -299,7 +297,6 @@ def settings_for(variant: dict, presets, args, cache_dir: str):
         "COMPILE": "aoti",
         "DYNAMIC_SHAPES": "1" if args.dynamic else "0",
         "AOT_CACHE_DIR": cache_dir,
-        "CUDA_GRAPHS": "1" if variant["graphs"] else "0",
     }
     if variant["scope"]:
         env["AOT_SCOPE"] = variant["scope"]
@@ -377,7 +374,7 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
                   compile=report.compile, scope=report.compile_scope, presets_compiled=[p.name for p in settings.presets],
                   setup_s=round(setup_s, 1), export_s=round(handler.export_s, 1), compile_s=round(handler.compile_s, 1),
                   programs_built=handler.programs, compile_source=report.compile_source, fallbacks=report.fallbacks,
-                  cuda_graphs=report.cuda_graphs, steps={})
+                  steps={})
     if device == "cuda":
         result["peak_gib_setup"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         result["resident_gib"] = round(torch.cuda.memory_allocated() / GiB, 2)

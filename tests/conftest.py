@@ -75,18 +75,19 @@ class Compiled:
 
 @pytest.fixture(scope="session")
 def compiled_model():
-    """Whole-model scope: one program per preset token count."""
-    return Compiled(aot_scope="model")
-
-
-@pytest.fixture(scope="session")
-def compiled_blocks():
-    """Regional scope, with the app's default settings, so the app later loads these programs from cache."""
+    """The app's default settings (whole-model scope, one program per preset token count), so the app
+    later loads these very programs from the cache."""
     return Compiled()
 
 
 @pytest.fixture(scope="session")
-def app(compiled_blocks):
+def compiled_blocks():
+    """Regional scope: one program per repeated block class and token count."""
+    return Compiled(aot_scope="blocks")
+
+
+@pytest.fixture(scope="session")
+def app(compiled_model):
     """The app module; it finds the session's compiled programs in the cache and loads them."""
     import app as app_module
 

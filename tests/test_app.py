@@ -81,12 +81,12 @@ def test_api_rejects_bad_input_and_keeps_serving(client):
     assert seed == 1234 and Image.open(path).size == (48, 80)
 
 
-def test_status_api_says_what_runs(client, compiled_blocks):
+def test_status_api_says_what_runs(client, compiled_model):
     status = client.predict(api_name="/status")
     assert status["model_id"] == "tiny" and status["demo_model"] is True
-    assert status["compile"] == "aoti" and status["compile_scope"] == "blocks"
+    assert status["compile"] == "aoti" and status["compile_scope"] == "model"
     assert status["compile_source"] == "loaded from cache"
-    assert status["cache_key"] == compiled_blocks.report.cache_key
+    assert status["cache_key"] == compiled_model.report.cache_key
     assert status["resolutions"] == ["64x64", "48x80", "80x48"]
     assert [p["image_tokens"] for p in status["programs"]] == [15, 16]
     assert any(f.startswith("attention: FlashAttention-3 needs a Hopper GPU") for f in status["fallbacks"])

@@ -66,7 +66,7 @@ def test_failed_aot_compile_serves_eager_and_says_why(fresh_app, monkeypatch, tm
     assert image.size == (80, 48) and seed == 99 and details.startswith("80x48, 2 steps")
 
 
-def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh_app, compiled_blocks):
+def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh_app, compiled_model):
     # offline (HF_HUB_OFFLINE=1) and on CPU, the FlashAttention-3 hub kernel cannot be fetched
     app = fresh_app(ATTENTION="_flash_3_hub")
 
@@ -74,7 +74,7 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
     [fallback] = [f for f in app.REPORT.fallbacks if f.startswith("attention: _flash_3_hub unavailable")]
     assert "offline" in fallback and fallback.endswith("; using sdpa")
     # with SDPA the programs are the ones the session compiled: same key, loaded from the cache
-    assert app.REPORT.compile == "aoti" and app.REPORT.cache_key == compiled_blocks.report.cache_key
+    assert app.REPORT.compile == "aoti" and app.REPORT.cache_key == compiled_model.report.cache_key
     banner = app._status_markdown()
     assert "attention `sdpa`" in banner and "fallback: attention: _flash_3_hub unavailable" in banner
     assert _status_api(app)["attention"] == "sdpa"
@@ -83,9 +83,9 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
 
 
 def _fail_once_inside_the_transformer(monkeypatch, app, error: Exception):
-    """The first transformer block runs its compiled program and then raises `error`, once."""
-    block = app.pipe.transformer.transformer_blocks[0]
-    dispatch = block.forward
+    """The transformer runs its compiled program and then raises `error`, once."""
+    transformer = app.pipe.transformer
+    dispatch = transformer.forward
     assert isinstance(dispatch, optimization.ShapeDispatch)  # the fault is raised on the compiled path
     raised = []
 
@@ -96,7 +96,7 @@ def _fail_once_inside_the_transformer(monkeypatch, app, error: Exception):
             raise error
         return out
 
-    monkeypatch.setattr(block, "forward", forward)
+    monkeypatch.setattr(transformer, "forward", forward)
     return raised
 
 
