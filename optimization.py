@@ -412,16 +412,21 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
         report.quantization = "none"
 
     report.compile, report.compile_reason = choose_compile(settings.compile, device)
-    if report.compile == "none":
-        if report.compile_reason.startswith("off"):
-            report.fallback("compile", report.compile_reason)
-        return report
-
-    report.compile_scope = settings.aot_scope
     multiple = pipe.vae_scale_factor * 2  # pixels per image token along each side
     token_presets: dict[int, Preset] = {}
     for preset in settings.presets:  # presets with the same token count share a program
         token_presets.setdefault(preset.image_tokens(multiple), preset)
+    if report.compile == "none":
+        if report.compile_reason.startswith("off"):
+            report.fallback("compile", report.compile_reason)
+        if report.attention != "sdpa":  # a backend can install fine and still fail to run on this device
+            try:
+                warm_up(pipe, dict([min(token_presets.items())]), max_sequence_length)
+            except Exception as err:  # noqa: BLE001 - any failure of the chosen kernel means "use SDPA"
+                _use_sdpa(transformer, report, f"{report.attention} failed a test run ({type(err).__name__}: {err})")
+        return report
+
+    report.compile_scope = settings.aot_scope
     start = time.perf_counter()
     while True:
         try:

@@ -227,6 +227,11 @@ def build_tiny_pipeline():
     return pipe.to(torch.float32)
 
 
+def _first_line(err: Exception) -> str:
+    # diffusers' loading errors point at "the stacktrace above", which this message replaces
+    return (str(err).splitlines() or [""])[0].replace(" Please check out the root cause in the stacktrace above.", "")
+
+
 def load_pipeline(settings: Settings):
     """The pipeline named by MODEL_ID: bf16 on a GPU, fp32 on CPU. A model that cannot be loaded stops
     startup with one message that says which setting to change."""
@@ -246,7 +251,7 @@ def load_pipeline(settings: Settings):
         raise SystemExit(
             f"Could not load MODEL_ID={settings.model_id!r}"
             f"{f' at MODEL_REVISION={settings.revision!r}' if settings.revision else ''}: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+            f"{type(err).__name__}: {_first_line(err)}\n"
             "Check the id and revision, that the hub is reachable and that HF_TOKEN can read the repo (gated "
             "models such as FLUX.1-dev need their license accepted), or unset MODEL_ID to run the tiny demo."
         ) from None

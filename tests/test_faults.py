@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 import optimization
-from conftest import ROOT
+from conftest import ROOT, settings_for
+from settings import build_tiny_pipeline
 
 REQUEST = dict(prompt="a lighthouse at dusk", resolution="80x48", seed=99, randomize_seed=False, steps=2, guidance=3.5)
 
@@ -128,3 +129,14 @@ def test_unloadable_model_id_exits_with_one_clear_message():
     assert message[0].startswith("Could not load MODEL_ID='nobody/no-such-model': "), result.stderr[-3000:]
     assert "unset MODEL_ID to run the tiny demo" in message[1]
     assert "Running on" not in result.stdout
+
+
+def test_attention_backend_that_installs_but_cannot_run_falls_back_to_sdpa_without_compiling():
+    """cuDNN attention is accepted on CPU but has no kernel there: a test run catches it at startup."""
+    settings = settings_for(compile="none", attention="_native_cudnn")
+    pipe = build_tiny_pipeline()
+    report = optimization.optimize_pipeline_(pipe, settings, 512)
+    assert report.attention == "sdpa" and report.compile == "none"
+    assert any(f.startswith("attention: _native_cudnn failed a test run") for f in report.fallbacks)
+    latents = pipe("a fox", width=64, height=64, num_inference_steps=2, output_type="latent").images
+    assert torch.isfinite(latents).all()

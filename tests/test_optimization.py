@@ -107,7 +107,7 @@ def test_dynamic_shape_program_serves_every_preset_and_refuses_outside_its_range
     assert compiled.report.programs == [{"image_tokens": "15..32", "resolutions": ["64x64", "48x80", "80x48"]}]
     for name, out in compiled.run().items():
         assert rel_err(out, compiled.eager[name]) <= TOLERANCE, name
-    dispatch = compiled.pipe.transformer.transformer_blocks[0].forward
+    dispatch = compiled.pipe.transformer.forward
     assert dispatch.program_for(20) is dispatch.program_for(32)
     with pytest.raises(optimization.UnsupportedShape):
         dispatch.program_for(33)
