@@ -82,7 +82,8 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance):
 
 
 def gpu_seconds(prompt, width, height, seed, steps, guidance) -> int:
-    """ZeroGPU quota to reserve: measured H100 step times (benchmarks/RESULTS.md) with a 2x margin."""
+    """ZeroGPU quota to reserve, from H100 step times at 1024x1024 (benchmarks/RESULTS.md: 98-109 ms
+    compiled, 183 ms eager) with a 1.4-1.5x margin, plus 10 s for text encoders, VAE and first loads."""
     step_seconds = 0.25 if REPORT.compile == "none" else 0.15
     return int(10 + steps * step_seconds * width * height / 1024**2)
 
