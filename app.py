@@ -23,6 +23,7 @@ DEFAULTS = model_defaults(pipe)
 REPORT = optimization.optimize_pipeline_(pipe, SETTINGS, DEFAULTS.max_sequence_length)
 PRESETS = {preset.name: preset for preset in SETTINGS.presets}
 CLIP_TOKENS = pipe.tokenizer.model_max_length
+SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes generated at least once by this process
 EXAMPLES = [
     "a tiny astronaut hatching from an egg on the moon",
     "a watercolor fox in a snowy birch forest, morning light",
@@ -85,7 +86,9 @@ def gpu_seconds(prompt, width, height, seed, steps, guidance) -> int:
     """ZeroGPU quota to reserve, from H100 step times at 1024x1024 (benchmarks/RESULTS.md: 98-109 ms
     compiled, 183 ms eager) with a 1.4-1.5x margin, plus 10 s for text encoders, VAE and first loads."""
     step_seconds = 0.25 if REPORT.compile == "none" else 0.15
-    return int(10 + steps * step_seconds * width * height / 1024**2)
+    # On ZeroGPU a shape's program is loaded in the GPU worker on its first request (61 s measured on an H100)
+    first_load = 90 if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES else 0
+    return int(10 + first_load + steps * step_seconds * width * height / 1024**2)
 
 
 @spaces.GPU(duration=gpu_seconds)
@@ -115,6 +118,7 @@ def generate(prompt, resolution=SETTINGS.presets[0].name, seed=0, randomize_seed
         log.exception("generation failed")
         raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
     seconds = time.perf_counter() - start
+    SERVED_SHAPES.add((preset.width, preset.height))
     details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s"
     if notes:
         details += " | note: " + "; ".join(notes)

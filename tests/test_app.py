@@ -99,9 +99,11 @@ def test_ui_labels_the_demo_model_and_shows_fallbacks(app):
     assert "fallback: attention" in banner and "loaded from cache in" in banner
 
 
-def test_gpu_duration_grows_with_steps_and_resolution(app):
+def test_gpu_duration_grows_with_steps_and_resolution_and_covers_a_first_load(app, monkeypatch):
+    monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024), (1216, 1216)})
     assert app.gpu_seconds("p", 1024, 1024, 0, 4, 3.5) < app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5)
     assert app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) < app.gpu_seconds("p", 1216, 1216, 0, 28, 3.5)
+    assert app.gpu_seconds("p", 832, 1216, 0, 28, 3.5) >= app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) + 85  # not served yet
 
 
 def test_unloadable_model_id_stops_with_one_clear_message():
