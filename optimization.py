@@ -264,7 +264,7 @@ def release_export_memory() -> None:
 
 
 def install_programs_(transformer: torch.nn.Module, program_dirs: dict[int, Path],
-                      served: tuple[int, int] | None = None) -> list[ShapeDispatch]:
+                      served: tuple[int, int] | None = None) -> None:
     """Loads every package against the modules' own parameters (no copy) and puts a shape dispatcher on
     each patched module: the transformer, or every repeated block."""
     programs: dict[torch.nn.Module, dict[int, object]] = {}
@@ -276,7 +276,6 @@ def install_programs_(transformer: torch.nn.Module, program_dirs: dict[int, Path
     runner = ProgramRunner()
     for module, by_tokens in programs.items():
         module.forward = ShapeDispatch(by_tokens, runner, served)
-    return [module.forward for module in programs]
 
 
 def restore_eager_(transformer: torch.nn.Module) -> None:
@@ -421,7 +420,7 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
             report.fallback("compile", report.compile_reason)
         if report.attention != "sdpa":  # a backend can install fine and still fail to run on this device
             try:
-                warm_up(pipe, dict([min(token_presets.items())]), max_sequence_length)
+                warm_up(pipe, dict([min(token_presets.items())]), max_sequence_length)  # the smallest preset
             except Exception as err:  # noqa: BLE001 - any failure of the chosen kernel means "use SDPA"
                 _use_sdpa(transformer, report, f"{report.attention} failed a test run ({type(err).__name__}: {err})")
         return report
@@ -486,14 +485,14 @@ def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: di
     else:
         report.compile_source = "loaded from cache"
     install_programs_(pipe.transformer, program_dirs, token_range(settings, list(token_presets)))
-    if spaces.config.Config.zero_gpu:
-        log.info("ZeroGPU: programs load on the first request of each shape")
-    else:
-        warm_up(pipe, token_presets, max_sequence_length)
+    warm_up(pipe, token_presets, max_sequence_length)
 
 
 def warm_up(pipe, token_presets: dict[int, Preset], max_sequence_length: int) -> None:
-    """Loads every program now rather than on the first request, and checks each gives finite output."""
+    """Loads every program now rather than on the first request, and checks each gives finite output.
+    Not on ZeroGPU: its main process has no GPU, and programs load in the GPU worker on first use."""
+    if spaces.config.Config.zero_gpu:
+        return
     for tokens, preset in token_presets.items():
         with torch.inference_mode():
             latents = pipe(CAPTURE_PROMPT, width=preset.width, height=preset.height, num_inference_steps=1,

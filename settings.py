@@ -148,7 +148,8 @@ class Settings:
         if self.compile == "none" and self.dynamic_shapes:
             raise ValueError("DYNAMIC_SHAPES=1 needs compilation, but COMPILE=none")
         if self.compile == "none" and self.quantization in ("fp8",):
-            raise ValueError("QUANTIZATION=fp8 is only wired through the compiled program; set COMPILE=aoti or auto")
+            raise ValueError("QUANTIZATION=fp8 without compilation runs 3x slower than bf16 (benchmarks/RESULTS.md); "
+                             "set COMPILE=aoti or auto, or QUANTIZATION=none")
         if self.hub_repo is not None:
             repo, _, revision = self.hub_repo.partition("@")
             if repo.count("/") != 1 or len(revision) != 40 or not all(c in "0123456789abcdef" for c in revision):
