@@ -39,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # "auto" attention must not wait f
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import faulthandler  # noqa: E402
-import gc  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -51,7 +50,6 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.fx.experimental.proxy_tensor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -414,14 +412,8 @@ def fresh_transformer_(pipe, args, device, dtype, fingerprint: float) -> None:
     old = pipe.transformer
     pipe.transformer = None
     del old
-    # torch.export keeps the last traced graph in a module-level map, and through it the old weights.
-    proxy_map = getattr(torch.fx.experimental.proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
-    if proxy_map is not None:
-        proxy_map.clear()
     torch._dynamo.reset()
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    optimization.release_export_memory()  # torch.export's trace map would keep the old weights alive
     pipe.transformer = build_transformer(args, device, dtype)
     assert weights_fingerprint(pipe.transformer) == fingerprint, "rebuilt transformer has other weights"
 
