@@ -209,6 +209,14 @@ def time_step(transformer, args, kwargs, device: str, warmup: int, iters: int):
     return statistics.median(s.ms() for s in spans), out.clone()
 
 
+def final_latents(pipe, preset, steps: int, max_sequence_length: int) -> torch.Tensor:
+    """The latents after `steps` denoising steps from a fixed seed: how far quantization drifts over a run."""
+    with torch.inference_mode():
+        return pipe("a watercolor fox in a snowy birch forest", width=preset.width, height=preset.height,
+                    num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=max_sequence_length,
+                    generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images.float()
+
+
 def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: str, repeats: int) -> dict:
     """One whole image as the app makes it (text encoders, `steps` steps, VAE decode, PIL), and where the
     time goes. Seconds, median over `repeats` after one short warm-up."""
@@ -399,6 +407,11 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
         result["steps"][preset.name] = dict(ms=round(ms, 2), speedup=round(ref_ms / ms, 3), rel_err=round(err, 5),
                                             finite=bool(torch.isfinite(out).all()))
         emit("step", variant=variant["spec"], preset=preset.name, **result["steps"][preset.name])
+    if args.latent_error:
+        latents = final_latents(pipe, settings.presets[0], args.steps, msl)
+        reference_latents = args.reference_latents
+        result["latent_rel_err"] = round(float((latents - reference_latents).norm() / reference_latents.norm()), 5)
+        emit("latent_error", variant=variant["spec"], steps=args.steps, rel_err=result["latent_rel_err"])
     if args.full_pipeline:
         result["pipeline"] = time_pipeline(pipe, settings.presets[0], args.steps, msl, device, args.pipeline_repeats)
         emit("pipeline", variant=variant["spec"], preset=settings.presets[0].name, **result["pipeline"])
@@ -462,6 +475,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="", help="AOT_CACHE_DIR; default: a fresh temporary directory")
     parser.add_argument("--full-pipeline", action="store_true", help="also time whole images and where time goes")
     parser.add_argument("--pipeline-repeats", type=int, default=2)
+    parser.add_argument("--latent-error", action="store_true",
+                        help="relative L2 of the final latents after --steps steps, each variant vs eager bf16")
     parser.add_argument("--first-image", action="store_true", help="time one whole image right after optimizing")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -526,6 +541,8 @@ def main() -> None:
         emit("step", variant="eager", preset=preset.name, **eager["steps"][preset.name])
     prompt_embeds = inputs[presets[0].name][1]["encoder_hidden_states"]
     eager["text_embeddings_finite"] = bool(torch.isfinite(prompt_embeds).all())
+    if args.latent_error:
+        args.reference_latents = final_latents(pipe, presets[0], args.steps, msl)
     if args.full_pipeline:
         eager["pipeline"] = time_pipeline(pipe, presets[0], args.steps, msl, device, args.pipeline_repeats)
         emit("pipeline", variant="eager", preset=presets[0].name, **eager["pipeline"])
