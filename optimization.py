@@ -45,9 +45,11 @@ INDUCTOR_CONFIGS = {
     "coordinate_descent_tuning": False,
     "coordinate_descent_check_all_directions": False,
 }
-CACHE_FORMAT = 2  # bump when a change here alters what a compiled program contains
+CACHE_FORMAT = 3  # bump when a change here alters what a compiled program contains
 CAPTURE_PROMPT = "a photo of an astronaut riding a horse on the moon"
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and newer have fp8 tensor cores
+GROUP_SIZE = 128  # int4: inputs per scale
+GiB = 2**30
 FA3_CAPABILITY = (9, 0)  # FlashAttention-3 is Hopper-only: not Ampere, Ada or Blackwell (sm_100/sm_120)
 
 
@@ -95,6 +97,172 @@ def choose_compile(requested: str, device: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Memory: does the pipeline fit the GPU, and if not, the fastest way it does (low-VRAM mode).
+# ---------------------------------------------------------------------------------------------------
+ACTIVATION_BYTES_PER_TOKEN = 3 * GiB // 4096  # FLUX at 1024x1024: ~2.4 GiB above the weights (RESULTS.md)
+SLACK_BYTES = GiB  # CUDA context, allocator fragmentation
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes the pipeline needs on the GPU, per transformer weight format ("none" = as loaded)."""
+
+    transformer: dict[str, int]  # all its weights
+    largest_block: dict[str, int]  # the largest repeated block: streaming holds about three on the GPU
+    outside_blocks: dict[str, int]  # embedders and output layers: streamed as one group
+    text_encoders: int  # all of them
+    largest_text_block: int
+    other: int  # the VAE and anything else: always resident
+    activations: int
+
+    def need(self, mode: str | None, stream: bool = False) -> int:
+        """mode None: everything resident as loaded. Otherwise the low-VRAM layout: text encoders streamed,
+        the transformer quantized to `mode`, and resident or streamed."""
+        if mode is None:
+            return self.transformer["none"] + self.text_encoders + self.other + self.activations + SLACK_BYTES
+        weights = 3 * self.largest_block[mode] + self.outside_blocks[mode] if stream else self.transformer[mode]
+        return weights + 2 * self.largest_text_block + self.other + self.activations + SLACK_BYTES
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    low_vram: bool = False
+    quantization: str = ""  # the transformer's weight format; "" = not decided here
+    stream: bool = False  # transformer blocks streamed from pinned host memory, one block ahead
+    budget_gib: float | None = None
+    need_gib: float = 0.0
+    reason: str = ""
+
+
+def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, budget: int | None,
+                       fp8_ok: bool) -> MemoryPlan:
+    """Pure: the fastest layout that fits `budget` bytes. Candidates, fastest first (benchmarks/RESULTS.md):
+    resident 8-bit (fp8 where it runs, else int8) or bf16, resident int4, then streamed int8, int4, bf16."""
+    gib = lambda n: round(n / GiB, 1)  # noqa: E731
+    full = footprint.need(None)
+    if requested == "off" or (budget is None and requested == "auto"):
+        why = "LOW_VRAM=off" if requested == "off" else "no GPU memory limit to plan for"
+        return MemoryPlan(budget_gib=budget and gib(budget), need_gib=gib(full), reason=why)
+    if requested == "auto" and full <= budget:
+        return MemoryPlan(budget_gib=gib(budget), need_gib=gib(full),
+                          reason=f"fits: {gib(full)} of {gib(budget)} GiB")
+    eight = "fp8" if fp8_ok else "int8"
+    resident = [eight, "none", "int4"] if fp8_ok else ["none", "int8", "int4"]
+    streamed = ["int8", "int4", "none"]
+    if quantization != "auto":
+        resident, streamed = [quantization], [quantization] if quantization != "fp8" else []
+    candidates = ([] if requested == "stream" else [(m, False) for m in resident]) + [(m, True) for m in streamed]
+    if not candidates:
+        raise ValueError("QUANTIZATION=fp8 cannot be streamed; use int8, int4 or none with LOW_VRAM=stream")
+    budget_text = f"{gib(budget)} GiB" if budget else "no known limit"
+    why = (f"the whole pipeline needs {gib(full)} GiB, {budget_text} available" if requested == "auto"
+           else f"LOW_VRAM={requested}")
+    for mode, stream in candidates:
+        need = footprint.need(mode, stream)
+        if budget is None or need <= budget:
+            return MemoryPlan(True, mode, stream, budget and gib(budget), gib(need), why)
+    mode, stream = candidates[-1]
+    need = footprint.need(mode, stream)
+    return MemoryPlan(True, mode, stream, gib(budget), gib(need),
+                      f"{why}; nothing fits, so the smallest layout runs ({gib(need)} GiB): it may run out of memory")
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _weight_bytes(module: torch.nn.Module, mode: str) -> int:
+    """The module's weights after quantizing its Linear layers to `mode`, without quantizing anything."""
+    per_weight = {"none": None, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE}[mode]
+    total = _bytes(module.buffers())
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            quantized = per_weight is not None and name == "weight" and _quantizable(sub, mode)
+            total += int(p.numel() * per_weight + 4 * sub.out_features) if quantized else _bytes([p])
+    return total
+
+
+def _block_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+
+
+def measure_footprint(pipe, settings: Settings) -> Footprint:
+    modes = ("none", "fp8", "int8", "int4")
+    transformer = pipe.transformer
+    blocks = [block for blocks in _block_lists(transformer) for block in blocks]
+    weights = {mode: _weight_bytes(transformer, mode) for mode in modes}
+    texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+    text_blocks = [block for text in texts for blocks in _block_lists(text) for block in blocks]
+    multiple = pipe.vae_scale_factor * 2
+    return Footprint(
+        transformer=weights,
+        largest_block={mode: max((_weight_bytes(b, mode) for b in blocks), default=0) for mode in modes},
+        outside_blocks={mode: weights[mode] - sum(_weight_bytes(b, mode) for b in blocks) for mode in modes},
+        text_encoders=sum(_weight_bytes(t, "none") for t in texts),
+        largest_text_block=max((_weight_bytes(b, "none") for b in text_blocks), default=0),
+        other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()
+                  if isinstance(m, torch.nn.Module) and name != "transformer" and m not in texts),
+        activations=ACTIVATION_BYTES_PER_TOKEN * max(p.image_tokens(multiple) for p in settings.presets),
+    )
+
+
+def _stream_(module: torch.nn.Module, device: str) -> None:
+    """diffusers' group offloading: each block's weights live in pinned host memory and are copied in on a
+    side CUDA stream while the previous block computes, then dropped."""
+    from diffusers.hooks import apply_group_offloading
+
+    on_gpu = device == "cuda"
+    # block-level offloading groups the ModuleLists among a module's children; name the modules on the
+    # way to nested ones (T5's encoder.block, CLIP's text_model.encoder.layers) so it recurses into them
+    outermost: list[str] = []
+    for name, m in module.named_modules():  # parents come before children
+        if isinstance(m, torch.nn.ModuleList) and not any(name.startswith(f"{o}.") for o in outermost):
+            outermost.append(name)
+    nested = sorted({part for name in outermost for part in name.split(".")[:-1]})
+    apply_group_offloading(module, onload_device=torch.device(device), offload_type="block_level",
+                           num_blocks_per_group=1, use_stream=on_gpu, record_stream=on_gpu,
+                           block_modules=nested or None)
+
+
+def plan_memory(pipe, settings: Settings, device: str, capability, report: Report) -> MemoryPlan:
+    """Chooses the layout, applies VRAM_LIMIT_GIB as a hard cap on this process, and reports the choice."""
+    budget = None
+    if device == "cuda" and not spaces.config.Config.zero_gpu:  # ZeroGPU's main process sees no real GPU
+        total = torch.cuda.get_device_properties(0).total_memory
+        budget = total
+        if settings.vram_limit_gib:
+            budget = min(total, int(settings.vram_limit_gib * GiB))
+            torch.cuda.set_per_process_memory_fraction(budget / total)
+    fp8_ok = capability is not None and capability >= FP8_MIN_CAPABILITY and report.compile == "aoti"
+    plan = choose_memory_plan(settings.low_vram, settings.quantization, measure_footprint(pipe, settings), budget, fp8_ok)
+    report.memory = asdict(plan)
+    if plan.low_vram:
+        layout = f"{plan.quantization} weights, {'streamed' if plan.stream else 'resident'}"
+        report.fallback("memory", f"low-VRAM mode ({plan.reason}): {layout}, text encoders streamed; "
+                                  f"needs about {plan.need_gib} GiB")
+    return plan
+
+
+def place_pipeline_(pipe, plan: MemoryPlan, device: str) -> None:
+    """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes."""
+    if not plan.low_vram:
+        pipe.to(device)
+        return
+    for name, module in pipe.components.items():
+        if name.startswith("text_encoder") and module is not None:
+            _stream_(module, device)
+        elif isinstance(module, torch.nn.Module) and name != "transformer":
+            module.to(device)
+    transformer = pipe.transformer
+    if plan.stream:
+        quantize_(transformer, plan.quantization, work_device=device, result_device="cpu")
+        _stream_(transformer, device)
+    else:
+        quantize_(transformer, plan.quantization, work_device=device, result_device=device)
+        transformer.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The report shown in the status panel and returned by the /status API.
 # ---------------------------------------------------------------------------------------------------
 @dataclass
@@ -112,6 +280,7 @@ class Report:
     compile_seconds: float = 0.0
     cache_key: str = ""
     programs: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # the MemoryPlan: low-VRAM mode or not, and why
     fallbacks: list[str] = field(default_factory=list)
 
     def fallback(self, what: str, reason: str) -> None:
@@ -192,18 +361,68 @@ def capture_inputs(pipe, module: torch.nn.Module, preset: Preset, max_sequence_l
     return call.args, call.kwargs
 
 
-def quantize_(transformer: torch.nn.Module, mode: str) -> None:
+class WeightOnlyLinear(torch.nn.Module):
+    """A Linear whose weight is stored in 8 or 4 bits and dequantized on the fly (W8A16 / W4A16).
+
+    int8: one scale per output row, symmetric. int4: groups of GROUP_SIZE inputs, each with a scale and a
+    minimum in the model's dtype (the GPTQ layout, rounded to nearest), two codes per byte. Every call
+    rebuilds the weight in the activation dtype and runs the dense GEMM; under AOTInductor the unpacking is
+    one fused kernel. torchao's int4 kernel (tinygemm) is built for a few tokens and ran 11.7x slower than
+    bf16 at FLUX's 4608 (benchmarks/RESULTS.md). Plain tensors, so export, streaming and CPU just work.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, bits: int):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        weight, dtype = linear.weight.detach().float(), linear.weight.dtype
+        if bits == 8:
+            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+            codes, low = torch.round(weight / scale).clamp(-127, 127).to(torch.int8), None
+        else:
+            groups = weight.reshape(self.out_features, -1, GROUP_SIZE)
+            low = groups.amin(-1, keepdim=True)
+            scale = ((groups.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-12)
+            q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.uint8).reshape(self.out_features, -1)
+            codes = q[:, 0::2] | (q[:, 1::2] << 4)
+        as_param = lambda t: torch.nn.Parameter(t.contiguous(), requires_grad=False)  # noqa: E731
+        self.codes, self.scale = as_param(codes), as_param(scale.to(dtype))
+        self.low = as_param(low.to(dtype)) if low is not None else None
+        self.bias = linear.bias
+
+    def weight(self) -> torch.Tensor:
+        if self.bits == 8:
+            return self.codes.to(self.scale.dtype) * self.scale
+        q = torch.stack((self.codes & 15, self.codes >> 4), dim=-1).reshape(self.out_features, -1, GROUP_SIZE)
+        return (q.to(self.scale.dtype) * self.scale + self.low).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight(), self.bias)
+
+
+def _quantizable(linear: torch.nn.Module, mode: str) -> bool:
+    return type(linear) is torch.nn.Linear and (mode != "int4" or linear.in_features % GROUP_SIZE == 0)
+
+
+def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None = None,
+              result_device: str | None = None) -> None:
+    """Quantizes the Linear weights in place, layer by layer: each is moved to `work_device` (a GPU does
+    it in seconds), quantized, and left on `result_device` (the host, to stream it); default: where it is."""
     if mode == "none":
         return
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
-    from torchao.quantization import quantize_ as torchao_quantize_
+    if mode == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+        from torchao.quantization import quantize_ as torchao_quantize_
 
-    config = {
         # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
-        "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
-        "int8": lambda: Int8WeightOnlyConfig(set_inductor_config=False),
-    }[mode]()
-    torchao_quantize_(transformer, config)
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        torchao_quantize_(transformer, config, device=work_device)
+        return
+    for parent in list(transformer.modules()):
+        for name, child in list(parent.named_children()):
+            if _quantizable(child, mode):
+                home = child.weight.device
+                quantized = WeightOnlyLinear(child.to(work_device or home), {"int8": 8, "int4": 4}[mode])
+                setattr(parent, name, quantized.to(result_device or home))
 
 
 def dequantize_(transformer: torch.nn.Module) -> None:
@@ -386,10 +605,13 @@ def fetch_from_hub(hub_repo: str, digest: str, cache_dir: Path, report: Report) 
 def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Report:
     """Makes `pipe.transformer` fast in place. Returns what was done and what fell back, and why."""
     transformer = pipe.transformer
-    device = transformer.device.type
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
     report = Report(device=f"cuda: {torch.cuda.get_device_name()}, sm_{capability[0]}{capability[1]}" if capability else device,
                     dtype=str(transformer.dtype).removeprefix("torch."))
+    report.compile, report.compile_reason = choose_compile(settings.compile, device)
+    plan = plan_memory(pipe, settings, device, capability, report)
+    place_pipeline_(pipe, plan, device)
 
     hub_online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes")
     report.attention, report.attention_reason = choose_attention(settings.attention, device, capability, hub_online)
@@ -401,22 +623,26 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
         except Exception as err:  # noqa: BLE001 - a missing kernel or package: any failure means "use SDPA"
             _use_sdpa(transformer, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
 
-    report.quantization, report.quantization_reason = choose_quantization(settings.quantization, device, capability)
-    if report.quantization_reason.startswith("fallback"):
-        report.fallback("quantization", report.quantization_reason.removeprefix("fallback: "))
-    try:  # before compiling, and in this process, so the weights every program reads are the quantized ones
-        quantize_(transformer, report.quantization)
-    except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
-        report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
-        report.quantization = "none"
-
-    report.compile, report.compile_reason = choose_compile(settings.compile, device)
+    if plan.low_vram:  # already quantized while placing
+        report.quantization, report.quantization_reason = plan.quantization, "low-VRAM mode"
+    else:
+        report.quantization, report.quantization_reason = choose_quantization(settings.quantization, device, capability)
+        if report.quantization_reason.startswith("fallback"):
+            report.fallback("quantization", report.quantization_reason.removeprefix("fallback: "))
+        try:  # before compiling, and in this process, so the weights every program reads are the quantized ones
+            quantize_(transformer, report.quantization)
+        except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
+            report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
+            report.quantization = "none"
+    if plan.stream and report.compile == "aoti":
+        report.compile, report.compile_reason = "none", "off: streamed weights move on every step, and a compiled program reads fixed addresses"
+        report.fallback("compile", report.compile_reason)
     multiple = pipe.vae_scale_factor * 2  # pixels per image token along each side
     token_presets: dict[int, Preset] = {}
     for preset in settings.presets:  # presets with the same token count share a program
         token_presets.setdefault(preset.image_tokens(multiple), preset)
     if report.compile == "none":
-        if report.compile_reason.startswith("off"):
+        if report.compile_reason.startswith("off on CPU"):
             report.fallback("compile", report.compile_reason)
         if report.attention != "sdpa":  # a backend can install fine and still fail to run on this device
             try:
@@ -439,7 +665,7 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
                 continue
             report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
             report.compile, report.compile_source = "none", ""
-            if report.quantization == "fp8":  # unfused eager fp8 ran 3x slower than bf16 (RESULTS.md)
+            if report.quantization == "fp8" and not plan.low_vram:  # unfused eager fp8: 3x slower than bf16
                 dequantize_(transformer)
                 report.fallback("quantization", "fp8 undone: without compilation it is slower than bf16")
                 report.quantization = "none"

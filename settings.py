@@ -23,7 +23,10 @@ MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 MAX_PROMPT_CHARS = 2000  # a cheap bound before tokenising; the token limit is checked too
 
-QUANTIZATION_CHOICES = ("auto", "fp8", "int8", "none")
+QUANTIZATION_CHOICES = ("auto", "fp8", "int8", "int4", "none")
+# Low-VRAM mode (optimization.choose_memory_plan): "auto" turns it on when the pipeline does not fit the GPU,
+# "on" forces it, "stream" forces streaming the transformer's blocks from host memory, "off" never.
+LOW_VRAM_CHOICES = ("auto", "on", "stream", "off")
 COMPILE_CHOICES = ("auto", "aoti", "none")
 # "model": one program for the whole transformer, the fastest per step (H100, fp8: 98 ms vs 109 ms);
 # "blocks": regional AoT, one program per repeated block class, half the compile time (102 s vs 199 s).
@@ -88,6 +91,19 @@ def _choice(env, name: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
+def _positive(env, name: str) -> float | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{name}={value!r}: give a positive number of GiB, e.g. 24")
+    return number
+
+
 @dataclass(frozen=True)
 class Settings:
     model_id: str
@@ -101,6 +117,8 @@ class Settings:
     cache_dir: str
     hub_repo: str | None  # "owner/name@<commit>": precompiled packages to download; opt-in, pinned
     queue_size: int
+    low_vram: str = "auto"
+    vram_limit_gib: float | None = None  # plan for (and cap the process at) this much GPU memory
     demo_model_reason: str = ""  # why the tiny model runs, when it does
 
     @property
@@ -138,6 +156,8 @@ class Settings:
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
             hub_repo=env.get("AOT_HUB_REPO", "").strip() or None,
             queue_size=int(env.get("QUEUE_SIZE", "32")),
+            low_vram=_choice(env, "LOW_VRAM", LOW_VRAM_CHOICES, "auto"),
+            vram_limit_gib=_positive(env, "VRAM_LIMIT_GIB"),
             demo_model_reason=reason,
         )
         settings.check()
@@ -157,6 +177,9 @@ class Settings:
                                  "packages contain native code, so only a repo pinned to an exact commit is loaded")
             if self.compile == "none":
                 raise ValueError("AOT_HUB_REPO is set but COMPILE=none")
+        if self.low_vram == "stream" and self.quantization == "fp8":
+            raise ValueError("LOW_VRAM=stream cannot stream fp8 weights (torchao tensors do not survive diffusers' "
+                             "group offloading); use QUANTIZATION=int8, int4, none or auto")
         if self.queue_size < 1:
             raise ValueError("QUEUE_SIZE must be at least 1")
 
@@ -234,16 +257,16 @@ def _first_line(err: Exception) -> str:
 
 
 def load_pipeline(settings: Settings):
-    """The pipeline named by MODEL_ID: bf16 on a GPU, fp32 on CPU. A model that cannot be loaded stops
-    startup with one message that says which setting to change."""
+    """The pipeline named by MODEL_ID, in host memory: bf16 when a GPU will run it, fp32 on CPU.
+    `optimization.optimize_pipeline_` puts it on the GPU (whole, or in low-VRAM mode part by part).
+    A model that cannot be loaded stops startup with one message that says which setting to change."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if settings.is_tiny:
         log.warning("Running the built-in tiny random-weight FLUX pipeline (%s). Its images are noise. "
                     "Set MODEL_ID (e.g. %s) to serve a real model.", settings.demo_model_reason, DEFAULT_MODEL_ID)
-        return build_tiny_pipeline().to(device)
+        return build_tiny_pipeline()
     from diffusers import DiffusionPipeline
 
     try:
@@ -259,4 +282,4 @@ def load_pipeline(settings: Settings):
     if not hasattr(pipe, "transformer"):
         raise SystemExit(f"MODEL_ID={settings.model_id!r} loaded a {type(pipe).__name__} without a transformer; "
                          "this template serves FLUX-style (transformer) pipelines.")
-    return pipe.to(device)
+    return pipe
