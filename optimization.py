@@ -208,20 +208,28 @@ def measure_footprint(pipe, settings: Settings) -> Footprint:
 
 def _stream_(module: torch.nn.Module, device: str) -> None:
     """diffusers' group offloading: each block's weights live in pinned host memory and are copied in on a
-    side CUDA stream while the previous block computes, then dropped."""
+    side CUDA stream while the previous block computes, then dropped. It is applied to the module that
+    holds the block list (T5's `encoder`, CLIP's `text_model.encoder`, the transformer itself: its nested
+    mode breaks with streams in diffusers 0.42); whatever lies outside those stays resident."""
     from diffusers.hooks import apply_group_offloading
 
+    lists: list[str] = []
+    for name, sub in module.named_modules():  # parents come before children
+        if isinstance(sub, torch.nn.ModuleList) and not any(name.startswith(f"{n}.") for n in lists):
+            lists.append(name)
+    holders = [module.get_submodule(name.rpartition(".")[0]) for name in lists]
     on_gpu = device == "cuda"
-    # block-level offloading groups the ModuleLists among a module's children; name the modules on the
-    # way to nested ones (T5's encoder.block, CLIP's text_model.encoder.layers) so it recurses into them
-    outermost: list[str] = []
-    for name, m in module.named_modules():  # parents come before children
-        if isinstance(m, torch.nn.ModuleList) and not any(name.startswith(f"{o}.") for o in outermost):
-            outermost.append(name)
-    nested = sorted({part for name in outermost for part in name.split(".")[:-1]})
-    apply_group_offloading(module, onload_device=torch.device(device), offload_type="block_level",
-                           num_blocks_per_group=1, use_stream=on_gpu, record_stream=on_gpu,
-                           block_modules=nested or None)
+    streamed = set()
+    for holder in dict.fromkeys(holders):
+        if on_gpu:  # pin in place, one tensor at a time: diffusers would otherwise pin a second full copy
+            for tensor in [*holder.parameters(), *holder.buffers()]:
+                tensor.data = tensor.data.pin_memory()
+        apply_group_offloading(holder, onload_device=torch.device(device), offload_type="block_level",
+                               num_blocks_per_group=1, use_stream=on_gpu, record_stream=on_gpu)
+        streamed.update(map(id, [*holder.parameters(), *holder.buffers()]))
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in streamed:
+            tensor.data = tensor.data.to(device)
 
 
 def plan_memory(pipe, settings: Settings, device: str, capability, report: Report) -> MemoryPlan:
@@ -417,12 +425,15 @@ def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None =
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
         torchao_quantize_(transformer, config, device=work_device)
         return
-    for parent in list(transformer.modules()):
-        for name, child in list(parent.named_children()):
-            if _quantizable(child, mode):
-                home = child.weight.device
-                quantized = WeightOnlyLinear(child.to(work_device or home), {"int8": 8, "int4": 4}[mode])
-                setattr(parent, name, quantized.to(result_device or home))
+    # by name, so no list keeps the replaced bf16 layers (on the work device) alive until the end
+    for path in [path for path, module in transformer.named_modules() if _quantizable(module, mode)]:
+        parent_path, _, name = path.rpartition(".")
+        parent = transformer.get_submodule(parent_path)
+        linear = getattr(parent, name)
+        home = linear.weight.device
+        quantized = WeightOnlyLinear(linear.to(work_device or home), {"int8": 8, "int4": 4}[mode])
+        setattr(parent, name, quantized.to(result_device or home))
+        del linear
 
 
 def dequantize_(transformer: torch.nn.Module) -> None:
