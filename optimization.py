@@ -751,6 +751,7 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
             compile_or_load_(pipe, settings, report, token_presets, max_sequence_length)
             break
         except Exception as err:  # noqa: BLE001 - the app must keep serving, and say why
+            log.info("AoT compile or load failed; the full error:", exc_info=err)
             restore_eager_(transformer)
             reason = f"{type(err).__name__}: {err}"
             if report.attention != "sdpa":  # e.g. a hub kernel that torch.export cannot trace: retry once

@@ -128,11 +128,13 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the laptop-sized model: a smoke test of this script")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--blocks", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
+                        help="fewer transformer blocks (and 2 T5 layers): a quick check of the code paths on a GPU")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     # flux_bench's builder arguments
-    builder = argparse.Namespace(tiny=args.tiny, blocks=None, clip_layers=None, t5_layers=None)
+    builder = argparse.Namespace(tiny=args.tiny, blocks=args.blocks, clip_layers=None, t5_layers=2 if args.blocks else None)
     t0 = time.perf_counter()
     master, params = flux_bench.build_pipeline(builder, args.device, args.dtype)
     master.to("cpu")  # the "checkpoint": in host memory, as from_pretrained leaves it
