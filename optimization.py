@@ -246,6 +246,10 @@ def _unstream_(module: torch.nn.Module) -> None:
     from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER,
                                                   _LAZY_PREFETCH_GROUP_OFFLOADING)
 
+    for sub in module.modules():  # a run that raised midway (a capture) can leave groups on the GPU
+        hook = sub._diffusers_hook.get_hook(_GROUP_OFFLOADING) if hasattr(sub, "_diffusers_hook") else None
+        if hook is not None:
+            hook.group.offload_()
     registry = HookRegistry.check_if_exists_or_initialize(module)
     for name in (_LAZY_PREFETCH_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _GROUP_OFFLOADING):
         registry.remove_hook(name, recurse=True)
@@ -265,28 +269,6 @@ def _onloaded(tensors: list[torch.Tensor], device: str):
     finally:
         for t, data in saved.items():
             t.data = data
-
-
-@contextlib.contextmanager
-def _blocks_on_demand(transformer: torch.nn.Module, device: str):
-    """Runs a streamed transformer without its hooks, for capturing inputs while compiling: the weights
-    outside the blocks on `device`, each block copied in for its own call and dropped after it."""
-    blocks = [block for blocks in _block_lists(transformer) for block in blocks]
-    inside = {id(t) for block in blocks for t in _tensors(block)}
-    stack = contextlib.ExitStack()
-
-    def pre(block, *_):
-        stack.enter_context(_onloaded(_tensors(block), device))
-
-    handles = [block.register_forward_pre_hook(pre) for block in blocks]
-    handles += [block.register_forward_hook(lambda *_: stack.close()) for block in blocks]
-    try:
-        with _onloaded([t for t in _tensors(transformer) if id(t) not in inside], device):
-            yield
-    finally:
-        stack.close()
-        for handle in handles:
-            handle.remove()
 
 
 def plan_memory(pipe, settings: Settings, device: str, capability, report: Report) -> MemoryPlan:
@@ -532,13 +514,12 @@ def compile_programs(pipe, settings: Settings, token_presets: dict[int, Preset],
     served = token_range(settings, list(token_presets))
     if served:  # one program per target, traced at the largest preset
         token_presets = {max(token_presets): token_presets[max(token_presets)]}
-    device = getattr(pipe.transformer, "stream_device", None)  # streamed: hooks off, one block in at a time
-    if device:
-        _unstream_(pipe.transformer)
+    device = getattr(pipe.transformer, "stream_device", None)  # streamed: export one block, hooks off
     for tokens, preset in token_presets.items():
         for name, module in targets.items():
-            with _blocks_on_demand(pipe.transformer, device) if device else contextlib.nullcontext():
-                args, kwargs = capture_inputs(pipe, module, preset, max_sequence_length)
+            args, kwargs = capture_inputs(pipe, module, preset, max_sequence_length)
+            if device:
+                _unstream_(pipe.transformer)
             spec = _dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1])) if served else None
             t0 = time.perf_counter()
             with _onloaded(_tensors(module), device) if device else contextlib.nullcontext():
@@ -548,8 +529,8 @@ def compile_programs(pipe, settings: Settings, token_presets: dict[int, Preset],
                                              submodule=name or None)
             log.info("compiled %s for %d image tokens: export %.1f s, compile %.1f s", name or "transformer",
                      tokens, t1 - t0, time.perf_counter() - t1)
-    if device:
-        _stream_(pipe.transformer, device)
+            if device:
+                _stream_(pipe.transformer, device)
 
 
 def release_export_memory() -> None:
