@@ -13,9 +13,7 @@ key loads them instead of compiling.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import dataclasses
 import gc
 import hashlib
 import json
@@ -224,51 +222,14 @@ def _stream_(module: torch.nn.Module, device: str) -> None:
     streamed = set()
     for holder in dict.fromkeys(holders):
         if on_gpu:  # pin in place, one tensor at a time: diffusers would otherwise pin a second full copy
-            for tensor in _tensors(holder):
-                if not tensor.is_pinned():
-                    tensor.data = tensor.data.pin_memory()
+            for tensor in [*holder.parameters(), *holder.buffers()]:
+                tensor.data = tensor.data.pin_memory()
         apply_group_offloading(holder, onload_device=torch.device(device), offload_type="block_level",
                                num_blocks_per_group=1, use_stream=on_gpu, record_stream=on_gpu)
-        streamed.update(map(id, _tensors(holder)))
-    for tensor in _tensors(module):
+        streamed.update(map(id, [*holder.parameters(), *holder.buffers()]))
+    for tensor in [*module.parameters(), *module.buffers()]:
         if id(tensor) not in streamed:
             tensor.data = tensor.data.to(device)
-    module.stream_device = device  # read by the compile and install steps
-
-
-def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *module.buffers()]
-
-
-def _unstream_(module: torch.nn.Module) -> None:
-    """Takes diffusers' group-offloading hooks off `module` and its children; weights stay in host memory."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER,
-                                                  _LAZY_PREFETCH_GROUP_OFFLOADING)
-
-    for sub in module.modules():  # a run that raised midway (a capture) can leave groups on the GPU
-        hook = sub._diffusers_hook.get_hook(_GROUP_OFFLOADING) if hasattr(sub, "_diffusers_hook") else None
-        if hook is not None:
-            hook.group.offload_()
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    for name in (_LAZY_PREFETCH_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _GROUP_OFFLOADING):
-        registry.remove_hook(name, recurse=True)
-    for sub in module.modules():  # removing a hook leaves the plain bound `forward` in the instance dict
-        forward = sub.__dict__.get("forward")
-        if getattr(forward, "__self__", None) is sub:
-            del sub.__dict__["forward"]
-
-
-@contextlib.contextmanager
-def _onloaded(tensors: list[torch.Tensor], device: str):
-    saved = {t: t.data for t in tensors}
-    for t in tensors:
-        t.data = t.data.to(device)
-    try:
-        yield
-    finally:
-        for t, data in saved.items():
-            t.data = data
 
 
 def plan_memory(pipe, settings: Settings, device: str, capability, report: Report) -> MemoryPlan:
@@ -362,12 +323,10 @@ class ProgramRunner:
 class ShapeDispatch:
     """Replaces a module's `forward`: routes each call to the program for its image-token count."""
 
-    def __init__(self, programs: dict[int, object], runner: ProgramRunner, token_range: tuple[int, int] | None = None,
-                 streamed: torch.nn.Module | None = None):
+    def __init__(self, programs: dict[int, object], runner: ProgramRunner, token_range: tuple[int, int] | None = None):
         self.programs = dict(programs)
         self.runner = runner
         self.token_range = token_range  # set when one dynamic-shape program serves a range of lengths
-        self.streamed = streamed  # a module whose weights move between calls: rebind them on every call
 
     def program_for(self, tokens: int):
         if self.token_range is not None and self.token_range[0] <= tokens <= self.token_range[1]:
@@ -379,11 +338,7 @@ class ShapeDispatch:
         raise UnsupportedShape(f"no compiled program for {tokens} image tokens (compiled: {served})")
 
     def __call__(self, *args, **kwargs):
-        program = self.program_for(kwargs["hidden_states"].shape[1])
-        if self.streamed is None:
-            return self.runner(program, *args, **kwargs)
-        # the block's weights were just copied in: hand the program their current addresses
-        return self.runner(program.model, self.streamed.state_dict(), True, *args, **kwargs)
+        return self.runner(self.program_for(kwargs["hidden_states"].shape[1]), *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,23 +469,17 @@ def compile_programs(pipe, settings: Settings, token_presets: dict[int, Preset],
     served = token_range(settings, list(token_presets))
     if served:  # one program per target, traced at the largest preset
         token_presets = {max(token_presets): token_presets[max(token_presets)]}
-    device = getattr(pipe.transformer, "stream_device", None)  # streamed: export one block, hooks off
     for tokens, preset in token_presets.items():
         for name, module in targets.items():
             args, kwargs = capture_inputs(pipe, module, preset, max_sequence_length)
-            if device:
-                _unstream_(pipe.transformer)
             spec = _dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1])) if served else None
             t0 = time.perf_counter()
-            with _onloaded(_tensors(module), device) if device else contextlib.nullcontext():
-                exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
-                t1 = time.perf_counter()
-                spaces.aoti_compile_and_save(out_dir / f"tokens-{tokens}", exported, inductor_configs=INDUCTOR_CONFIGS,
-                                             submodule=name or None)
+            exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
+            t1 = time.perf_counter()
+            spaces.aoti_compile_and_save(out_dir / f"tokens-{tokens}", exported, inductor_configs=INDUCTOR_CONFIGS,
+                                         submodule=name or None)
             log.info("compiled %s for %d image tokens: export %.1f s, compile %.1f s", name or "transformer",
                      tokens, t1 - t0, time.perf_counter() - t1)
-            if device:
-                _stream_(pipe.transformer, device)
 
 
 def release_export_memory() -> None:
@@ -547,11 +496,7 @@ def release_export_memory() -> None:
 def install_programs_(transformer: torch.nn.Module, program_dirs: dict[int, Path],
                       served: tuple[int, int] | None = None) -> None:
     """Loads every package against the modules' own parameters (no copy) and puts a shape dispatcher on
-    each patched module: the transformer, or every repeated block. A streamed transformer gets its
-    hooks back on top, so each block's weights are copied in before its program runs."""
-    device = getattr(transformer, "stream_device", None)
-    if device:
-        _unstream_(transformer)
+    each patched module: the transformer, or every repeated block."""
     programs: dict[torch.nn.Module, dict[int, object]] = {}
     for tokens, path in sorted(program_dirs.items()):
         spaces.aoti_load_from_package_dir(transformer, path)  # sets `forward` on each target to a lazy program
@@ -560,19 +505,12 @@ def install_programs_(transformer: torch.nn.Module, program_dirs: dict[int, Path
                 programs.setdefault(module, {})[tokens] = module.__dict__.pop("forward")
     runner = ProgramRunner()
     for module, by_tokens in programs.items():
-        module.forward = ShapeDispatch(by_tokens, runner, served, streamed=module if device else None)
-    if device:
-        _stream_(transformer, device)
+        module.forward = ShapeDispatch(by_tokens, runner, served)
 
 
 def restore_eager_(transformer: torch.nn.Module) -> None:
-    device = getattr(transformer, "stream_device", None)
-    if device:
-        _unstream_(transformer)
     for module in transformer.modules():
         module.__dict__.pop("forward", None)
-    if device:
-        _stream_(transformer, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -707,6 +645,11 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
         except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
             report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
             report.quantization = "none"
+    if plan.stream and report.compile == "aoti":
+        # A regional program rebinding each block's weights on every call computed correctly, but the AOTI
+        # runner kept every set it was handed (12.7 GiB after 52 block calls, benchmarks/RESULTS.md).
+        report.compile, report.compile_reason = "none", "off: compiled programs hold on to streamed weights"
+        report.fallback("compile", report.compile_reason)
     multiple = pipe.vae_scale_factor * 2  # pixels per image token along each side
     token_presets: dict[int, Preset] = {}
     for preset in settings.presets:  # presets with the same token count share a program
@@ -722,10 +665,6 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
         return report
 
     report.compile_scope = settings.aot_scope
-    if plan.stream and settings.aot_scope == "model":  # a whole-model program needs every weight at once
-        report.compile_scope = "blocks"
-        report.fallback("AoT scope", "blocks, not model: streamed weights arrive one block at a time")
-        settings = dataclasses.replace(settings, aot_scope="blocks")
     start = time.perf_counter()
     while True:
         try:
