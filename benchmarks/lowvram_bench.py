@@ -6,7 +6,8 @@ It drives the product: `settings.Settings` (LOW_VRAM, QUANTIZATION, VRAM_LIMIT_G
 from configs (flux_bench.py's builders) and kept in host memory; every variant runs on a fresh copy.
 
 A variant is comma-free words joined by ":": `ref` (no low-VRAM mode and no memory cap: the resident bf16
-reference), `int8`, `int4`, `none` or `fp8` (QUANTIZATION), `stream` (LOW_VRAM=stream, else LOW_VRAM=on),
+reference), `int8`, `int4`, `none`, `fp8` or `auto` (QUANTIZATION; `auto` also sets LOW_VRAM=auto, so the
+product chooses the layout), `stream` (LOW_VRAM=stream, else LOW_VRAM=on),
 `aoti` (compile; else eager), `blocks` or `model` (AOT_SCOPE).
 
 For each: median ms of one transformer step (CUDA events), a whole 1024x1024 image with `--steps` steps
@@ -59,14 +60,15 @@ def step_inputs(args, device: str) -> dict:
 
 
 def settings_for(words: set[str], args, cache_dir: str) -> project_settings.Settings:
-    quant = next((w for w in words if w in ("none", "fp8", "int8", "int4")), "none")
+    quant = next((w for w in words if w in ("auto", "none", "fp8", "int8", "int4")), "none")
     env = {"MODEL_ID": "bench/flux-dev-random", "PRESETS": f"square={args.size}x{args.size}", "QUANTIZATION": quant,
            "COMPILE": "aoti" if "aoti" in words else "none", "AOT_CACHE_DIR": cache_dir, "ATTENTION": "sdpa",
            "AOT_SCOPE": "model" if "model" in words else "blocks"}
     if "ref" in words:
         env["LOW_VRAM"] = "off"
     else:
-        env.update(LOW_VRAM="stream" if "stream" in words else "on", VRAM_LIMIT_GIB=str(args.vram_limit))
+        low_vram = "stream" if "stream" in words else "auto" if "auto" in words else "on"
+        env.update(LOW_VRAM=low_vram, VRAM_LIMIT_GIB=str(args.vram_limit))
     return project_settings.Settings.from_env(env, has_cuda=args.device == "cuda")
 
 
