@@ -161,7 +161,7 @@ def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, 
         need = footprint.need(mode, stream)
         if budget is None or need <= budget:
             return MemoryPlan(True, mode, stream, budget and gib(budget), gib(need), why)
-    mode, stream = candidates[-1]
+    mode, stream = min(candidates, key=lambda candidate: footprint.need(*candidate))
     need = footprint.need(mode, stream)
     return MemoryPlan(True, mode, stream, gib(budget), gib(need),
                       f"{why}; nothing fits, so the smallest layout runs ({gib(need)} GiB): it may run out of memory")
@@ -182,17 +182,22 @@ def _weight_bytes(module: torch.nn.Module, mode: str) -> int:
     return total
 
 
-def _block_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
-    return [m for m in module.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+def _block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """The outermost ModuleLists, by name: a model's repeated blocks (not the lists inside a block)."""
+    lists: dict[str, torch.nn.ModuleList] = {}
+    for name, sub in module.named_modules():  # parents come before children
+        if isinstance(sub, torch.nn.ModuleList) and len(sub) and not any(name.startswith(f"{n}.") for n in lists):
+            lists[name] = sub
+    return lists
 
 
 def measure_footprint(pipe, settings: Settings) -> Footprint:
     modes = ("none", "fp8", "int8", "int4")
     transformer = pipe.transformer
-    blocks = [block for blocks in _block_lists(transformer) for block in blocks]
+    blocks = [block for blocks in _block_lists(transformer).values() for block in blocks]
     weights = {mode: _weight_bytes(transformer, mode) for mode in modes}
     texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
-    text_blocks = [block for text in texts for blocks in _block_lists(text) for block in blocks]
+    text_blocks = [block for text in texts for blocks in _block_lists(text).values() for block in blocks]
     multiple = pipe.vae_scale_factor * 2
     return Footprint(
         transformer=weights,
@@ -213,11 +218,7 @@ def _stream_(module: torch.nn.Module, device: str) -> None:
     mode breaks with streams in diffusers 0.42); whatever lies outside those stays resident."""
     from diffusers.hooks import apply_group_offloading
 
-    lists: list[str] = []
-    for name, sub in module.named_modules():  # parents come before children
-        if isinstance(sub, torch.nn.ModuleList) and not any(name.startswith(f"{n}.") for n in lists):
-            lists.append(name)
-    holders = [module.get_submodule(name.rpartition(".")[0]) for name in lists]
+    holders = [module.get_submodule(name.rpartition(".")[0]) for name in _block_lists(module)]
     on_gpu = device == "cuda"
     streamed = set()
     for holder in dict.fromkeys(holders):
