@@ -17,8 +17,8 @@ Examples (run by hand on a GPU machine, never by pytest):
       --inductor coordinate_descent_tuning=false --stack-dump 30
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
-none|fp8|int8, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets, and any other word
-is the attention backend (sdpa or a diffusers backend name).
+none|fp8|int8|int4, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets, and any other word
+is the attention backend (sdpa or a diffusers backend name). Low-VRAM layouts: benchmarks/lowvram_bench.py.
 """
 from __future__ import annotations
 
@@ -282,7 +282,7 @@ def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     for word in filter(None, spec.split(":")):
         if word in ("eager", "aoti"):
             variant["mode"] = word
-        elif word in ("none", "fp8", "int8"):
+        elif word in ("none", "fp8", "int8", "int4"):
             variant["quant"] = word
         elif word in project_settings.AOT_SCOPE_CHOICES:
             variant["scope"] = word

@@ -90,6 +90,7 @@ def test_status_api_says_what_runs(client, compiled_model):
     assert status["resolutions"] == ["64x64", "48x80", "80x48"]
     assert [p["image_tokens"] for p in status["programs"]] == [15, 16]
     assert any(f.startswith("attention: FlashAttention-3 needs a Hopper GPU") for f in status["fallbacks"])
+    assert status["memory"]["low_vram"] is False and status["memory"]["reason"] == "no GPU memory limit to plan for"
     assert status["device"] == "cpu" and status["dtype"] == "float32"
 
 

@@ -84,7 +84,7 @@ def test_bad_presets_are_refused(text, message):
 @pytest.mark.parametrize("env, message", [
     ({"COMPILE": "none", "DYNAMIC_SHAPES": "1"}, "DYNAMIC_SHAPES=1 needs compilation"),
     ({"COMPILE": "none", "QUANTIZATION": "fp8"}, "fp8"),
-    ({"QUANTIZATION": "int4"}, "not one of"),
+    ({"QUANTIZATION": "int2"}, "not one of"),
     ({"COMPILE": "jit"}, "not one of"),
     ({"AOT_SCOPE": "layers"}, "not one of"),
     ({"DYNAMIC_SHAPES": "maybe"}, "DYNAMIC_SHAPES"),
