@@ -1,6 +1,8 @@
 """Ahead-of-time compilation of the pipeline's transformer: one program per preset shape, one copy of weights.
 
 `optimize_pipeline_(pipe, settings, max_sequence_length)` is the whole story:
+  0. put the pipeline on the GPU, or, when it does not fit (low-VRAM mode), quantize the transformer to
+     fit and stream the text encoders (and if need be the transformer's blocks) from host memory;
   1. choose attention backend, quantization and compilation from the hardware (fallbacks are reported);
   2. for each distinct preset shape, record real inputs with `spaces.aoti_capture`;
   3. `torch.export` and compile with AOTInductor through `spaces.aoti_compile_and_save`, either the whole
