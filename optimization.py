@@ -138,8 +138,9 @@ class MemoryPlan:
 
 def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, budget: int | None,
                        fp8_ok: bool) -> MemoryPlan:
-    """Pure: the fastest layout that fits `budget` bytes. Candidates, fastest first (benchmarks/RESULTS.md):
-    resident 8-bit (fp8 where it runs, else int8) or bf16, resident int4, then streamed int8, int4, bf16."""
+    """Pure: the fastest layout that fits `budget` bytes. Candidates, fastest first (benchmarks/RESULTS.md,
+    run 7): resident fp8 (where it runs), bf16, int8 (when fp8 does not run), int4; then streamed int8, int4,
+    bf16. Text encoders are streamed in every low-VRAM layout."""
     gib = lambda n: round(n / GiB, 1)  # noqa: E731
     full = footprint.need(None)
     if requested == "off" or (budget is None and requested == "auto"):
@@ -226,7 +227,8 @@ def _stream_(module: torch.nn.Module, device: str) -> None:
     for holder in dict.fromkeys(holders):
         if on_gpu:  # pin in place, one tensor at a time: diffusers would otherwise pin a second full copy
             for tensor in [*holder.parameters(), *holder.buffers()]:
-                tensor.data = tensor.data.pin_memory()
+                if not tensor.is_pinned():
+                    tensor.data = tensor.data.pin_memory()
         apply_group_offloading(holder, onload_device=torch.device(device), offload_type="block_level",
                                num_blocks_per_group=1, use_stream=on_gpu, record_stream=on_gpu)
         streamed.update(map(id, [*holder.parameters(), *holder.buffers()]))
