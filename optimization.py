@@ -380,8 +380,9 @@ class WeightOnlyLinear(torch.nn.Module):
     int8: one scale per output row, symmetric. int4: groups of GROUP_SIZE inputs, each with a scale and a
     minimum in the model's dtype (the GPTQ layout, rounded to nearest), two codes per byte. Every call
     rebuilds the weight in the activation dtype and runs the dense GEMM; AOTInductor compiles the unpacking
-    with the rest (int8, H100: 149 ms per FLUX step compiled, 243 ms eager). torchao's int4 kernel (tinygemm) is built for a few tokens and ran 11.7x slower than
-    bf16 at FLUX's 4608 (benchmarks/RESULTS.md). Plain tensors, so export, streaming and CPU just work.
+    with the rest (int8, H100: 149 ms per FLUX step compiled, 243 ms eager). torchao's int4 kernel
+    (tinygemm) is built for a few tokens and ran 11.7x slower than bf16 at FLUX's 4096 image tokens
+    (benchmarks/RESULTS.md). Plain tensors, so export, streaming and CPU just work.
     """
 
     def __init__(self, linear: torch.nn.Linear, bits: int):
