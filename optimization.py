@@ -149,8 +149,7 @@ def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, 
     if requested == "auto" and full <= budget:
         return MemoryPlan(budget_gib=gib(budget), need_gib=gib(full),
                           reason=f"fits: {gib(full)} of {gib(budget)} GiB")
-    eight = "fp8" if fp8_ok else "int8"
-    resident = [eight, "none", "int4"] if fp8_ok else ["none", "int8", "int4"]
+    resident = ["fp8", "none", "int4"] if fp8_ok else ["none", "int8", "int4"]
     streamed = ["int8", "int4", "none"]
     if quantization != "auto":
         resident, streamed = [quantization], [quantization] if quantization != "fp8" else []
@@ -239,6 +238,8 @@ def _stream_(module: torch.nn.Module, device: str) -> None:
 
 def plan_memory(pipe, settings: Settings, device: str, capability, report: Report) -> MemoryPlan:
     """Chooses the layout, applies VRAM_LIMIT_GIB as a hard cap on this process, and reports the choice."""
+    if settings.quantization != "auto":  # the same startup error as without low-VRAM mode (fp8 on Ampere)
+        choose_quantization(settings.quantization, device, capability)
     budget = None
     if device == "cuda" and not spaces.config.Config.zero_gpu:  # ZeroGPU's main process sees no real GPU
         total = torch.cuda.get_device_properties(0).total_memory
@@ -689,6 +690,9 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
                 dequantize_(transformer)
                 report.fallback("quantization", "fp8 undone: without compilation it is slower than bf16")
                 report.quantization = "none"
+            elif report.quantization == "fp8":
+                report.fallback("quantization", "fp8 kept without compilation (about 3x slower than bf16): "
+                                                "bf16 weights would not fit")
             return report
     report.compile_seconds = round(time.perf_counter() - start, 1)
     served = token_range(settings, list(token_presets))

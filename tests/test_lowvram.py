@@ -172,3 +172,8 @@ def test_streamed_blocks_are_copied_in_for_every_call(fp32_latents, monkeypatch)
     assert sum(leader is streamed.text_encoder_2.encoder.block[0] for leader in onloads) == 1  # once per prompt
     assert torch.allclose(latents, _latents(resident), rtol=1e-5, atol=1e-6)
     assert rel_err(latents, fp32_latents) < 2e-2
+
+
+def test_low_vram_refuses_fp8_where_it_cannot_run_like_the_normal_path():
+    with pytest.raises(ValueError, match="compute capability >= 8.9"):
+        optimization.optimize_pipeline_(build_tiny_pipeline(), settings_for(low_vram="on", quantization="fp8"), SEQ)
