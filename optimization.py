@@ -292,7 +292,7 @@ class Report:
     compile_scope: str = ""  # "model" | "blocks"
     compile_source: str = ""  # "compiled now" | "loaded from cache"
     compile_seconds: float = 0.0
-    cache_key: str = ""
+    cache_keys: list[str] = field(default_factory=list)  # one cache entry per program
     programs: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # the MemoryPlan: low-VRAM mode or not, and why
     fallbacks: list[str] = field(default_factory=list)
@@ -468,25 +468,20 @@ def _dynamic_spec(kwargs: dict, dim) -> dict:
     return spec
 
 
-def compile_programs(pipe, settings: Settings, token_presets: dict[int, Preset], max_sequence_length: int,
-                     out_dir: Path) -> None:
-    """Captures, exports and AOT-compiles the (already quantized) transformer into `out_dir/tokens-N/`,
-    one package directory per image-token count N, in the layout `spaces.aoti_load_from_package_dir` reads."""
-    targets = compile_targets(pipe.transformer, settings.aot_scope)
-    served = token_range(settings, list(token_presets))
-    if served:  # one program per target, traced at the largest preset
-        token_presets = {max(token_presets): token_presets[max(token_presets)]}
-    for tokens, preset in token_presets.items():
-        for name, module in targets.items():
-            args, kwargs = capture_inputs(pipe, module, preset, max_sequence_length)
-            spec = _dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1])) if served else None
-            t0 = time.perf_counter()
-            exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
-            t1 = time.perf_counter()
-            spaces.aoti_compile_and_save(out_dir / f"tokens-{tokens}", exported, inductor_configs=INDUCTOR_CONFIGS,
-                                         submodule=name or None)
-            log.info("compiled %s for %d image tokens: export %.1f s, compile %.1f s", name or "transformer",
-                     tokens, t1 - t0, time.perf_counter() - t1)
+def compile_program(pipe, settings: Settings, preset: Preset, served: tuple[int, int] | None,
+                    max_sequence_length: int, out_dir: Path) -> None:
+    """Captures, exports and AOT-compiles the (already quantized) transformer at `preset`'s shape into
+    `out_dir`, in the layout `spaces.aoti_load_from_package_dir` reads: one package per compile target.
+    `served`: the image-token range of a dynamic-shape program, None for a static one."""
+    for name, module in compile_targets(pipe.transformer, settings.aot_scope).items():
+        args, kwargs = capture_inputs(pipe, module, preset, max_sequence_length)
+        spec = _dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1])) if served else None
+        t0 = time.perf_counter()
+        exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
+        t1 = time.perf_counter()
+        spaces.aoti_compile_and_save(out_dir, exported, inductor_configs=INDUCTOR_CONFIGS, submodule=name or None)
+        log.info("compiled %s for %s: export %.1f s, compile %.1f s", name or "transformer", preset.name,
+                 t1 - t0, time.perf_counter() - t1)
 
 
 def release_export_memory() -> None:
@@ -503,7 +498,7 @@ def release_export_memory() -> None:
 def install_programs_(transformer: torch.nn.Module, program_dirs: dict[int, Path],
                       served: tuple[int, int] | None = None) -> None:
     """Loads every package against the modules' own parameters (no copy) and puts a shape dispatcher on
-    each patched module: the transformer, or every repeated block."""
+    each patched module: the transformer, or every repeated block. `program_dirs`: image tokens -> package."""
     programs: dict[torch.nn.Module, dict[int, object]] = {}
     for tokens, path in sorted(program_dirs.items()):
         spaces.aoti_load_from_package_dir(transformer, path)  # sets `forward` on each target to a lazy program
@@ -523,8 +518,9 @@ def restore_eager_(transformer: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The compiled-artifact cache.
 # ---------------------------------------------------------------------------------------------------
-def cache_key(pipe, settings: Settings, report: Report, token_counts: list[int], max_sequence_length: int) -> dict:
-    """Everything that makes a compiled program valid. A program built under any other value is not reused."""
+def cache_key(pipe, settings: Settings, report: Report, image_tokens: int | list[int], max_sequence_length: int) -> dict:
+    """Everything that makes one compiled program valid; a program built under any other value is not reused.
+    `image_tokens`: the count a static program serves, or the [min, max] range of a dynamic one."""
     if report.device.startswith("cuda"):
         arch = "sm_%d%d" % torch.cuda.get_device_capability()
     else:
@@ -532,11 +528,14 @@ def cache_key(pipe, settings: Settings, report: Report, token_counts: list[int],
 
         arch = f"cpu-{platform.machine()}-{pick_vec_isa()}"
     config = json.dumps(dict(pipe.transformer.config), sort_keys=True, default=str)
+    # the programs address weights by name and shape: fused projections or another layout are other programs
+    weights = "".join(f"{name}:{tuple(t.shape)}:{t.dtype};" for name, t in pipe.transformer.state_dict().items())
     return {
         "format": CACHE_FORMAT,
         "model_id": settings.model_id,
         "revision": settings.revision or getattr(pipe.transformer.config, "_commit_hash", None) or "",
         "transformer_config": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "weights": hashlib.sha256(weights.encode()).hexdigest()[:16],
         "torch": torch.__version__,
         "arch": arch,
         "dtype": report.dtype,
@@ -544,7 +543,7 @@ def cache_key(pipe, settings: Settings, report: Report, token_counts: list[int],
         "attention": report.attention,
         "scope": settings.aot_scope,
         "dynamic_shapes": settings.dynamic_shapes,
-        "image_tokens": token_counts,
+        "image_tokens": image_tokens,
         "text_tokens": max_sequence_length,
         "inductor": INDUCTOR_CONFIGS,
     }
@@ -562,38 +561,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _program_dirs(root: Path) -> dict[int, Path]:
-    return {int(p.name.removeprefix("tokens-")): p for p in root.glob("tokens-*") if p.is_dir()}
-
-
-def read_cached(root: Path, key: dict) -> dict[int, Path] | None:
-    """The program directories under `root` if its manifest matches `key` and every package is intact."""
+def read_cached(root: Path, key: dict) -> bool:
+    """Whether the entry `root` (one program) is usable: its manifest matches `key`, every package is intact."""
     if not root.exists():
-        return None
+        return False
     try:
         manifest = json.loads((root / "manifest.json").read_text())
         if manifest["key"] != json.loads(json.dumps(key)):
             raise ValueError("it was built for another key")
+        if not manifest["sha256"]:
+            raise ValueError("it holds no program")
         for name, digest in manifest["sha256"].items():
             if _sha256(root / name) != digest:
                 raise ValueError(f"{name} does not match its checksum")
-        dirs = _program_dirs(root)
-        if not dirs or (not key["dynamic_shapes"] and sorted(dirs) != sorted(key["image_tokens"])):
-            raise ValueError("programs are missing")
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         log.warning("AoT cache %s is unusable (%s): recompiling", root, err)
-        return None
-    return dirs
+        return False
+    return True
 
 
-def compile_into_cache(pipe, settings: Settings, token_presets: dict[int, Preset], max_sequence_length: int,
-                       root: Path, key: dict) -> None:
-    """Compiles into a staging directory and renames it into place, so that a crash never leaves a
-    half-written entry that looks complete."""
+def compile_into_cache(pipe, settings: Settings, preset: Preset, served: tuple[int, int] | None,
+                       max_sequence_length: int, root: Path, key: dict) -> None:
+    """Compiles one program into a staging directory and renames it into place, so that a crash never
+    leaves a half-written entry that looks complete."""
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
-        compile_programs(pipe, settings, token_presets, max_sequence_length, staging)
+        compile_program(pipe, settings, preset, served, max_sequence_length, staging)
         release_export_memory()
         packages = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.pt2"))
         manifest = {"key": key, "sha256": {name: _sha256(staging / name) for name in packages}}
@@ -702,8 +696,8 @@ def optimize_pipeline_(pipe, settings: Settings, max_sequence_length: int) -> Re
         report.programs = [{"image_tokens": tokens, "resolutions": [p.name for p in settings.presets
                                                                     if p.image_tokens(multiple) == tokens]}
                            for tokens in sorted(token_presets)]
-    log.info("AoT %s: %s in %.1f s (cache key %s), programs for %s", report.compile_scope, report.compile_source,
-             report.compile_seconds, report.cache_key, [p.name for p in settings.presets])
+    log.info("AoT %s: %s in %.1f s (cache keys %s), programs for %s", report.compile_scope, report.compile_source,
+             report.compile_seconds, report.cache_keys, [p.name for p in settings.presets])
     return report
 
 
@@ -715,26 +709,34 @@ def _use_sdpa(transformer: torch.nn.Module, report: Report, reason: str) -> None
 
 def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: dict[int, Preset],
                      max_sequence_length: int) -> None:
-    """Installs programs for `token_presets`: from the cache (or a pinned Hub repo) if the key matches,
-    else compiled now, on the GPU, into the cache."""
-    key = cache_key(pipe, settings, report, sorted(token_presets), max_sequence_length)
-    report.cache_key = key_digest(key)
-    root = Path(settings.cache_dir) / report.cache_key
-    if settings.hub_repo and not root.exists():
-        fetch_from_hub(settings.hub_repo, report.cache_key, Path(settings.cache_dir), report)
-    program_dirs = read_cached(root, key)
-    if program_dirs is None:
+    """Installs one program per image-token count (or one dynamic-shape program for all): each from its own
+    cache entry (or a pinned Hub repo) if its key matches, else compiled now, on the GPU, into the cache.
+    Adding a preset compiles only the new program."""
+    served = token_range(settings, list(token_presets))
+    if served:  # one program, traced at the largest preset
+        token_presets = {max(token_presets): token_presets[max(token_presets)]}
+    entries = {}  # image tokens -> (key, entry directory)
+    for tokens in sorted(token_presets):
+        key = cache_key(pipe, settings, report, list(served) if served else tokens, max_sequence_length)
+        entries[tokens] = (key, Path(settings.cache_dir) / key_digest(key))
+    report.cache_keys = [root.name for _, root in entries.values()]
+    if settings.hub_repo:
+        for _, root in entries.values():
+            if not root.exists():
+                fetch_from_hub(settings.hub_repo, root.name, Path(settings.cache_dir), report)
+    missing = [tokens for tokens, (key, root) in entries.items() if not read_cached(root, key)]
+    if missing:
         # Only picklable values cross into the ZeroGPU worker; the pipeline is reached through the closure.
         @spaces.GPU(duration=1500)
-        def compile_on_gpu(root: str) -> None:
-            compile_into_cache(pipe, settings, token_presets, max_sequence_length, Path(root), key)
+        def compile_on_gpu(missing: list[int]) -> None:
+            for tokens in missing:
+                key, root = entries[tokens]
+                compile_into_cache(pipe, settings, token_presets[tokens], served, max_sequence_length, root, key)
 
-        compile_on_gpu(str(root))
-        program_dirs = _program_dirs(root)
-        report.compile_source = "compiled now"
-    else:
-        report.compile_source = "loaded from cache"
-    install_programs_(pipe.transformer, program_dirs, token_range(settings, list(token_presets)))
+        compile_on_gpu(missing)
+    report.compile_source = ("loaded from cache" if not missing else "compiled now" if len(missing) == len(entries)
+                             else f"{len(missing)} of {len(entries)} programs compiled now, the rest loaded from cache")
+    install_programs_(pipe.transformer, {tokens: root for tokens, (_, root) in entries.items()}, served)
     warm_up(pipe, token_presets, max_sequence_length)
 
 
@@ -769,9 +771,10 @@ def main(argv: list[str] | None = None) -> int:
     if report.compile != "aoti":
         print(json.dumps({"error": report.fallbacks}), flush=True)
         return 1
-    entry = Path(args.out) / report.cache_key
-    print(json.dumps({"key": report.cache_key, "source": report.compile_source, "dir": str(entry),
-                      "files": sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file())}))
+    out = Path(args.out)
+    print(json.dumps({"keys": report.cache_keys, "source": report.compile_source, "dir": str(out),
+                      "files": sorted(p.relative_to(out).as_posix() for key in report.cache_keys
+                                      for p in (out / key).rglob("*") if p.is_file())}))
     return 0
 
 

@@ -17,7 +17,8 @@ Examples (run by hand on a GPU machine, never by pytest):
       --inductor coordinate_descent_tuning=false --stack-dump 30
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
-none|fp8|int8|int4, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets, and any other word
+none|fp8|int8|int4, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets,
+"pertensor" = fp8 scales per tensor, "autotune" = Inductor's max_autotune_gemm, and any other word
 is the attention backend (sdpa or a diffusers backend name). Low-VRAM layouts: benchmarks/lowvram_bench.py.
 """
 from __future__ import annotations
@@ -278,9 +279,13 @@ def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: st
 # ---------------------------------------------------------------------------------------------------
 def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     variant = dict(spec=spec, mode=defaults.mode, quant=defaults.quant, attention=defaults.attention,
-                   scope=defaults.scope, presets=None)
+                   scope=defaults.scope, presets=None, pertensor=False, autotune=False)
     for word in filter(None, spec.split(":")):
-        if word in ("eager", "aoti"):
+        if word == "pertensor":  # fp8 with one scale per tensor instead of the project's per row
+            variant["pertensor"] = True
+        elif word == "autotune":  # Inductor benchmarks Triton GEMM templates against cuBLAS at compile time
+            variant["autotune"] = True
+        elif word in ("eager", "aoti"):
             variant["mode"] = word
         elif word in ("none", "fp8", "int8", "int4"):
             variant["quant"] = word
@@ -335,13 +340,14 @@ def override_fp8_granularity(granularity: str) -> None:
         return
     project_quantize_ = optimization.quantize_
 
-    def quantize_(transformer, mode):
+    def quantize_(transformer, mode, *args, **kwargs):
         if mode != "fp8":
-            return project_quantize_(transformer, mode)
+            return project_quantize_(transformer, mode, *args, **kwargs)
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor
         from torchao.quantization import quantize_ as torchao_quantize_
 
-        torchao_quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()))
+        torchao_quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(),
+                                                                                 set_inductor_config=False))
 
     optimization.quantize_ = quantize_
     log.warning("fp8 granularity overridden for this run: PerTensor instead of the project's PerRow")
@@ -365,6 +371,20 @@ def emit(kind: str, **fields) -> None:
 
 
 def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl) -> dict:
+    project = (optimization.quantize_, optimization.INDUCTOR_CONFIGS)
+    if variant["pertensor"]:  # the cache key cannot see the granularity: a cache of its own
+        override_fp8_granularity("tensor")
+        cache_dir = os.path.join(cache_dir, "pertensor")
+    if variant["autotune"]:
+        optimization.INDUCTOR_CONFIGS = {**optimization.INDUCTOR_CONFIGS, "max_autotune_gemm": True,
+                                         "max_autotune_gemm_backends": "ATEN,TRITON"}
+    try:
+        return _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl)
+    finally:
+        optimization.quantize_, optimization.INDUCTOR_CONFIGS = project
+
+
+def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl) -> dict:
     settings = settings_for(variant, presets, args, cache_dir)
     handler = CompileLog()
     logging.getLogger("aot-space").addHandler(handler)
@@ -387,6 +407,8 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
     result["fell_back"] = ((variant["mode"] == "aoti" and report.compile != "aoti") or report.quantization != variant["quant"]
                            or (variant["attention"] != "auto" and report.attention != variant["attention"]))
     emit("setup", **result)
+    if device == "cuda":  # from here on: serving only (compiling's transient memory is over)
+        torch.cuda.reset_peak_memory_stats()
     if args.first_image:  # cold or warm start, as a user sees it: optimize, then one whole image
         preset = settings.presets[0]
         sync(device)
@@ -416,7 +438,8 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
         result["pipeline"] = time_pipeline(pipe, settings.presets[0], args.steps, msl, device, args.pipeline_repeats)
         emit("pipeline", variant=variant["spec"], preset=settings.presets[0].name, **result["pipeline"])
     if device == "cuda":
-        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+        result["peak_gib_serving"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+        result["peak_gib"] = max(result["peak_gib_serving"], result["peak_gib_setup"])
     return result
 
 
