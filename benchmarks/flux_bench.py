@@ -210,6 +210,33 @@ def time_step(transformer, args, kwargs, device: str, warmup: int, iters: int):
     return statistics.median(s.ms() for s in spans), out.clone()
 
 
+def kernel_breakdown(transformer, step_args, step_kwargs, repeats: int = 3) -> dict:
+    """GPU time of one step by kernel family, from the profiler (CUDA activity only, so nothing is counted
+    twice): where a step's time goes. Milliseconds per step, plus the largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            transformer(*step_args, **step_kwargs)
+        torch.cuda.synchronize()
+    families: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        if event.device_time_total <= 0:
+            continue
+        name, ms = event.key, event.device_time_total / 1000 / repeats
+        low = name.lower()
+        family = ("attention" if any(k in low for k in ("sdpa", "fmha", "flash", "attention")) else
+                  "gemm" if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "cublas")) else
+                  "triton" if low.startswith("triton") else "other")
+        families[family] = families.get(family, 0.0) + ms
+        kernels.append((ms, event.count // repeats, name[:100]))
+    kernels.sort(reverse=True)
+    return dict(ms_per_step={k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+                total_ms=round(sum(families.values()), 2),
+                top=[dict(ms=round(ms, 2), calls=calls, kernel=name) for ms, calls, name in kernels[:12]])
+
+
 def final_latents(pipe, preset, steps: int, max_sequence_length: int) -> torch.Tensor:
     """The latents after `steps` denoising steps from a fixed seed: how far quantization drifts over a run."""
     with torch.inference_mode():
@@ -429,6 +456,9 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
         result["steps"][preset.name] = dict(ms=round(ms, 2), speedup=round(ref_ms / ms, 3), rel_err=round(err, 5),
                                             finite=bool(torch.isfinite(out).all()))
         emit("step", variant=variant["spec"], preset=preset.name, **result["steps"][preset.name])
+        if args.profile and preset == settings.presets[0] and device == "cuda":
+            result["profile"] = kernel_breakdown(pipe.transformer, step_args, step_kwargs)
+            emit("profile", variant=variant["spec"], preset=preset.name, **result["profile"])
     if args.latent_error:
         latents = final_latents(pipe, settings.presets[0], args.steps, msl)
         reference_latents = args.reference_latents
@@ -500,6 +530,7 @@ def main() -> None:
     parser.add_argument("--pipeline-repeats", type=int, default=2)
     parser.add_argument("--latent-error", action="store_true",
                         help="relative L2 of the final latents after --steps steps, each variant vs eager bf16")
+    parser.add_argument("--profile", action="store_true", help="GPU time per step by kernel family (profiler)")
     parser.add_argument("--first-image", action="store_true", help="time one whole image right after optimizing")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -562,6 +593,9 @@ def main() -> None:
         eager["steps"][preset.name] = dict(ms=round(ms, 2), finite=bool(torch.isfinite(out).all()),
                                            rms=float(out.float().pow(2).mean().sqrt()))
         emit("step", variant="eager", preset=preset.name, **eager["steps"][preset.name])
+        if args.profile and preset == presets[0] and device == "cuda":
+            eager["profile"] = kernel_breakdown(pipe.transformer, *inputs[preset.name])
+            emit("profile", variant="eager", preset=preset.name, **eager["profile"])
     prompt_embeds = inputs[presets[0].name][1]["encoder_hidden_states"]
     eager["text_embeddings_finite"] = bool(torch.isfinite(prompt_embeds).all())
     if args.latent_error:
