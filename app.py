@@ -131,8 +131,9 @@ def _status_markdown() -> str:
         lines.append("**Demo model:** this is the built-in tiny FLUX-shaped pipeline with *random weights*, so "
                      "images are noise. Set the `MODEL_ID` variable (e.g. `black-forest-labs/FLUX.1-dev`) to serve "
                      "a real model.")
+    keys = ", ".join(f"`{key}`" for key in REPORT.cache_keys)
     compiled = (f"AoT compiled ({REPORT.compile_scope}), {REPORT.compile_source} in {REPORT.compile_seconds} s "
-                f"(key `{REPORT.cache_key}`), {len(REPORT.programs)} program set(s) for {', '.join(PRESETS)}"
+                f"(cache keys {keys}), {len(REPORT.programs)} program(s) for {', '.join(PRESETS)}"
                 if REPORT.compile == "aoti" else "eager (not compiled)")
     lines.append(f"`{SETTINGS.model_id}` on {REPORT.device}, {REPORT.dtype}, attention `{REPORT.attention}`, "
                  f"quantization `{REPORT.quantization}`, {compiled}.")

@@ -290,7 +290,7 @@ class Report:
     compile: str = "none"
     compile_reason: str = ""
     compile_scope: str = ""  # "model" | "blocks"
-    compile_source: str = ""  # "compiled now" | "loaded from cache"
+    compile_source: str = ""  # "compiled now" | "loaded from cache" | "1 of 2 programs compiled now, ..."
     compile_seconds: float = 0.0
     cache_keys: list[str] = field(default_factory=list)  # one cache entry per program
     programs: list[dict] = field(default_factory=list)
@@ -598,16 +598,16 @@ def compile_into_cache(pipe, settings: Settings, preset: Preset, served: tuple[i
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch_from_hub(hub_repo: str, digest: str, cache_dir: Path, report: Report) -> None:
-    """Downloads the packages for this key from a revision-pinned Hub repo into the cache. They are
-    checked against their manifest like any cached entry; anything missing or wrong means compiling."""
+def fetch_from_hub(hub_repo: str, digests: list[str], cache_dir: Path, report: Report) -> None:
+    """Downloads the cache entries `digests` from a revision-pinned Hub repo into the cache, in one call.
+    They are checked against their manifests like any cached entry; anything missing or wrong is compiled."""
     from huggingface_hub import snapshot_download
 
     repo, _, revision = hub_repo.partition("@")
     try:
-        snapshot_download(repo, revision=revision, allow_patterns=[f"{digest}/*"], local_dir=cache_dir)
+        snapshot_download(repo, revision=revision, allow_patterns=[f"{d}/*" for d in digests], local_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - offline, missing or gated: compile instead, and say so
-        report.fallback("compiled packages", f"could not fetch {digest} from {hub_repo} "
+        report.fallback("compiled packages", f"could not fetch {', '.join(digests)} from {hub_repo} "
                                              f"({type(err).__name__}: {err}); compiling here")
 
 
@@ -713,17 +713,15 @@ def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: di
     cache entry (or a pinned Hub repo) if its key matches, else compiled now, on the GPU, into the cache.
     Adding a preset compiles only the new program."""
     served = token_range(settings, list(token_presets))
-    if served:  # one program, traced at the largest preset
-        token_presets = {max(token_presets): token_presets[max(token_presets)]}
+    traced = {max(token_presets): token_presets[max(token_presets)]} if served else token_presets  # one, or one each
     entries = {}  # image tokens -> (key, entry directory)
-    for tokens in sorted(token_presets):
+    for tokens in sorted(traced):
         key = cache_key(pipe, settings, report, list(served) if served else tokens, max_sequence_length)
         entries[tokens] = (key, Path(settings.cache_dir) / key_digest(key))
     report.cache_keys = [root.name for _, root in entries.values()]
-    if settings.hub_repo:
-        for _, root in entries.values():
-            if not root.exists():
-                fetch_from_hub(settings.hub_repo, root.name, Path(settings.cache_dir), report)
+    absent = [root.name for _, root in entries.values() if not root.exists()]
+    if settings.hub_repo and absent:
+        fetch_from_hub(settings.hub_repo, absent, Path(settings.cache_dir), report)
     missing = [tokens for tokens, (key, root) in entries.items() if not read_cached(root, key)]
     if missing:
         # Only picklable values cross into the ZeroGPU worker; the pipeline is reached through the closure.
@@ -731,7 +729,7 @@ def compile_or_load_(pipe, settings: Settings, report: Report, token_presets: di
         def compile_on_gpu(missing: list[int]) -> None:
             for tokens in missing:
                 key, root = entries[tokens]
-                compile_into_cache(pipe, settings, token_presets[tokens], served, max_sequence_length, root, key)
+                compile_into_cache(pipe, settings, traced[tokens], served, max_sequence_length, root, key)
 
         compile_on_gpu(missing)
     report.compile_source = ("loaded from cache" if not missing else "compiled now" if len(missing) == len(entries)

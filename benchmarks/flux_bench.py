@@ -226,9 +226,11 @@ def kernel_breakdown(transformer, step_args, step_kwargs, repeats: int = 3) -> d
             continue
         name, ms = event.key, event.device_time_total / 1000 / repeats
         low = name.lower()
-        family = ("attention" if any(k in low for k in ("sdpa", "fmha", "flash", "attention")) else
+        # Triton first: Inductor names its fused kernels after the ops nearby ("..._cudnn_attention_...")
+        family = ("triton" if low.startswith("triton") else
+                  "attention" if any(k in low for k in ("sdpa", "fmha", "flash", "attention")) else
                   "gemm" if any(k in low for k in ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "cublas")) else
-                  "triton" if low.startswith("triton") else "other")
+                  "other")
         families[family] = families.get(family, 0.0) + ms
         kernels.append((ms, event.count // repeats, name[:100]))
     kernels.sort(reverse=True)

@@ -86,7 +86,7 @@ def test_status_api_says_what_runs(client, compiled_model):
     assert status["model_id"] == "tiny" and status["demo_model"] is True
     assert status["compile"] == "aoti" and status["compile_scope"] == "model"
     assert status["compile_source"] == "loaded from cache"
-    assert status["cache_key"] == compiled_model.report.cache_key
+    assert status["cache_keys"] == compiled_model.report.cache_keys
     assert status["resolutions"] == ["64x64", "48x80", "80x48"]
     assert [p["image_tokens"] for p in status["programs"]] == [15, 16]
     assert any(f.startswith("attention: FlashAttention-3 needs a Hopper GPU") for f in status["fallbacks"])

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,15 @@ SMALL = {"presets": "small=32x32", "aot_scope": "model"}  # one 4-token program:
 
 @pytest.fixture
 def compile_calls(monkeypatch):
-    """Counts real compiles (the function still runs)."""
+    """Records the preset of every real compile, one per program (the function still runs)."""
     calls = []
-    real = optimization.compile_programs
-    monkeypatch.setattr(optimization, "compile_programs", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+    real = optimization.compile_program
+
+    def compile_program(pipe, settings, preset, served, max_sequence_length, out_dir):
+        calls.append(preset)
+        return real(pipe, settings, preset, served, max_sequence_length, out_dir)
+
+    monkeypatch.setattr(optimization, "compile_program", compile_program)
     return calls
 
 
@@ -33,15 +39,36 @@ def test_second_start_loads_from_cache_and_compiles_nothing(compiled_model, comp
     again = Compiled()
     assert compile_calls == []
     assert again.report.compile_source == "loaded from cache"
-    assert again.report.cache_key == compiled_model.report.cache_key
+    assert again.report.cache_keys == compiled_model.report.cache_keys
     for name, out in again.run().items():
         assert rel_err(out, again.eager[name]) <= 1e-4, name
+
+
+def test_adding_a_preset_compiles_only_its_program(tmp_path, compile_calls):
+    first = Compiled(aot_cache_dir=tmp_path, **SMALL)  # 32x32: 4 image tokens
+    assert [p.name for p in compile_calls] == ["32x32"] and first.report.compile_source == "compiled now"
+    [small_key] = first.report.cache_keys
+    small_package = tmp_path / small_key / "root" / "package.pt2"
+    written = small_package.stat().st_mtime_ns
+    compile_calls.clear()
+
+    both = Compiled(aot_cache_dir=tmp_path, presets="small=32x32,wide=48x32", aot_scope="model")  # + 6 tokens
+    assert [p.name for p in compile_calls] == ["48x32"]  # only the new program
+    assert both.report.compile_source == "1 of 2 programs compiled now, the rest loaded from cache"
+    assert both.report.cache_keys[0] == small_key and len(set(both.report.cache_keys)) == 2
+    assert small_package.stat().st_mtime_ns == written  # the cached program was loaded, not rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(both.report.cache_keys)  # no staging left
+    assert [p["image_tokens"] for p in both.report.programs] == [4, 6]
+    outputs = both.run()
+    assert set(outputs) == {"32x32", "48x32"}
+    for name, out in outputs.items():
+        assert rel_err(out, both.eager[name]) <= 1e-4, name
 
 
 def test_changed_key_recompiles_and_int8_stays_close(int8_small, compiled_blocks):
     report = int8_small.report
     assert (report.compile_source, report.quantization) == ("compiled now", "int8")
-    assert report.cache_key != compiled_blocks.report.cache_key
+    assert len(report.cache_keys) == 1 and not set(report.cache_keys) & set(compiled_blocks.report.cache_keys)
     compiled = int8_small.run()["32x32"]
     assert rel_err(compiled, int8_small.eager["32x32"]) <= 2e-2  # int8 weights vs fp32 eager
     optimization.restore_eager_(int8_small.pipe.transformer)  # the same int8 weights, run eagerly
@@ -50,8 +77,9 @@ def test_changed_key_recompiles_and_int8_stays_close(int8_small, compiled_blocks
 
 
 def _copy_entry(source: Compiled, tmp_path):
-    entry = tmp_path / source.report.cache_key
-    shutil.copytree(source.settings.cache_dir + "/" + source.report.cache_key, entry)
+    [digest] = source.report.cache_keys  # one preset: one program, one entry
+    entry = tmp_path / digest
+    shutil.copytree(source.settings.cache_dir + "/" + digest, entry)
     return entry
 
 
@@ -68,11 +96,12 @@ def test_truncated_artifact_is_rebuilt_with_a_warning(int8_small, tmp_path, capl
     assert rel_err(rebuilt.run()["32x32"], reference) <= 1e-4
 
 
-@pytest.mark.parametrize("damage", ["other key", "no manifest", "missing program", "bad json"])
+@pytest.mark.parametrize("damage", ["other key", "no manifest", "missing program", "no program", "bad json"])
 def test_damaged_entries_are_not_trusted(int8_small, tmp_path, caplog, damage):
     entry = _copy_entry(int8_small, tmp_path)
-    key = optimization.cache_key(int8_small.pipe, int8_small.settings, int8_small.report, [4], 512)
-    assert optimization.read_cached(entry, key) is not None  # intact: usable
+    key = optimization.cache_key(int8_small.pipe, int8_small.settings, int8_small.report, 4, 512)
+    assert optimization.key_digest(key) == entry.name
+    assert optimization.read_cached(entry, key) is True  # intact: usable
     manifest = entry / "manifest.json"
     if damage == "other key":
         data = json.loads(manifest.read_text())
@@ -81,19 +110,34 @@ def test_damaged_entries_are_not_trusted(int8_small, tmp_path, caplog, damage):
     elif damage == "no manifest":
         manifest.unlink()
     elif damage == "missing program":
-        shutil.rmtree(entry / "tokens-4")
+        shutil.rmtree(entry / "root")
+    elif damage == "no program":
+        data = json.loads(manifest.read_text())
+        data["sha256"] = {}
+        manifest.write_text(json.dumps(data))
     else:
         manifest.write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="aot-space"):
-        assert optimization.read_cached(entry, key) is None
+        assert optimization.read_cached(entry, key) is False
     assert "unusable" in caplog.text
+    if damage == "no program":
+        assert "it holds no program" in caplog.text
 
 
 def test_cache_key_names_everything_that_makes_a_program_valid(compiled_blocks):
-    key = optimization.cache_key(compiled_blocks.pipe, compiled_blocks.settings, compiled_blocks.report, [15, 16], 512)
+    pipe, settings, report = compiled_blocks.pipe, compiled_blocks.settings, compiled_blocks.report
+    key = optimization.cache_key(pipe, settings, report, 16, 512)
     assert {"model_id", "revision", "torch", "arch", "quantization", "attention", "image_tokens", "text_tokens",
-            "scope", "dtype"} <= set(key)
-    assert key["torch"] == torch.__version__ and key["arch"].startswith("cpu-")
+            "scope", "dtype", "weights"} <= set(key)
+    assert key["torch"] == torch.__version__ and key["arch"].startswith("cpu-") and key["image_tokens"] == 16
+    # one entry per program, in image-token order; the programs' keys differ only in their token count
+    assert report.cache_keys == [optimization.key_digest(optimization.cache_key(pipe, settings, report, tokens, 512))
+                                 for tokens in (15, 16)]
+    for digest in report.cache_keys:  # blocks scope: <digest>/manifest.json and submodules/<name>/package.pt2
+        entry = Path(settings.cache_dir) / digest
+        files = sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file())
+        assert files[0] == "manifest.json" and files[1:]
+        assert all(f.startswith("submodules/") and f.endswith("/package.pt2") for f in files[1:]), files
 
 
 def test_precompile_command_fills_a_cache_the_app_then_loads(tmp_path):
@@ -103,10 +147,12 @@ def test_precompile_command_fills_a_cache_the_app_then_loads(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["source"] == "compiled now"
-    assert "manifest.json" in printed["files"] and "tokens-4/root/package.pt2" in printed["files"]
+    [digest] = printed["keys"]
+    assert printed["dir"] == str(tmp_path)
+    assert printed["files"] == [f"{digest}/manifest.json", f"{digest}/root/package.pt2"]
     loaded = Compiled(aot_cache_dir=tmp_path, **SMALL)
     assert loaded.report.compile_source == "loaded from cache"
-    assert loaded.report.cache_key == printed["key"]
+    assert loaded.report.cache_keys == printed["keys"]
 
 
 def test_hub_repo_must_be_pinned_and_an_unreachable_one_falls_back_to_compiling(tmp_path):

@@ -75,7 +75,7 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
     [fallback] = [f for f in app.REPORT.fallbacks if f.startswith("attention: _flash_3_hub unavailable")]
     assert "offline" in fallback and fallback.endswith("; using sdpa")
     # with SDPA the programs are the ones the session compiled: same key, loaded from the cache
-    assert app.REPORT.compile == "aoti" and app.REPORT.cache_key == compiled_model.report.cache_key
+    assert app.REPORT.compile == "aoti" and app.REPORT.cache_keys == compiled_model.report.cache_keys
     banner = app._status_markdown()
     assert "attention `sdpa`" in banner and "fallback: attention: _flash_3_hub unavailable" in banner
     assert _status_api(app)["attention"] == "sdpa"

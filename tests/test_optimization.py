@@ -136,17 +136,17 @@ def test_compiled_program_is_loaded_once_not_per_request(compiled_model, monkeyp
 
 def test_compile_failure_with_a_custom_attention_backend_retries_with_sdpa(monkeypatch, tmp_path):
     """A hub attention kernel that torch.export cannot trace must cost the attention choice, not the compile."""
-    real = optimization.compile_programs
+    real = optimization.compile_program
     backends = []
 
-    def compile_programs(pipe, *args, **kwargs):
+    def compile_program(pipe, settings, preset, served, max_sequence_length, out_dir):
         backend = pipe.transformer.transformer_blocks[0].attn.processor._attention_backend
         backends.append(backend)
         if backend != "native":
             raise RuntimeError(f"cannot export attention backend {backend}")
-        return real(pipe, *args, **kwargs)
+        return real(pipe, settings, preset, served, max_sequence_length, out_dir)
 
-    monkeypatch.setattr(optimization, "compile_programs", compile_programs)
+    monkeypatch.setattr(optimization, "compile_program", compile_program)
     compiled = Compiled(attention="_native_math", presets="small=32x32", aot_scope="model", aot_cache_dir=tmp_path)
     assert backends == ["_native_math", "native"]
     assert (compiled.report.compile, compiled.report.attention) == ("aoti", "sdpa")
