@@ -1,7 +1,8 @@
-"""Kernel microbenchmarks at FLUX.1-dev's shapes on one GPU: which attention kernel is fastest, and what
-the fp8 and bf16 GEMMs of one step cost. Needs only torch (plus flash-attn-4 for its row, if installed).
+"""Kernel microbenchmarks at FLUX.1-dev's shapes on one GPU: which attention kernel is fastest, what the
+fp8 and bf16 GEMMs of one step cost, and whether channels_last speeds up the VAE decode. Needs torch
+(diffusers for the VAE part, flash-attn-4 for its row, if installed).
 
-  python benchmarks/attention_probe.py
+  python benchmarks/kernel_probe.py
 
 Attention: 24 heads of 128, 4608 tokens (1024x1024: 4096 image + 512 text) and 4464 (832x1216), run 57
 times per step (19 double + 38 single blocks). Each backend is timed with CUDA events, median of 20.
@@ -87,7 +88,37 @@ def main() -> None:
         results[f"gemm {name}"] = dict(bf16_ms=round(bf16, 4), fp8_ms=round(fp8, 4))
         print(f"{name:26s} bf16 {bf16:6.3f} ms ({tflop / bf16:4.0f} TFLOP/s)   fp8 row-wise {fp8:6.3f} ms "
               f"({tflop / fp8:4.0f} TFLOP/s)")
+    results["vae"] = vae_decode()
     print(json.dumps(results))
+
+
+def vae_decode() -> dict:
+    """FLUX's VAE (from its config, random weights) decoding one 1024x1024 image, bf16: default memory
+    format vs channels_last, eager."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:
+        print("VAE part skipped:", err)
+        return {}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                            use_quant_conv=False, use_post_quant_conv=False)
+    vae = vae.to(torch.bfloat16).eval()
+    latents = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    with torch.inference_mode():
+        reference = vae.decode(latents).sample.float()
+        out["default_ms"] = median_ms(lambda: vae.decode(latents), iters=10)
+        vae.to(memory_format=torch.channels_last)
+        last = vae.decode(latents.to(memory_format=torch.channels_last)).sample.float()
+        out["channels_last_ms"] = median_ms(lambda: vae.decode(latents.to(memory_format=torch.channels_last)), iters=10)
+    out["rel_err"] = float((last - reference).norm() / reference.norm())
+    print(f"VAE decode 1024x1024 bf16: default {out['default_ms']:.1f} ms, channels_last {out['channels_last_ms']:.1f} ms, "
+          f"rel err {out['rel_err']:.1e}")
+    return out
 
 
 if __name__ == "__main__":
