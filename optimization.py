@@ -753,7 +753,7 @@ def warm_up(pipe, token_presets: dict[int, Preset], max_sequence_length: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     """`python optimization.py --precompile --out DIR`: compile ahead of deploy with the current settings
-    (MODEL_ID, PRESETS, QUANTIZATION, ...) on the target GPU, print the key and where the files went."""
+    (MODEL_ID, PRESETS, QUANTIZATION, ...) on the target GPU, print the cache keys and where the files went."""
     import argparse
 
     from settings import load_pipeline, model_defaults
