@@ -198,13 +198,14 @@ def measure_footprint(pipe, settings: Settings) -> Footprint:
     transformer = pipe.transformer
     blocks = [block for blocks in _block_lists(transformer).values() for block in blocks]
     weights = {mode: _weight_bytes(transformer, mode) for mode in modes}
+    block_bytes = {mode: [_weight_bytes(b, mode) for b in blocks] for mode in modes}
     texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
     text_blocks = [block for text in texts for blocks in _block_lists(text).values() for block in blocks]
     multiple = pipe.vae_scale_factor * 2
     return Footprint(
         transformer=weights,
-        largest_block={mode: max((_weight_bytes(b, mode) for b in blocks), default=0) for mode in modes},
-        outside_blocks={mode: weights[mode] - sum(_weight_bytes(b, mode) for b in blocks) for mode in modes},
+        largest_block={mode: max(block_bytes[mode], default=0) for mode in modes},
+        outside_blocks={mode: weights[mode] - sum(block_bytes[mode]) for mode in modes},
         text_encoders=sum(_weight_bytes(t, "none") for t in texts),
         largest_text_block=max((_weight_bytes(b, "none") for b in text_blocks), default=0),
         other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()

@@ -363,10 +363,8 @@ class CompileLog(logging.Handler):
             self.programs += 1
 
 
-def override_fp8_granularity(granularity: str) -> None:
-    """Swaps the granularity of the project's fp8 quantization (PerRow) for this benchmark run only."""
-    if granularity == "row":
-        return
+def use_fp8_per_tensor() -> None:
+    """Swaps the granularity of the project's fp8 quantization (PerRow) for PerTensor, until restored."""
     project_quantize_ = optimization.quantize_
 
     def quantize_(transformer, mode, *args, **kwargs):
@@ -379,7 +377,7 @@ def override_fp8_granularity(granularity: str) -> None:
                                                                                  set_inductor_config=False))
 
     optimization.quantize_ = quantize_
-    log.warning("fp8 granularity overridden for this run: PerTensor instead of the project's PerRow")
+    log.warning("fp8 granularity overridden for this variant: PerTensor instead of the project's PerRow")
 
 
 def parse_value(text: str):
@@ -402,7 +400,7 @@ def emit(kind: str, **fields) -> None:
 def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl) -> dict:
     project = (optimization.quantize_, optimization.INDUCTOR_CONFIGS)
     if variant["pertensor"]:  # the cache key cannot see the granularity: a cache of its own
-        override_fp8_granularity("tensor")
+        use_fp8_per_tensor()
         cache_dir = os.path.join(cache_dir, "pertensor")
     if variant["autotune"]:
         optimization.INDUCTOR_CONFIGS = {**optimization.INDUCTOR_CONFIGS, "max_autotune_gemm": True,
@@ -563,7 +561,6 @@ def main() -> None:
             key, _, value = item.partition("=")
             configs[key.strip()] = parse_value(value.strip())
         optimization.INDUCTOR_CONFIGS = configs
-    override_fp8_granularity(args.fp8_granularity)
     log.info("inductor configs: %s", optimization.INDUCTOR_CONFIGS)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                cxx=os.environ.get("CXX"), inductor=optimization.INDUCTOR_CONFIGS, fp8_granularity=args.fp8_granularity)
@@ -576,6 +573,8 @@ def main() -> None:
 
     presets = project_settings.parse_presets(args.presets)
     variants = [parse_variant(s, args) for s in (args.variants.split(",") if args.variants else [""])]
+    for variant in variants:  # --fp8-granularity tensor: as if every variant said "pertensor"
+        variant["pertensor"] = variant["pertensor"] or args.fp8_granularity == "tensor"
     variants = [v for v in variants if (v["mode"], v["quant"], v["attention"]) != ("eager", "none", "sdpa")]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flux-bench-aot-")
 

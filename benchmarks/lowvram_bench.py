@@ -26,7 +26,6 @@ import dataclasses
 import gc
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -90,17 +89,8 @@ def measure(spec: str, master, args, cache_dir: str, reference: dict) -> dict:
     if device == "cuda":
         result["peak_prepare_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         torch.cuda.reset_peak_memory_stats()
-    inputs = step_inputs(args, device)
-    with torch.inference_mode():
-        for _ in range(args.warmup):
-            out = pipe.transformer(**inputs)[0]
-        times = []
-        for _ in range(args.iters):
-            span = flux_bench.Span(device).start()
-            out = pipe.transformer(**inputs)[0]
-            times.append(span.stop())
-            flux_bench.sync(device)
-    result["ms_per_step"] = round(statistics.median(s.ms() for s in times), 1)
+    ms, out = flux_bench.time_step(pipe.transformer, (), step_inputs(args, device), device, args.warmup, args.iters)
+    result["ms_per_step"] = round(ms, 1)
     out = out.float().cpu()
     preset = settings.presets[0]
     latents = flux_bench.final_latents(pipe, preset, args.steps, 512).cpu()
