@@ -12,17 +12,22 @@ import spaces
 import torch
 
 import optimization
-from settings import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings, load_pipeline, model_defaults
+from aot import parallel
+from aot.families import Guidance
+from aot.model import load_model
+from settings import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("aot-space")
 
 SETTINGS = Settings.from_env()
-pipe = load_pipeline(SETTINGS)
-DEFAULTS = model_defaults(pipe)
-REPORT = optimization.optimize_pipeline_(pipe, SETTINGS, DEFAULTS.max_sequence_length)
-PRESETS = {preset.name: preset for preset in SETTINGS.presets}
-CLIP_TOKENS = pipe.tokenizer.model_max_length
+RANKS = parallel.join(SETTINGS)  # None in one process; one of several ranks: README "Several GPUs"
+MODEL = load_model(SETTINGS)
+DEFAULTS, FAMILY = MODEL.defaults, MODEL.family
+REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS)
+PRESETS = {preset.name: preset for preset in MODEL.presets}
+USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
+TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
 SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes generated at least once by this process
 EXAMPLES = [
     "a tiny astronaut hatching from an egg on the moon",
@@ -35,9 +40,10 @@ def status() -> dict:
     """What runs and how it was optimized, fallbacks included. Also served as the /status API."""
     return {
         "model_id": SETTINGS.model_id,
-        "demo_model": SETTINGS.is_tiny,
+        "demo_model": SETTINGS.tiny_family is not None,
         "resolutions": list(PRESETS),
-        "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance},
+        "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "guidance_kind": DEFAULTS.guidance_kind.value,
+                     "max_prompt_tokens": DEFAULTS.max_sequence_length},
         **REPORT.as_dict(),
     }
 
@@ -51,21 +57,33 @@ def _integer(value, name: str, low: int, high: int) -> int:
     return int(value)
 
 
-def validate(prompt, resolution, seed, randomize_seed, steps, guidance):
+def _text(value, name: str, notes: list[str], required: bool) -> str:
+    if value is not None and not isinstance(value, str):
+        raise gr.Error(f"{name} must be text; got {type(value).__name__}.")
+    if required and (value is None or not value.strip()):
+        raise gr.Error("Prompt is empty: describe the image you want.")
+    value = (value or "").strip()
+    if len(value) > MAX_PROMPT_CHARS:
+        raise gr.Error(f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    if not value:
+        return value
+    tokens = FAMILY.prompt_tokens(MODEL.pipe, value)
+    if tokens > DEFAULTS.max_sequence_length:
+        raise gr.Error(f"{name} is {tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. Shorten it.")
+    note = FAMILY.prompt_note and FAMILY.prompt_note(MODEL.pipe, value)
+    if note:
+        notes.append(note)
+    return value
+
+
+def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt=""):
     """Checks every request before it can reach the GPU. Returns the cleaned values and notes for the user."""
     notes = []
-    if prompt is not None and not isinstance(prompt, str):
-        raise gr.Error(f"Prompt must be text; got {type(prompt).__name__}.")
-    if prompt is None or not prompt.strip():
-        raise gr.Error("Prompt is empty: describe the image you want.")
-    prompt = prompt.strip()
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise gr.Error(f"Prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    t5_tokens = len(pipe.tokenizer_2(prompt).input_ids)
-    if t5_tokens > DEFAULTS.max_sequence_length:
-        raise gr.Error(f"Prompt is {t5_tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. Shorten it.")
-    if len(pipe.tokenizer(prompt).input_ids) > CLIP_TOKENS:
-        notes.append(f"the CLIP encoder reads only the first {CLIP_TOKENS} tokens; T5 reads the whole prompt")
+    prompt = _text(prompt, "Prompt", notes, required=True)
+    if negative_prompt and not TAKES_NEGATIVE_PROMPT:
+        raise gr.Error(f"This {FAMILY.name} model has no classifier-free guidance, so it takes no negative prompt; "
+                       "leave it empty.")
+    negative_prompt = _text(negative_prompt, "Negative prompt", notes, required=False)
     if not isinstance(resolution, str) or resolution not in PRESETS:
         raise gr.Error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(PRESETS)}.")
     if not isinstance(randomize_seed, bool):
@@ -77,35 +95,44 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance):
         raise gr.Error(f"Guidance must be a finite number from 0 to {MAX_GUIDANCE}; got {guidance!r}.")
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise gr.Error(f"Guidance must be from 0 to {MAX_GUIDANCE}; got {guidance}.")
-    if guidance and not DEFAULTS.uses_guidance:
-        notes.append("this model ignores guidance")
-    return prompt, PRESETS[resolution], seed, steps, float(guidance), notes
+    if guidance != DEFAULTS.guidance and not USES_GUIDANCE:
+        raise gr.Error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; use {DEFAULTS.guidance}.")
+    return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, notes
 
 
-def gpu_seconds(prompt, width, height, seed, steps, guidance) -> int:
+def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="") -> int:
     """ZeroGPU quota to reserve, from H100 step times at 1024x1024 (benchmarks/RESULTS.md: 98-109 ms
     compiled, 183 ms eager) with a 1.4-1.5x margin, plus 10 s for text encoders, VAE and first loads."""
     step_seconds = 0.25 if REPORT.compile == "none" else 0.15
     # On ZeroGPU a shape's program is loaded in the GPU worker on its first request (61 s measured on an H100)
     first_load = 90 if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES else 0
-    return int(10 + first_load + steps * step_seconds * width * height / 1024**2)
+    calls = 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
+    return int(10 + first_load + calls * steps * step_seconds * width * height / 1024**2)
+
+
+def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = ""):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator).images[0]
 
 
 @spaces.GPU(duration=gpu_seconds)
-def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float):
+def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float,
+                 negative_prompt: str = ""):
     """The only GPU work per request. Arguments and result are plain, picklable CPU values."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return pipe(prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                generator=generator, max_sequence_length=DEFAULTS.max_sequence_length).images[0]
+    if RANKS:  # every rank runs the same call, in lockstep
+        return RANKS.run(_image, prompt=prompt, width=width, height=height, seed=seed, steps=steps,
+                         guidance=guidance, negative_prompt=negative_prompt)
+    return _image(prompt, width, height, seed, steps, guidance, negative_prompt)
 
 
-def generate(prompt, resolution=SETTINGS.presets[0].name, seed=0, randomize_seed=False, steps=DEFAULTS.steps,
-             guidance=DEFAULTS.guidance, progress=gr.Progress(track_tqdm=True)):
+def generate(prompt, resolution=MODEL.presets[0].name, seed=0, randomize_seed=False, steps=DEFAULTS.steps,
+             guidance=DEFAULTS.guidance, negative_prompt="", progress=gr.Progress(track_tqdm=True)):
     """Text to image. Returns the image, the seed used and a one-line summary with the time taken."""
-    prompt, preset, seed, steps, guidance, notes = validate(prompt, resolution, seed, randomize_seed, steps, guidance)
+    prompt, preset, seed, steps, guidance, negative_prompt, notes = validate(
+        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt)
     start = time.perf_counter()
     try:
-        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance)
+        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt)
     except optimization.UnsupportedShape as err:
         raise gr.Error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
     except torch.OutOfMemoryError:
@@ -127,16 +154,18 @@ def generate(prompt, resolution=SETTINGS.presets[0].name, seed=0, randomize_seed
 
 def _status_markdown() -> str:
     lines = []
-    if SETTINGS.is_tiny:
-        lines.append("**Demo model:** this is the built-in tiny FLUX-shaped pipeline with *random weights*, so "
+    if SETTINGS.tiny_family:
+        lines.append(f"**Demo model:** this is the built-in tiny {FAMILY.name} pipeline with *random weights*, so "
                      "images are noise. Set the `MODEL_ID` variable (e.g. `black-forest-labs/FLUX.1-dev`) to serve "
                      "a real model.")
     keys = ", ".join(f"`{key}`" for key in REPORT.cache_keys)
     compiled = (f"AoT compiled ({REPORT.compile_scope}), {REPORT.compile_source} in {REPORT.compile_seconds} s "
                 f"(cache keys {keys}), {len(REPORT.programs)} program(s) for {', '.join(PRESETS)}"
                 if REPORT.compile == "aoti" else "eager (not compiled)")
-    lines.append(f"`{SETTINGS.model_id}` on {REPORT.device}, {REPORT.dtype}, attention `{REPORT.attention}`, "
+    lines.append(f"`{SETTINGS.model_id}` ({FAMILY.name} family) on {REPORT.device}, {REPORT.dtype}, attention `{REPORT.attention}`, "
                  f"quantization `{REPORT.quantization}`, {compiled}.")
+    if REPORT.parallel:
+        lines.append(parallel.describe(REPORT.parallel))
     text = "\n\n".join(lines)
     if REPORT.fallbacks:
         text += "\n\n" + "\n".join(f"- fallback: {item}" for item in REPORT.fallbacks)
@@ -150,21 +179,23 @@ with gr.Blocks(title="AoT diffusion Space") as demo:
         prompt = gr.Textbox(label="Prompt", placeholder="Describe an image and press Enter", scale=4,
                             max_lines=4, elem_id="prompt")
         run_button = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-    resolution = gr.Radio(choices=[(p.choice, p.name) for p in SETTINGS.presets], value=SETTINGS.presets[0].name,
+    resolution = gr.Radio(choices=[(p.choice, p.name) for p in MODEL.presets], value=MODEL.presets[0].name,
                           label="Resolution", elem_id="resolution")
+    negative_prompt = gr.Textbox(label="Negative prompt", placeholder="What the image should not show", max_lines=2,
+                                 visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=0, elem_id="seed")
         randomize_seed = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
         steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps)
         guidance = gr.Slider(label="Guidance", minimum=0, maximum=MAX_GUIDANCE, step=0.1, value=DEFAULTS.guidance,
-                             interactive=DEFAULTS.uses_guidance)
+                             interactive=USES_GUIDANCE)
     image = gr.Image(label="Image", type="pil", format="png", elem_id="image")
     with gr.Row():
         used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
         details = gr.Textbox(label="Details", interactive=False, elem_id="details")
     with gr.Accordion("Optimization status", open=False):
         status_json = gr.JSON(label="status")
-    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance]
+    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt]
     outputs = [image, used_seed, details]
     gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], outputs=outputs, fn=generate,
                 cache_examples=True, cache_mode="lazy")
@@ -176,4 +207,6 @@ with gr.Blocks(title="AoT diffusion Space") as demo:
 demo.queue(default_concurrency_limit=1, max_size=SETTINGS.queue_size)
 
 if __name__ == "__main__":
+    if RANKS and RANKS.rank:
+        RANKS.follow(_image)  # ranks 1..N-1 serve no page
     demo.launch()

@@ -1,22 +1,16 @@
-"""Every knob of the template, read from the environment once, plus the model it names.
+"""Every knob of the template, read from the environment once.
 
-One source of truth: the resolution presets, the allowed input ranges and the compile options all live
-here, and `app.py` and `optimization.py` only read them.
+One source of truth: the allowed input ranges and the compile options live here; a model family's own facts
+(its native resolutions, steps, guidance, text length) live in `aot/families/`.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
-log = logging.getLogger("aot-space")
-
 DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-dev"
-TINY_MODEL_ID = "tiny"  # the built-in random-weight pipeline: no download, no GPU
-
-# Presets are (label, width, height). FLUX wants sides that are multiples of 16 (8x VAE, 2x2 patches).
-REAL_PRESETS = "square=1024x1024,portrait=832x1216,landscape=1216x832"
-TINY_PRESETS = "square=64x64,portrait=48x80,landscape=80x48"
+TINY_PREFIX = "tiny-"  # MODEL_ID=tiny-<family>: that family's built-in random-weight pipeline, offline
+TINY_MODEL_ID = "tiny"  # an alias of tiny-flux
 
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 50
@@ -34,6 +28,8 @@ AOT_SCOPE_CHOICES = ("blocks", "model")
 # "auto" picks by hardware; "sdpa" is torch's own scaled_dot_product_attention; the rest are diffusers
 # attention backends (`AttentionBackendName`) such as "_native_cudnn", "_native_flash" or "_flash_3_hub".
 ATTENTION_DEFAULT = "auto"
+# Several ranks (WORLD_SIZE > 1, README "Several GPUs"): "auto" splits each image across them with Ulysses.
+PARALLEL_CHOICES = ("auto", "off", "ulysses", "ring")
 
 
 @dataclass(frozen=True)
@@ -50,12 +46,8 @@ class Preset:
     def choice(self) -> str:
         return f"{self.label} {self.name}"
 
-    def image_tokens(self, multiple: int = 16) -> int:
-        """Sequence length the transformer sees: one token per `multiple` x `multiple` pixel patch."""
-        return (self.width // multiple) * (self.height // multiple)
 
-
-def parse_presets(text: str, multiple: int = 16) -> tuple[Preset, ...]:
+def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
     presets = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         label, _, size = item.rpartition("=")
@@ -104,11 +96,21 @@ def _positive(env, name: str) -> float | None:
     return number
 
 
+def _whole(env, name: str, default: int) -> int:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: give a whole number, e.g. {default}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     model_id: str
     revision: str | None
-    presets: tuple[Preset, ...]
+    presets_text: str  # PRESETS as given; "" = the family's native resolutions
     quantization: str
     attention: str
     compile: str
@@ -120,10 +122,15 @@ class Settings:
     low_vram: str = "auto"
     vram_limit_gib: float | None = None  # plan for (and cap the process at) this much GPU memory
     demo_model_reason: str = ""  # why the tiny model runs, when it does
+    parallel: str = "auto"  # context parallelism over the launch's ranks (aot/parallel.py)
+    world_size: int = 1  # ranks in this launch: WORLD_SIZE, set by the launcher
 
     @property
-    def is_tiny(self) -> bool:
-        return self.model_id == TINY_MODEL_ID
+    def tiny_family(self) -> str | None:
+        """The family whose tiny pipeline runs, or None for a real model."""
+        if self.model_id == TINY_MODEL_ID:
+            return "flux"
+        return self.model_id.removeprefix(TINY_PREFIX) if self.model_id.startswith(TINY_PREFIX) else None
 
     @classmethod
     def from_env(cls, env=None, has_cuda: bool | None = None) -> Settings:
@@ -140,14 +147,15 @@ class Settings:
             else:
                 model_id = TINY_MODEL_ID
                 reason = "no MODEL_ID, no GPU and not on a Space"
-        elif model_id == TINY_MODEL_ID:
-            reason = "MODEL_ID=tiny"
-        tiny = model_id == TINY_MODEL_ID
-        presets = parse_presets(env.get("PRESETS", "") or (TINY_PRESETS if tiny else REAL_PRESETS))
+        elif model_id == TINY_MODEL_ID or model_id.startswith(TINY_PREFIX):
+            reason = f"MODEL_ID={model_id}"
+        presets_text = env.get("PRESETS", "").strip()
+        if presets_text:
+            parse_presets(presets_text, multiple=1)  # the form now; the family's multiple once it is known
         settings = cls(
             model_id=model_id,
             revision=env.get("MODEL_REVISION", "").strip() or None,
-            presets=presets,
+            presets_text=presets_text,
             quantization=_choice(env, "QUANTIZATION", QUANTIZATION_CHOICES, "auto"),
             attention=env.get("ATTENTION", "").strip() or ATTENTION_DEFAULT,
             compile=_choice(env, "COMPILE", COMPILE_CHOICES, "auto"),
@@ -155,10 +163,12 @@ class Settings:
             dynamic_shapes=_flag(env, "DYNAMIC_SHAPES", False),
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
             hub_repo=env.get("AOT_HUB_REPO", "").strip() or None,
-            queue_size=int(env.get("QUEUE_SIZE", "32")),
+            queue_size=_whole(env, "QUEUE_SIZE", 32),
             low_vram=_choice(env, "LOW_VRAM", LOW_VRAM_CHOICES, "auto"),
             vram_limit_gib=_positive(env, "VRAM_LIMIT_GIB"),
             demo_model_reason=reason,
+            parallel=_choice(env, "PARALLEL", PARALLEL_CHOICES, "auto"),
+            world_size=_whole(env, "WORLD_SIZE", 1),
         )
         settings.check()
         return settings
@@ -182,104 +192,7 @@ class Settings:
                              "group offloading); use QUANTIZATION=int8, int4, none or auto")
         if self.queue_size < 1:
             raise ValueError("QUEUE_SIZE must be at least 1")
+        if self.world_size != 1 or self.parallel in ("ulysses", "ring"):
+            from aot.parallel import check_settings
 
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What a pipeline needs per model family, derived from its config rather than its name."""
-
-    steps: int
-    guidance: float
-    uses_guidance: bool
-    max_sequence_length: int
-
-
-def model_defaults(pipe) -> ModelDefaults:
-    # FLUX.1-dev embeds guidance; FLUX.1-schnell does not, is timestep-distilled for 1-4 steps and its
-    # text encoder was trained with 256 tokens.
-    if pipe.transformer.config.guidance_embeds:
-        return ModelDefaults(steps=28, guidance=3.5, uses_guidance=True, max_sequence_length=512)
-    return ModelDefaults(steps=4, guidance=0.0, uses_guidance=False, max_sequence_length=256)
-
-
-def build_tiny_pipeline():
-    """A FLUX-architecture pipeline small enough for a laptop CPU, built from configs with random weights.
-
-    It exercises the same code paths as FLUX.1-dev (two text encoders, the MMDiT transformer with its
-    double and single blocks, the VAE) and needs no network. Its images are noise: it is a demo of the
-    machinery, not of a model.
-    """
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
-
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
-    # Byte-level vocabularies: every character of any prompt maps to some token, so no input is "unknown".
-    chars = [chr(c) for c in range(32, 127)]
-    clip_vocab = {tok: i for i, tok in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), *((c, -2.0) for c in chars)]
-    tokenizer_2 = T5TokenizerFast(vocab=t5_vocab, extra_ids=0, model_max_length=512)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_vocab), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035, sample_size=32,
-    )
-    torch.random.set_rng_state(generator_state)
-    for module in (transformer, text_encoder, text_encoder_2, vae):
-        module.eval()  # built from configs, they start in training mode: dropout would make outputs random
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )
-    return pipe.to(torch.float32)
-
-
-def _first_line(err: Exception) -> str:
-    # diffusers' loading errors point at "the stacktrace above", which this message replaces
-    return (str(err).splitlines() or [""])[0].replace(" Please check out the root cause in the stacktrace above.", "")
-
-
-def load_pipeline(settings: Settings):
-    """The pipeline named by MODEL_ID, in host memory: bf16 when a GPU will run it, fp32 on CPU.
-    `optimization.optimize_pipeline_` puts it on the GPU (whole, or in low-VRAM mode part by part).
-    A model that cannot be loaded stops startup with one message that says which setting to change."""
-    import torch
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if settings.is_tiny:
-        log.warning("Running the built-in tiny random-weight FLUX pipeline (%s). Its images are noise. "
-                    "Set MODEL_ID (e.g. %s) to serve a real model.", settings.demo_model_reason, DEFAULT_MODEL_ID)
-        return build_tiny_pipeline()
-    from diffusers import DiffusionPipeline
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(settings.model_id, revision=settings.revision, dtype=dtype)
-    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        raise SystemExit(
-            f"Could not load MODEL_ID={settings.model_id!r}"
-            f"{f' at MODEL_REVISION={settings.revision!r}' if settings.revision else ''}: "
-            f"{type(err).__name__}: {_first_line(err)}\n"
-            "Check the id and revision, that the hub is reachable and that HF_TOKEN can read the repo (gated "
-            "models such as FLUX.1-dev need their license accepted), or unset MODEL_ID to run the tiny demo."
-        ) from None
-    if not hasattr(pipe, "transformer"):
-        raise SystemExit(f"MODEL_ID={settings.model_id!r} loaded a {type(pipe).__name__} without a transformer; "
-                         "this template serves FLUX-style (transformer) pipelines.")
-    return pipe
+            check_settings(self)

@@ -1,13 +1,17 @@
 """GPU benchmark of the template's AoT path on a FLUX.1-dev-sized pipeline with random weights.
 
-It drives the project's own code: `settings.Settings` and `optimization.optimize_pipeline_`, so what it
-measures is what the Space serves. The pipeline is built from configs (FLUX.1-dev transformer, CLIP-L,
-T5-XXL encoder, FLUX's VAE) with random bf16 weights straight on the GPU; no hub, no download. The speed
-of a step does not depend on the weight values.
+It drives the product: `settings.Settings`, `aot.model.load_model` and `optimization.optimize_pipeline_`, so
+what it measures is what the Space serves. The pipeline is FLUX's own tiny one (`aot.model.build_tiny`) with
+FLUX.1-dev-sized models built from configs in place of its tiny ones (transformer, CLIP-L, T5-XXL encoder,
+FLUX's VAE), random bf16 weights straight on the GPU; no hub, no download. The speed of a step does not
+depend on the weight values.
 
 Every run first measures the eager bf16 reference in the same process, then each variant side by side:
-median ms/step (CUDA events, after warm-up), compile seconds, peak GPU memory, and the relative L2 error of
-one step against eager on the very same inputs. It prints a table and ends with one JSON line.
+median ms/step (CUDA events, after warm-up), setup and compile seconds, peak GPU memory, and the relative L2
+error of one step against eager on the very same inputs. "compile s" is the product's
+`report.compile_seconds`: capture, export, compile (or cache load), install and warm-up of all programs,
+with no split between export and compile (optimization.py logs that split per program, at INFO).
+It prints one RESULT line per measurement, a table, and ends with one JSON document on the last line.
 
 Examples (run by hand on a GPU machine, never by pytest):
   python benchmarks/flux_bench.py --mode eager
@@ -15,6 +19,7 @@ Examples (run by hand on a GPU machine, never by pytest):
   python benchmarks/flux_bench.py --variants aoti:none,aoti:fp8,aoti:fp8:p1 --full-pipeline
   python benchmarks/flux_bench.py --blocks 1,2 --t5-layers 2 --variants aoti:fp8 --fp8-granularity tensor \
       --inductor coordinate_descent_tuning=false --stack-dump 30
+  CUDA_VISIBLE_DEVICES= python benchmarks/flux_bench.py --tiny --device cpu --variants eager:int8   # smoke test
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
 none|fp8|int8|int4, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets,
@@ -28,7 +33,7 @@ import sys
 
 # Inductor reads CXX when it is imported, so this comes before `import torch`. The GPU image's
 # /opt/gcc/bin/g++ links libstdc++ statically into AOTI wrappers, which then segfault when loaded.
-import time  # noqa: E402
+import time
 
 PROCESS_START = time.perf_counter()
 CXX_FIX = None
@@ -56,10 +61,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimization  # noqa: E402
-import settings as project_settings  # noqa: E402
+from aot import quantize  # noqa: E402
+from aot.families import family_named  # noqa: E402
+from aot.model import build_tiny, load_model  # noqa: E402
+from aot.programs import capture_inputs, release_export_memory  # noqa: E402
+from settings import AOT_SCOPE_CHOICES, Settings  # noqa: E402
 
 log = logging.getLogger("flux-bench")
 GiB = 2**30
+FLUX = family_named("flux")
+MODEL_ID = "bench/flux-dev-random"  # a real-model id for Settings: the pipeline is passed in, never loaded
+PROMPT = "a watercolor fox in a snowy birch forest"
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -72,17 +84,6 @@ FLUX_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), lay
                 sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611)
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096)
-# A CPU smoke test of this script: same code paths, laptop-sized.
-TINY = dict(
-    transformer=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                     axes_dims_rope=(4, 6, 6)),
-    clip=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-              max_position_embeddings=77, projection_dim=32),
-    t5=dict(d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"),
-    vae=dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-             sample_size=32, shift_factor=0.0609, scaling_factor=1.5035),
-)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,14 +109,13 @@ def on_device(device: str, dtype: torch.dtype, make):
     return module.to(device=device, dtype=dtype).eval()  # eval: dropout off
 
 
-def build_transformer(args, device: str, dtype: torch.dtype):
+def build_transformer(config: dict, device: str, dtype: torch.dtype):
+    """FLUX's transformer from `config`, seeded: every rebuild has the same weights, so every variant computes
+    the same function."""
     from diffusers import FluxTransformer2DModel
 
-    config = dict(TINY["transformer"] if args.tiny else FLUX_DEV)
-    if args.blocks:
-        config["num_layers"], config["num_single_layers"] = args.blocks
-    torch.manual_seed(0)  # the same weights every time it is rebuilt, so every variant computes the same function
-    transformer = on_device(device, dtype, lambda: FluxTransformer2DModel(**config))
+    torch.manual_seed(0)
+    transformer = on_device(device, dtype, lambda: FluxTransformer2DModel.from_config(config))
     shrink_linears_(transformer)
     return transformer
 
@@ -124,44 +124,42 @@ def weights_fingerprint(module: torch.nn.Module) -> float:
     return float(sum(p.detach().float().sum() for p in list(module.parameters())[:8]))
 
 
-def build_pipeline(args, device: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+def build_pipeline(device: str, dtype: torch.dtype, tiny: bool = False, blocks: tuple[int, int] | tuple = (),
+                   clip_layers: int = 0, t5_layers: int = 0):
+    """FLUX's tiny pipeline with FLUX.1-dev-sized CLIP-L, T5-XXL, VAE and transformer in place of its models
+    (`tiny`: its own models, except the transformer, rebuilt by `build_transformer` like every variant's).
+    Its byte-level tokenizers give ids far below the real embedding tables (49408 and 32128 rows), so any
+    prompt is valid for the real-size encoders too. Returns the pipeline and its parameters (B) by model."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     t0 = time.perf_counter()
-    # Byte-level vocabularies (as settings.build_tiny_pipeline): any prompt tokenizes, far below the
-    # models' embedding tables (49408 and 32128 rows), so every id is valid.
-    chars = [chr(c) for c in range(32, 127)]
-    clip_vocab = {tok: i for i, tok in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0), *((c, -2.0) for c in chars)]
-    tokenizer_2 = T5TokenizerFast(vocab=t5_vocab, extra_ids=0, model_max_length=512)
-
-    clip = dict(TINY["clip"] if args.tiny else CLIP_L)
-    t5 = dict(TINY["t5"] if args.tiny else T5_XXL)
-    if args.clip_layers:
-        clip["num_hidden_layers"] = args.clip_layers
-    if args.t5_layers:
-        t5["num_layers"] = args.t5_layers
-    torch.manual_seed(1)
-    text_encoder = on_device(device, dtype, lambda: CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408 if not args.tiny else len(clip_vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1, **clip)))
-    text_encoder_2 = on_device(device, dtype, lambda: T5EncoderModel(T5Config(
-        vocab_size=32128 if not args.tiny else len(t5_vocab), decoder_start_token_id=0, pad_token_id=0,
-        eos_token_id=1, **t5)))
-    vae_config = dict(TINY["vae"] if args.tiny else FLUX_VAE)
-    vae = on_device(device, dtype, lambda: AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False, **vae_config))
-    for module in (text_encoder, text_encoder_2):
-        shrink_linears_(module)
-    transformer = build_transformer(args, device, dtype)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=text_encoder,
-                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                        transformer=transformer)
+    pipe = build_tiny(FLUX)
+    config = dict(pipe.transformer.config) if tiny else dict(FLUX_DEV)
+    if blocks:
+        config["num_layers"], config["num_single_layers"] = blocks
+    if not tiny:
+        clip = {**CLIP_L, **({"num_hidden_layers": clip_layers} if clip_layers else {})}
+        t5 = {**T5_XXL, **({"num_layers": t5_layers} if t5_layers else {})}
+        torch.manual_seed(1)
+        pipe.register_modules(
+            text_encoder=on_device(device, dtype, lambda: CLIPTextModel(CLIPTextConfig(
+                vocab_size=49408, bos_token_id=0, eos_token_id=1, pad_token_id=1, **clip))),
+            text_encoder_2=on_device(device, dtype, lambda: T5EncoderModel(T5Config(
+                vocab_size=32128, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **t5))),
+            vae=on_device(device, dtype, lambda: AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                **FLUX_VAE)))
+        for module in (pipe.text_encoder, pipe.text_encoder_2):
+            shrink_linears_(module)
+    pipe.register_modules(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                          transformer=build_transformer(config, device, dtype))
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
     sync(device)
-    params = {name: sum(p.numel() for p in m.parameters()) / 1e9
-              for name, m in (("transformer", transformer), ("clip", text_encoder), ("t5", text_encoder_2), ("vae", vae))}
+    params = {name: sum(p.numel() for p in m.parameters()) / 1e9 for name, m in (
+        ("transformer", pipe.transformer), ("clip", pipe.text_encoder), ("t5", pipe.text_encoder_2), ("vae", pipe.vae))}
     log.info("built pipeline in %.1f s, parameters (B): %s", time.perf_counter() - t0,
              {k: round(v, 3) for k, v in params.items()})
     return pipe, params
@@ -239,17 +237,17 @@ def kernel_breakdown(transformer, step_args, step_kwargs, repeats: int = 3) -> d
                 top=[dict(ms=round(ms, 2), calls=calls, kernel=name) for ms, calls, name in kernels[:12]])
 
 
-def final_latents(pipe, preset, steps: int, max_sequence_length: int) -> torch.Tensor:
+def final_latents(model, preset, steps: int) -> torch.Tensor:
     """The latents after `steps` denoising steps from a fixed seed: how far quantization drifts over a run."""
     with torch.inference_mode():
-        return pipe("a watercolor fox in a snowy birch forest", width=preset.width, height=preset.height,
-                    num_inference_steps=steps, guidance_scale=3.5, max_sequence_length=max_sequence_length,
-                    generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images.float()
+        return model(PROMPT, preset, steps, generator=torch.Generator("cpu").manual_seed(7),
+                     output_type="latent").images.float()
 
 
-def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: str, repeats: int) -> dict:
+def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
     """One whole image as the app makes it (text encoders, `steps` steps, VAE decode, PIL), and where the
     time goes. Seconds, median over `repeats` after one short warm-up."""
+    pipe = model.pipe
     spans: dict[str, list[Span]] = {"text_encoders": [], "transformer": [], "vae_decode": []}
     open_spans: list[Span] = []
     handles = []
@@ -264,8 +262,8 @@ def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: st
     def post(*_):
         open_spans.pop().stop()
 
-    for key, module in (("text_encoders", pipe.text_encoder), ("text_encoders", pipe.text_encoder_2),
-                        ("transformer", pipe.transformer)):
+    texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+    for key, module in [*(("text_encoders", m) for m in texts), ("transformer", pipe.transformer)]:
         handles += [module.register_forward_pre_hook(pre(key)), module.register_forward_hook(post)]
     decode = pipe.vae.decode
 
@@ -285,9 +283,7 @@ def time_pipeline(pipe, preset, steps: int, max_sequence_length: int, device: st
             sync(device)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                pipe("a watercolor fox in a snowy birch forest", width=preset.width, height=preset.height,
-                     num_inference_steps=steps if run else 1, guidance_scale=3.5, max_sequence_length=max_sequence_length,
-                     generator=torch.Generator("cpu").manual_seed(run))
+                model(PROMPT, preset, steps if run else 1, generator=torch.Generator("cpu").manual_seed(run))
             sync(device)
             if run:  # run 0 warms the text encoders and the VAE
                 part = {key: sum(s.ms() for s in spans[key]) / 1000 for key in spans}
@@ -318,7 +314,7 @@ def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
             variant["mode"] = word
         elif word in ("none", "fp8", "int8", "int4"):
             variant["quant"] = word
-        elif word in project_settings.AOT_SCOPE_CHOICES:
+        elif word in AOT_SCOPE_CHOICES:
             variant["scope"] = word
         elif re.fullmatch(r"p\d+", word):
             variant["presets"] = int(word[1:])
@@ -327,10 +323,10 @@ def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     return variant
 
 
-def settings_for(variant: dict, presets, args, cache_dir: str):
+def settings_for(variant: dict, presets, args, cache_dir: str) -> Settings:
     chosen = presets[: variant["presets"]] if variant["presets"] else presets
     env = {
-        "MODEL_ID": "bench/flux-dev-random",
+        "MODEL_ID": MODEL_ID,
         "PRESETS": ",".join(f"{p.label}={p.name}" for p in chosen),
         "QUANTIZATION": variant["quant"],
         "ATTENTION": variant["attention"],
@@ -340,41 +336,26 @@ def settings_for(variant: dict, presets, args, cache_dir: str):
     }
     if variant["scope"]:
         env["AOT_SCOPE"] = variant["scope"]
-    settings = project_settings.Settings.from_env(env, has_cuda=True)
+    settings = Settings.from_env(env, has_cuda=True)
     if variant["mode"] == "eager":
         # The app refuses fp8 without compiling; the benchmark still measures it, so it skips that check.
         settings = dataclasses.replace(settings, compile="none")
     return settings
 
 
-class CompileLog(logging.Handler):
-    """Collects the export / compile seconds that optimization.py logs for each program it builds."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.export_s = self.compile_s = 0.0
-        self.programs = 0
-
-    def emit(self, record):
-        match = re.search(r"export ([\d.]+) s, compile ([\d.]+) s", record.getMessage())
-        if match:
-            self.export_s += float(match[1])
-            self.compile_s += float(match[2])
-            self.programs += 1
-
-
 def use_fp8_per_tensor() -> None:
-    """Swaps the granularity of the project's fp8 quantization (PerRow) for PerTensor, until restored."""
-    project_quantize_ = optimization.quantize_
+    """Swaps the granularity of the product's fp8 (PerRow) for PerTensor until restored: `optimize_pipeline_`
+    quantizes a resident transformer through `optimization.quantize_` (low-VRAM layouts go through aot.memory)."""
 
-    def quantize_(transformer, mode, *args, **kwargs):
+    def quantize_(transformer, mode, *args, keep_bf16=(), **kwargs):
         if mode != "fp8":
-            return project_quantize_(transformer, mode, *args, **kwargs)
+            return quantize.quantize_(transformer, mode, *args, keep_bf16=keep_bf16, **kwargs)
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor
         from torchao.quantization import quantize_ as torchao_quantize_
 
-        torchao_quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(),
-                                                                                 set_inductor_config=False))
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), set_inductor_config=False)
+        torchao_quantize_(transformer, config, filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
+                          and not any(part in name for part in keep_bf16))
 
     optimization.quantize_ = quantize_
     log.warning("fp8 granularity overridden for this variant: PerTensor instead of the project's PerRow")
@@ -397,7 +378,8 @@ def emit(kind: str, **fields) -> None:
     print(f"RESULT {json.dumps({'kind': kind, **fields})}", flush=True)
 
 
-def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl) -> dict:
+def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference) -> dict:
+    # optimize_pipeline_ reads both names from the optimization module when it runs: patching them takes effect
     project = (optimization.quantize_, optimization.INDUCTOR_CONFIGS)
     if variant["pertensor"]:  # the cache key cannot see the granularity: a cache of its own
         use_fp8_per_tensor()
@@ -406,27 +388,23 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
         optimization.INDUCTOR_CONFIGS = {**optimization.INDUCTOR_CONFIGS, "max_autotune_gemm": True,
                                          "max_autotune_gemm_backends": "ATEN,TRITON"}
     try:
-        return _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl)
+        return _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference)
     finally:
         optimization.quantize_, optimization.INDUCTOR_CONFIGS = project
 
 
-def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl) -> dict:
+def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference) -> dict:
     settings = settings_for(variant, presets, args, cache_dir)
-    handler = CompileLog()
-    logging.getLogger("aot-space").addHandler(handler)
+    model = load_model(settings, pipe)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    try:
-        report = optimization.optimize_pipeline_(pipe, settings, msl)
-    finally:
-        logging.getLogger("aot-space").removeHandler(handler)
+    report = optimization.optimize_pipeline_(model, settings)
     setup_s = time.perf_counter() - t0
     result = dict(variant=variant["spec"], mode=variant["mode"], quant=report.quantization, attention=report.attention,
-                  compile=report.compile, scope=report.compile_scope, presets_compiled=[p.name for p in settings.presets],
-                  setup_s=round(setup_s, 1), export_s=round(handler.export_s, 1), compile_s=round(handler.compile_s, 1),
-                  programs_built=handler.programs, compile_source=report.compile_source, fallbacks=report.fallbacks,
+                  compile=report.compile, scope=report.compile_scope, presets_compiled=[p.name for p in model.presets],
+                  setup_s=round(setup_s, 1), compile_s=report.compile_seconds, programs=report.programs,
+                  compile_source=report.compile_source, cache_keys=report.cache_keys, fallbacks=report.fallbacks,
                   steps={})
     if device == "cuda":
         result["peak_gib_setup"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
@@ -436,19 +414,18 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
     emit("setup", **result)
     if device == "cuda":  # from here on: serving only (compiling's transient memory is over)
         torch.cuda.reset_peak_memory_stats()
+    first = model.presets[0]
     if args.first_image:  # cold or warm start, as a user sees it: optimize, then one whole image
-        preset = settings.presets[0]
         sync(device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            pipe("a first image", width=preset.width, height=preset.height, num_inference_steps=args.steps,
-                 max_sequence_length=msl, generator=torch.Generator("cpu").manual_seed(0))
+            model("a first image", first, args.steps, generator=torch.Generator("cpu").manual_seed(0))
         sync(device)
         result["first_image"] = dict(image_s=round(time.perf_counter() - t1, 2),
                                      optimize_plus_image_s=round(setup_s + time.perf_counter() - t1, 2),
                                      since_process_start_s=round(time.perf_counter() - PROCESS_START, 1))
         emit("first_image", variant=variant["spec"], **result["first_image"])
-    for preset in settings.presets:
+    for preset in model.presets:
         step_args, step_kwargs = inputs[preset.name]
         ms, out = time_step(pipe.transformer, step_args, step_kwargs, device, args.warmup, args.iters)
         ref_ms, ref_out = reference[preset.name]
@@ -456,31 +433,29 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
         result["steps"][preset.name] = dict(ms=round(ms, 2), speedup=round(ref_ms / ms, 3), rel_err=round(err, 5),
                                             finite=bool(torch.isfinite(out).all()))
         emit("step", variant=variant["spec"], preset=preset.name, **result["steps"][preset.name])
-        if args.profile and preset == settings.presets[0] and device == "cuda":
+        if args.profile and preset == first and device == "cuda":
             result["profile"] = kernel_breakdown(pipe.transformer, step_args, step_kwargs)
             emit("profile", variant=variant["spec"], preset=preset.name, **result["profile"])
     if args.latent_error:
-        latents = final_latents(pipe, settings.presets[0], args.steps, msl)
-        reference_latents = args.reference_latents
+        latents, reference_latents = final_latents(model, first, args.steps), args.reference_latents
         result["latent_rel_err"] = round(float((latents - reference_latents).norm() / reference_latents.norm()), 5)
         emit("latent_error", variant=variant["spec"], steps=args.steps, rel_err=result["latent_rel_err"])
     if args.full_pipeline:
-        result["pipeline"] = time_pipeline(pipe, settings.presets[0], args.steps, msl, device, args.pipeline_repeats)
-        emit("pipeline", variant=variant["spec"], preset=settings.presets[0].name, **result["pipeline"])
+        result["pipeline"] = time_pipeline(model, first, args.steps, device, args.pipeline_repeats)
+        emit("pipeline", variant=variant["spec"], preset=first.name, **result["pipeline"])
     if device == "cuda":
         result["peak_gib_serving"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         result["peak_gib"] = max(result["peak_gib_serving"], result["peak_gib_setup"])
     return result
 
 
-def fresh_transformer_(pipe, args, device, dtype, fingerprint: float) -> None:
+def fresh_transformer_(pipe, device, dtype, fingerprint: float) -> None:
     """Gives the pipeline back its unquantized, uncompiled transformer with the same weights."""
-    old = pipe.transformer
-    pipe.transformer = None
-    del old
+    config = dict(pipe.transformer.config)
+    pipe.register_modules(transformer=None)
     torch._dynamo.reset()
-    optimization.release_export_memory()  # torch.export's trace map would keep the old weights alive
-    pipe.transformer = build_transformer(args, device, dtype)
+    release_export_memory()  # torch.export's trace map would keep the old weights alive
+    pipe.register_modules(transformer=build_transformer(config, device, dtype))
     assert weights_fingerprint(pipe.transformer) == fingerprint, "rebuilt transformer has other weights"
 
 
@@ -490,7 +465,7 @@ def fresh_transformer_(pipe, args, device, dtype, fingerprint: float) -> None:
 def print_table(eager: dict, results: list[dict], steps: int) -> None:
     print()
     print(f"{'variant':<26} {'preset':<10} {'ms/step':>8} {'vs eager':>8} {f'{steps}-step s':>9} {'rel err':>9} "
-          f"{'export s':>8} {'compile s':>9} {'setup s':>8} {'peak GiB':>8}")
+          f"{'compile s':>9} {'setup s':>8} {'peak GiB':>8}")
     rows = [("eager (reference)", eager["steps"], dict(peak_gib=eager.get("peak_gib")))] + \
         [(r["variant"] + (" FELL BACK" if r.get("fell_back") else ""), r.get("steps", {}), r) for r in results]
     for name, by_preset, info in rows:
@@ -499,9 +474,9 @@ def print_table(eager: dict, results: list[dict], steps: int) -> None:
             continue
         for i, (preset, s) in enumerate(by_preset.items()):
             first = i == 0
-            once = {key: str(info.get(key, "") or "") if first else "" for key in ("export_s", "compile_s", "setup_s", "peak_gib")}
+            once = {key: str(info.get(key, "") or "") if first else "" for key in ("compile_s", "setup_s", "peak_gib")}
             print(f"{name if first else '':<26} {preset:<10} {s['ms']:>8.1f} {s.get('speedup', 1.0):>8.2f} "
-                  f"{s['ms'] * steps / 1000:>9.2f} {s.get('rel_err', 0.0):>9.2e} {once['export_s']:>8} "
+                  f"{s['ms'] * steps / 1000:>9.2f} {s.get('rel_err', 0.0):>9.2e} "
                   f"{once['compile_s']:>9} {once['setup_s']:>8} {once['peak_gib']:>8}")
     pipelines = [("eager (reference)", eager.get("pipeline"))] + [(r["variant"], r.get("pipeline")) for r in results]
     pipelines = [(n, p) for n, p in pipelines if p]
@@ -519,10 +494,10 @@ def main() -> None:
     parser.add_argument("--mode", choices=("eager", "aoti"), default="aoti")
     parser.add_argument("--quant", choices=("none", "fp8", "int8"), default="none")
     parser.add_argument("--attention", default="sdpa", help="sdpa, auto or a diffusers attention backend name")
-    parser.add_argument("--scope", choices=project_settings.AOT_SCOPE_CHOICES, default=None,
-                        help="AOT_SCOPE; default: the project's default")
+    parser.add_argument("--scope", choices=AOT_SCOPE_CHOICES, default=None, help="AOT_SCOPE; default: the project's default")
     parser.add_argument("--variants", default="", help="comma-separated variants (see above); default: from --mode etc.")
-    parser.add_argument("--presets", default=project_settings.REAL_PRESETS)
+    parser.add_argument("--presets", default="", help=f"PRESETS; default: FLUX's ({FLUX.presets}), with --tiny "
+                                                      f"its tiny ones ({FLUX.tiny_presets})")
     parser.add_argument("--dynamic", action="store_true", help="DYNAMIC_SHAPES=1")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps per image")
     parser.add_argument("--cache-dir", default="", help="AOT_CACHE_DIR; default: a fresh temporary directory")
@@ -541,8 +516,9 @@ def main() -> None:
     parser.add_argument("--inductor", default="", help="KEY=VALUE,... merged into optimization.INDUCTOR_CONFIGS; "
                                                        "'none' drops the project's options first")
     parser.add_argument("--stack-dump", type=float, default=0, help="dump every thread's stack every N s (stderr)")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--tiny", action="store_true", help="laptop-sized models: a smoke test of this script")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: only where torch sees no GPU (the product uses any GPU it sees)")
+    parser.add_argument("--tiny", action="store_true", help="FLUX's tiny models: a smoke test of this script")
     args = parser.parse_args()
     args.blocks = tuple(int(v) for v in args.blocks.split(",")) if args.blocks else ()
 
@@ -553,14 +529,16 @@ def main() -> None:
     if CXX_FIX:
         log.warning(CXX_FIX)
     device = args.device
-    assert device == "cpu" or torch.cuda.is_available(), "no CUDA device; use --device cpu --tiny for a smoke test"
+    if (device == "cuda") != torch.cuda.is_available():
+        parser.error(f"--device {device}, but torch {'sees no' if device == 'cuda' else 'sees a'} GPU "
+                     "(use --device cpu --tiny for a smoke test without one)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.inductor:
         configs = {} if args.inductor.startswith("none") else dict(optimization.INDUCTOR_CONFIGS)
         for item in filter(None, args.inductor.removeprefix("none").split(",")):
             key, _, value = item.partition("=")
             configs[key.strip()] = parse_value(value.strip())
-        optimization.INDUCTOR_CONFIGS = configs
+        optimization.INDUCTOR_CONFIGS = configs  # read by optimization._compile and the cache key at run time
     log.info("inductor configs: %s", optimization.INDUCTOR_CONFIGS)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                cxx=os.environ.get("CXX"), inductor=optimization.INDUCTOR_CONFIGS, fp8_granularity=args.fp8_granularity)
@@ -571,16 +549,16 @@ def main() -> None:
             env[name] = "not installed"
     log.info("environment: %s", env)
 
-    presets = project_settings.parse_presets(args.presets)
     variants = [parse_variant(s, args) for s in (args.variants.split(",") if args.variants else [""])]
     for variant in variants:  # --fp8-granularity tensor: as if every variant said "pertensor"
         variant["pertensor"] = variant["pertensor"] or args.fp8_granularity == "tensor"
     variants = [v for v in variants if (v["mode"], v["quant"], v["attention"]) != ("eager", "none", "sdpa")]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flux-bench-aot-")
 
-    pipe, params = build_pipeline(args, device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    msl = project_settings.model_defaults(pipe).max_sequence_length
+    pipe, params = build_pipeline(device, dtype, args.tiny, args.blocks, args.clip_layers, args.t5_layers)
+    presets_text = args.presets or (FLUX.tiny_presets if args.tiny else FLUX.presets)
+    model = load_model(Settings.from_env({"MODEL_ID": MODEL_ID, "PRESETS": presets_text}, has_cuda=True), pipe)
+    presets = model.presets
     fingerprint = weights_fingerprint(pipe.transformer)
 
     # The eager bf16 reference, in this process, on the inputs every variant is measured on.
@@ -588,7 +566,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     inputs, reference, eager = {}, {}, dict(steps={})
     for preset in presets:
-        inputs[preset.name] = optimization.capture_inputs(pipe, pipe.transformer, preset, msl)
+        inputs[preset.name] = capture_inputs(model, pipe.transformer, preset)
         ms, out = time_step(pipe.transformer, *inputs[preset.name], device, args.warmup, args.iters)
         reference[preset.name] = (ms, out)
         eager["steps"][preset.name] = dict(ms=round(ms, 2), finite=bool(torch.isfinite(out).all()),
@@ -600,9 +578,9 @@ def main() -> None:
     prompt_embeds = inputs[presets[0].name][1]["encoder_hidden_states"]
     eager["text_embeddings_finite"] = bool(torch.isfinite(prompt_embeds).all())
     if args.latent_error:
-        args.reference_latents = final_latents(pipe, presets[0], args.steps, msl)
+        args.reference_latents = final_latents(model, presets[0], args.steps)
     if args.full_pipeline:
-        eager["pipeline"] = time_pipeline(pipe, presets[0], args.steps, msl, device, args.pipeline_repeats)
+        eager["pipeline"] = time_pipeline(model, presets[0], args.steps, device, args.pipeline_repeats)
         emit("pipeline", variant="eager", preset=presets[0].name, **eager["pipeline"])
     if device == "cuda":
         eager["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
@@ -610,10 +588,10 @@ def main() -> None:
     results = []
     for i, variant in enumerate(variants):
         if i:
-            fresh_transformer_(pipe, args, device, dtype, fingerprint)
+            fresh_transformer_(pipe, device, dtype, fingerprint)
         log.info("variant %s: %s", variant["spec"], variant)
         try:
-            results.append(measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference, msl))
+            results.append(measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference))
         except Exception as err:  # noqa: BLE001 - one broken variant must not hide the others' numbers
             log.exception("variant %s failed", variant["spec"])
             results.append(dict(variant=variant["spec"], error=f"{type(err).__name__}: {str(err)[:500]}"))

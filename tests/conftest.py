@@ -1,4 +1,4 @@
-"""Shared fixtures. Everything runs offline on the built-in tiny pipeline; each AoT compile happens once
+"""Shared fixtures. Everything runs offline on the built-in tiny pipelines; each AoT compile happens once
 per session and later fixtures reuse it through the real artifact cache."""
 import os
 import sys
@@ -24,9 +24,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import optimization  # noqa: E402
-from settings import Settings, build_tiny_pipeline, model_defaults  # noqa: E402
+from aot.model import Model, load_model  # noqa: E402
+from aot.programs import capture_inputs  # noqa: E402
+from settings import Preset, Settings  # noqa: E402
 
-SEQ = 512  # the tiny model embeds guidance, so it follows FLUX.1-dev's text length
+SEQ = 512  # the tiny FLUX model embeds guidance, so it follows FLUX.1-dev's text length
+LATENTS_PRESET = Preset("landscape", 80, 48)  # where `Compiled.latents` runs the whole tiny FLUX pipeline
 
 
 def settings_for(**overrides) -> Settings:
@@ -35,14 +38,27 @@ def settings_for(**overrides) -> Settings:
     return Settings.from_env(env, has_cuda=False)
 
 
-def transformer_inputs(pipe, settings: Settings) -> dict:
+def tiny_model(**overrides) -> Model:
+    """A freshly built tiny pipeline (FLUX unless `model_id` says otherwise), not optimized."""
+    return load_model(settings_for(**overrides))
+
+
+def transformer_inputs(model: Model) -> dict:
     """The transformer's real call for each preset, keyed by preset name."""
-    return {p.name: optimization.capture_inputs(pipe, pipe.transformer, p, SEQ) for p in settings.presets}
+    return {p.name: capture_inputs(model, model.pipe.transformer, p) for p in model.presets}
+
+
+def _sample(output) -> torch.Tensor:
+    """The transformer's sample: a tensor, or (Z-Image: one tensor per image) its tensors flattened into one."""
+    sample = output[0]
+    if isinstance(sample, torch.Tensor):
+        return sample.clone()
+    return torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(sample)])
 
 
 def eager_outputs(pipe, inputs: dict) -> dict:
     with torch.inference_mode():
-        return {name: pipe.transformer(*args, **kwargs)[0].clone() for name, (args, kwargs) in inputs.items()}
+        return {name: _sample(pipe.transformer(*args, **kwargs)) for name, (args, kwargs) in inputs.items()}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,13 +70,20 @@ class Compiled:
 
     def __init__(self, **overrides):
         self.settings = settings_for(**overrides)
-        self.pipe = build_tiny_pipeline()
-        assert model_defaults(self.pipe).max_sequence_length == SEQ
-        self.inputs = transformer_inputs(self.pipe, self.settings)
+        self.model = load_model(self.settings)
+        self.pipe = self.model.pipe
+        self.check_model()
+        self.inputs = transformer_inputs(self.model)
         self.eager = eager_outputs(self.pipe, self.inputs)
-        self.eager_latents = self.latents()
-        self.report = optimization.optimize_pipeline_(self.pipe, self.settings, SEQ)
+        self.record_eager()
+        self.report = optimization.optimize_pipeline_(self.model, self.settings)
         assert self.report.compile == "aoti", self.report.fallbacks
+
+    def check_model(self) -> None:
+        assert (self.model.family.name, self.model.defaults.max_sequence_length) == ("flux", SEQ)
+
+    def record_eager(self) -> None:
+        self.eager_latents = self.latents()
 
     def run(self) -> dict:
         """The transformer's output for every preset's captured inputs."""
@@ -69,8 +92,7 @@ class Compiled:
     def latents(self) -> torch.Tensor:
         """A whole 3-step pipeline run at one preset, as latents."""
         generator = torch.Generator().manual_seed(5)
-        return self.pipe("a red cube", width=80, height=48, num_inference_steps=3, generator=generator,
-                         output_type="latent", max_sequence_length=SEQ).images
+        return self.model("a red cube", LATENTS_PRESET, steps=3, generator=generator, output_type="latent").images
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,12 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from settings import MAX_SEED, Settings, load_pipeline
+from aot.model import load_pipeline
+from settings import MAX_SEED, Settings
 
 
-GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5)
+GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5,
+            negative_prompt="")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -37,6 +39,15 @@ GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, random
 def test_bad_input_gets_a_clear_error_and_the_next_request_works(app, change, message):
     with pytest.raises(gr.Error, match=message):
         app.generate(**{**GOOD, **change})
+    image, seed, details = app.generate(**GOOD)
+    assert image.size == (48, 80) and seed == 1234 and "2 steps" in details
+
+
+def test_negative_prompt_on_a_model_without_cfg_is_refused_and_the_next_request_works(app):
+    # the cleaned request: prompt, preset, seed, steps, guidance, negative prompt, notes for the user
+    assert app.validate(**GOOD) == ("a lighthouse at dusk", app.PRESETS["48x80"], 1234, 2, 3.5, "", [])
+    with pytest.raises(gr.Error, match="This flux model has no classifier-free guidance, so it takes no negative prompt"):
+        app.generate(**{**GOOD, "negative_prompt": "blurry"})
     image, seed, details = app.generate(**GOOD)
     assert image.size == (48, 80) and seed == 1234 and "2 steps" in details
 
@@ -71,6 +82,13 @@ def test_generate_api_returns_image_and_seed_and_is_deterministic(client):
     assert _digest(results[0][0]) != _digest(results[1][0])
 
 
+def test_api_call_from_the_readme_needs_no_negative_prompt(client):
+    """The README's client call, which predates the negative prompt: an optional parameter stays optional."""
+    path, seed, details = client.predict(prompt="a lighthouse at dusk", resolution="80x48", seed=42,
+                                         randomize_seed=False, steps=2, guidance=3.5, api_name="/generate")
+    assert seed == 42 and details.startswith("80x48, 2 steps") and Image.open(path).size == (80, 48)
+
+
 def test_api_rejects_bad_input_and_keeps_serving(client):
     from gradio_client.exceptions import AppError
 
@@ -83,7 +101,8 @@ def test_api_rejects_bad_input_and_keeps_serving(client):
 
 def test_status_api_says_what_runs(client, compiled_model):
     status = client.predict(api_name="/status")
-    assert status["model_id"] == "tiny" and status["demo_model"] is True
+    assert status["model_id"] == "tiny" and status["demo_model"] is True and status["family"] == "flux"
+    assert status["defaults"] == {"steps": 28, "guidance": 3.5, "guidance_kind": "embedded", "max_prompt_tokens": 512}
     assert status["compile"] == "aoti" and status["compile_scope"] == "model"
     assert status["compile_source"] == "loaded from cache"
     assert status["cache_keys"] == compiled_model.report.cache_keys

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import optimization
+from aot.cache import cache_key, key_digest, read_cached
+from aot.programs import restore_eager_
 from conftest import ROOT, SESSION_DIR, Compiled, eager_outputs, rel_err
 
 SMALL = {"presets": "small=32x32", "aot_scope": "model"}  # one 4-token program: the cheapest compile
@@ -22,9 +24,9 @@ def compile_calls(monkeypatch):
     calls = []
     real = optimization.compile_program
 
-    def compile_program(pipe, settings, preset, served, max_sequence_length, out_dir):
+    def compile_program(model, scope, preset, served, out_dir, inductor_configs):
         calls.append(preset)
-        return real(pipe, settings, preset, served, max_sequence_length, out_dir)
+        return real(model, scope, preset, served, out_dir, inductor_configs)
 
     monkeypatch.setattr(optimization, "compile_program", compile_program)
     return calls
@@ -71,9 +73,17 @@ def test_changed_key_recompiles_and_int8_stays_close(int8_small, compiled_blocks
     assert len(report.cache_keys) == 1 and not set(report.cache_keys) & set(compiled_blocks.report.cache_keys)
     compiled = int8_small.run()["32x32"]
     assert rel_err(compiled, int8_small.eager["32x32"]) <= 2e-2  # int8 weights vs fp32 eager
-    optimization.restore_eager_(int8_small.pipe.transformer)  # the same int8 weights, run eagerly
+    restore_eager_(int8_small.pipe.transformer)  # the same int8 weights, run eagerly
     eager_int8 = eager_outputs(int8_small.pipe, int8_small.inputs)["32x32"]
     assert rel_err(compiled, eager_int8) <= 1e-4
+
+
+def _key(compiled: Compiled, shape) -> dict:
+    """The cache key of `compiled`'s program for `shape` (its image tokens), as optimization computes it."""
+    settings = compiled.settings
+    return cache_key(compiled.pipe, compiled.model.family.name, settings.model_id, settings.revision, compiled.report,
+                     settings.aot_scope, shape, settings.dynamic_shapes, compiled.report.text,
+                     optimization.INDUCTOR_CONFIGS)
 
 
 def _copy_entry(source: Compiled, tmp_path):
@@ -99,9 +109,10 @@ def test_truncated_artifact_is_rebuilt_with_a_warning(int8_small, tmp_path, capl
 @pytest.mark.parametrize("damage", ["other key", "no manifest", "missing program", "no program", "bad json"])
 def test_damaged_entries_are_not_trusted(int8_small, tmp_path, caplog, damage):
     entry = _copy_entry(int8_small, tmp_path)
-    key = optimization.cache_key(int8_small.pipe, int8_small.settings, int8_small.report, 4, 512)
-    assert optimization.key_digest(key) == entry.name
-    assert optimization.read_cached(entry, key) is True  # intact: usable
+    key = _key(int8_small, 4)  # 32x32: 4 image tokens
+    assert key_digest(key) == entry.name
+    manifest_data = read_cached(entry, key)  # intact: usable
+    assert manifest_data is not None and manifest_data["key"] == key and set(manifest_data["signatures"]) == {""}
     manifest = entry / "manifest.json"
     if damage == "other key":
         data = json.loads(manifest.read_text())
@@ -118,21 +129,22 @@ def test_damaged_entries_are_not_trusted(int8_small, tmp_path, caplog, damage):
     else:
         manifest.write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="aot-space"):
-        assert optimization.read_cached(entry, key) is False
+        assert read_cached(entry, key) is None
     assert "unusable" in caplog.text
     if damage == "no program":
         assert "it holds no program" in caplog.text
 
 
 def test_cache_key_names_everything_that_makes_a_program_valid(compiled_blocks):
-    pipe, settings, report = compiled_blocks.pipe, compiled_blocks.settings, compiled_blocks.report
-    key = optimization.cache_key(pipe, settings, report, 16, 512)
-    assert {"model_id", "revision", "torch", "arch", "quantization", "attention", "image_tokens", "text_tokens",
-            "scope", "dtype", "weights"} <= set(key)
+    settings, report = compiled_blocks.settings, compiled_blocks.report
+    key = _key(compiled_blocks, 16)
+    assert {"family", "model_id", "revision", "torch", "arch", "quantization", "attention", "image_tokens",
+            "text_tokens", "scope", "dtype", "weights"} <= set(key)
     assert key["torch"] == torch.__version__ and key["arch"].startswith("cpu-") and key["image_tokens"] == 16
+    assert (key["family"], key["model_id"], key["scope"]) == ("flux", "tiny", "blocks")
+    assert key["text_tokens"] == report.text and "512 tokens" in key["text_tokens"]
     # one entry per program, in image-token order; the programs' keys differ only in their token count
-    assert report.cache_keys == [optimization.key_digest(optimization.cache_key(pipe, settings, report, tokens, 512))
-                                 for tokens in (15, 16)]
+    assert report.cache_keys == [key_digest(_key(compiled_blocks, tokens)) for tokens in (15, 16)]
     for digest in report.cache_keys:  # blocks scope: <digest>/manifest.json and submodules/<name>/package.pt2
         entry = Path(settings.cache_dir) / digest
         files = sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file())

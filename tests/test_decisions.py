@@ -1,7 +1,10 @@
 """Settings parsing and the hardware-gated choices, as plain functions: capability in, choice out."""
 import pytest
 
-from optimization import choose_attention, choose_compile, choose_quantization
+from aot.decisions import choose_attention, choose_compile, choose_quantization
+from aot.families import FAMILIES, FLUX
+from aot.model import build_tiny, load_model
+from aot.report import Decision
 from settings import DEFAULT_MODEL_ID, TINY_MODEL_ID, Settings, parse_presets
 
 HOPPER, ADA, AMPERE, BLACKWELL_RTX = (9, 0), (8, 9), (8, 0), (12, 0)
@@ -11,13 +14,14 @@ HOPPER, ADA, AMPERE, BLACKWELL_RTX = (9, 0), (8, 9), (8, 0), (12, 0)
     (HOPPER, "fp8"), (ADA, "fp8"), (BLACKWELL_RTX, "fp8"), (AMPERE, "none"),
 ])
 def test_auto_quantization_by_capability(capability, expected):
-    mode, reason = choose_quantization("auto", "cuda", capability)
-    assert mode == expected
-    assert reason.startswith("fallback") == (expected == "none")
+    decision = choose_quantization("auto", "cuda", capability)
+    assert decision.value == expected
+    assert decision.fell_back == (expected == "none")
 
 
 def test_auto_quantization_on_cpu_falls_back_visibly():
-    assert choose_quantization("auto", "cpu", None) == ("none", "fallback: fp8 needs CUDA with compute capability >= 8.9, this is cpu")
+    assert choose_quantization("auto", "cpu", None) == Decision(
+        "none", "fp8 needs CUDA with compute capability >= 8.9, this is cpu", fell_back=True)
 
 
 @pytest.mark.parametrize("device, capability", [("cpu", None), ("cuda", AMPERE)])
@@ -27,7 +31,7 @@ def test_explicit_fp8_on_unsupported_hardware_is_a_startup_error(device, capabil
 
 
 def test_int8_is_honoured_everywhere():
-    assert choose_quantization("int8", "cpu", None) == ("int8", "requested")
+    assert choose_quantization("int8", "cpu", None) == Decision("int8", "requested", fell_back=False)
 
 
 @pytest.mark.parametrize("device, capability, online, expected", [
@@ -38,35 +42,54 @@ def test_int8_is_honoured_everywhere():
     ("cpu", None, True, "sdpa"),
 ])
 def test_auto_attention_by_hardware(device, capability, online, expected):
-    backend, reason = choose_attention("auto", device, capability, online)
-    assert backend == expected
-    assert reason.startswith("fallback") == (expected == "sdpa")
+    decision = choose_attention("auto", device, capability, online)
+    assert decision.value == expected
+    assert decision.fell_back == (expected == "sdpa")
 
 
 def test_explicit_attention_is_kept():
-    assert choose_attention("_native_cudnn", "cuda", AMPERE, False) == ("_native_cudnn", "requested")
+    assert choose_attention("_native_cudnn", "cuda", AMPERE, False) == Decision("_native_cudnn", "requested", fell_back=False)
 
 
 def test_compile_auto_is_on_for_cuda_and_off_but_reported_on_cpu():
-    assert choose_compile("auto", "cuda")[0] == "aoti"
-    mode, reason = choose_compile("auto", "cpu")
-    assert mode == "none" and "COMPILE=aoti" in reason
+    on_cuda = choose_compile("auto", "cuda")
+    assert on_cuda.value == "aoti" and not on_cuda.fell_back
+    decision = choose_compile("auto", "cpu")
+    assert decision.value == "none" and "COMPILE=aoti" in decision.reason and decision.fell_back
 
 
-def test_model_choice():
+@pytest.fixture(scope="module")
+def flux_pipe():
+    """A FluxPipeline (the tiny one), to resolve a FLUX model's family and presets without a download."""
+    return build_tiny(FLUX)
+
+
+def test_model_choice(flux_pipe):
     assert Settings.from_env({}, has_cuda=False).model_id == TINY_MODEL_ID
     assert Settings.from_env({}, has_cuda=True).model_id == DEFAULT_MODEL_ID
     assert Settings.from_env({"SPACE_ID": "me/space"}, has_cuda=False).model_id == DEFAULT_MODEL_ID
-    assert Settings.from_env({"MODEL_ID": "black-forest-labs/FLUX.1-schnell"}, has_cuda=False).model_id.endswith("schnell")
+    schnell = Settings.from_env({"MODEL_ID": "black-forest-labs/FLUX.1-schnell"}, has_cuda=False)
+    assert schnell.model_id.endswith("schnell") and schnell.tiny_family is None
     tiny = Settings.from_env({}, has_cuda=False)
-    assert tiny.is_tiny and "no MODEL_ID" in tiny.demo_model_reason
-    assert [p.name for p in tiny.presets] == ["64x64", "48x80", "80x48"]
-    assert [p.name for p in Settings.from_env({}, has_cuda=True).presets] == ["1024x1024", "832x1216", "1216x832"]
+    assert tiny.tiny_family == "flux" and "no MODEL_ID" in tiny.demo_model_reason
+    assert tiny.presets_text == ""  # the family's own resolutions
+    assert [p.name for p in load_model(tiny, pipe=flux_pipe).presets] == ["64x64", "48x80", "80x48"]
+    real = Settings.from_env({}, has_cuda=True)
+    assert real.tiny_family is None and real.presets_text == ""
+    assert [p.name for p in load_model(real, pipe=flux_pipe).presets] == ["1024x1024", "832x1216", "1216x832"]
+    chosen = Settings.from_env({"PRESETS": "wide=1216x832"}, has_cuda=True)
+    assert [p.name for p in load_model(chosen, pipe=flux_pipe).presets] == ["1216x832"]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_tiny_model_ids_name_their_family(family):
+    settings = Settings.from_env({"MODEL_ID": f"tiny-{family.name}"}, has_cuda=False)
+    assert settings.tiny_family == family.name and settings.demo_model_reason == f"MODEL_ID=tiny-{family.name}"
 
 
 def test_presets_parse_and_count_tokens():
-    presets = parse_presets("square=1024x1024, wide=1216x832")
-    assert [(p.label, p.width, p.height, p.image_tokens()) for p in presets] == [
+    presets = parse_presets("square=1024x1024, wide=1216x832", FLUX.multiple)
+    assert [(p.label, p.width, p.height, FLUX.image_tokens(p.width, p.height)) for p in presets] == [
         ("square", 1024, 1024, 4096), ("wide", 1216, 832, 76 * 52)]
 
 
@@ -78,7 +101,7 @@ def test_presets_parse_and_count_tokens():
 ])
 def test_bad_presets_are_refused(text, message):
     with pytest.raises(ValueError, match=message):
-        parse_presets(text)
+        parse_presets(text, 16)
 
 
 @pytest.mark.parametrize("env, message", [

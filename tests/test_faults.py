@@ -15,10 +15,12 @@ import torch
 from PIL import Image
 
 import optimization
+from aot.model import load_model
+from aot.programs import ShapeDispatch
 from conftest import ROOT, settings_for
-from settings import build_tiny_pipeline
 
-REQUEST = dict(prompt="a lighthouse at dusk", resolution="80x48", seed=99, randomize_seed=False, steps=2, guidance=3.5)
+REQUEST = dict(prompt="a lighthouse at dusk", resolution="80x48", seed=99, randomize_seed=False, steps=2, guidance=3.5,
+               negative_prompt="")
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def test_failed_aot_compile_serves_eager_and_says_why(fresh_app, monkeypatch, tm
     reason = ("compile: AoT compilation failed, serving eager "
               "(RuntimeError: C++ compile error: simulated compiler crash)")
     assert app.REPORT.compile == "none" and reason in app.REPORT.fallbacks
-    assert not any("forward" in module.__dict__ for module in app.pipe.transformer.modules())  # plain eager modules
+    assert not any("forward" in module.__dict__ for module in app.MODEL.pipe.transformer.modules())  # plain eager modules
     assert not list(tmp_path.rglob("*.pt2")) and not list(tmp_path.glob("*/manifest.json"))  # nothing half-written
     banner = app._status_markdown()
     assert "eager (not compiled)" in banner and f"fallback: {reason}" in banner
@@ -85,9 +87,9 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
 
 def _fail_once_inside_the_transformer(monkeypatch, app, error: Exception):
     """The transformer runs its compiled program and then raises `error`, once."""
-    transformer = app.pipe.transformer
+    transformer = app.MODEL.pipe.transformer
     dispatch = transformer.forward
-    assert isinstance(dispatch, optimization.ShapeDispatch)  # the fault is raised on the compiled path
+    assert isinstance(dispatch, ShapeDispatch)  # the fault is raised on the compiled path
     raised = []
 
     def forward(*args, **kwargs):
@@ -134,9 +136,10 @@ def test_unloadable_model_id_exits_with_one_clear_message():
 def test_attention_backend_that_installs_but_cannot_run_falls_back_to_sdpa_without_compiling():
     """cuDNN attention is accepted on CPU but has no kernel there: a test run catches it at startup."""
     settings = settings_for(compile="none", attention="_native_cudnn")
-    pipe = build_tiny_pipeline()
-    report = optimization.optimize_pipeline_(pipe, settings, 512)
+    model = load_model(settings)
+    report = optimization.optimize_pipeline_(model, settings)
     assert report.attention == "sdpa" and report.compile == "none"
     assert any(f.startswith("attention: _native_cudnn failed a test run") for f in report.fallbacks)
-    latents = pipe("a fox", width=64, height=64, num_inference_steps=2, output_type="latent").images
+    latents = model("a fox", model.presets[0], steps=2, output_type="latent").images
+    assert latents.shape[1] == 16  # 64x64: 16 image tokens
     assert torch.isfinite(latents).all()

@@ -13,9 +13,12 @@ from PIL import Image
 from conftest import ROOT, SESSION_DIR
 from settings import MAX_SEED, MAX_STEPS
 
-GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5)
-# validate() names the parameter at the start of each message it raises
-APP_ERROR = re.compile(r"^(Prompt |Unknown resolution |randomize_seed |Seed |Steps |Guidance )")
+GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5,
+            negative_prompt="")
+# validate() names the parameter at the start of each message it raises, or (a negative prompt for a model
+# without classifier-free guidance, such as the tiny FLUX) says that the model takes none
+APP_ERROR = re.compile(r"^(Prompt |Negative prompt |This flux model has no classifier-free guidance, so it takes no "
+                       r"negative prompt|Unknown resolution |randomize_seed |Seed |Steps |Guidance )")
 
 # What JSON can carry. NaN, infinities and lone surrogates are refused by the client before sending, so they
 # are tested on generate() directly in test_app.py.
@@ -37,6 +40,7 @@ PARAMETERS = dict(
     randomize_seed=mostly(st.booleans(), junk),
     steps=mostly(st.integers(1, MAX_STEPS), st.integers(-10, 100) | st.floats(-5, 60) | junk),
     guidance=mostly(st.floats(0, 20), st.floats(-1e6, 1e6) | junk),
+    negative_prompt=mostly(st.just(""), st.text(max_size=300) | long_text | junk),  # the tiny FLUX takes none
 )
 
 
@@ -72,7 +76,8 @@ def test_generate_api_answers_any_input_with_an_image_or_a_clear_error(fuzz_clie
 SENTINEL = SESSION_DIR / "injected"
 HOSTILE = ["../../etc/passwd", "/etc/passwd\x00.png", f"$(touch {SENTINEL})", f"; touch {SENTINEL}",
            f"`touch {SENTINEL}`", f"| touch {SENTINEL} &", "{{7*7}} %s %n ${HOME}", "C:\\Windows\\system32\\cmd.exe"]
-SKIP = {".venv", ".git", "test-artifacts", ".pytest_cache", "__pycache__", ".gradio", ".aot-cache", ".hypothesis"}
+SKIP = {".venv", ".git", "test-artifacts", ".pytest_cache", "__pycache__", ".gradio", ".aot-cache", ".hypothesis",
+        ".ruff_cache"}  # tool caches: a linter run alongside the tests writes there
 
 
 def _files(root):
@@ -88,7 +93,7 @@ def test_request_text_reaches_no_file_path_or_shell(client, app):
         path, seed, _ = client.predict(**{**GOOD, "prompt": text}, api_name="/generate")
         with Image.open(path) as image:
             assert seed == 1234 and image.size == (48, 80)
-        for name in ("resolution", "seed"):
+        for name in ("resolution", "seed", "negative_prompt"):
             with pytest.raises(AppError, match=APP_ERROR):
                 client.predict(**{**GOOD, name: text}, api_name="/generate")
     assert not SENTINEL.exists()

@@ -30,7 +30,8 @@ def test_queue_settings_are_explicit(app):
 def test_concurrent_requests_all_succeed_with_their_own_size_and_seed(client, app):
     presets = list(app.PRESETS.values())
     requests = [dict(prompt=f"load test {i}", resolution=presets[i % len(presets)].name, seed=1000 + i,
-                     randomize_seed=False, steps=app.DEFAULTS.steps, guidance=3.5) for i in range(CONCURRENT)]
+                     randomize_seed=False, steps=app.DEFAULTS.steps, guidance=3.5, negative_prompt="")
+                for i in range(CONCURRENT)]
     start_together = threading.Barrier(CONCURRENT)
 
     def timed(request):
@@ -103,7 +104,8 @@ def test_a_full_queue_answers_at_once_with_a_clear_error(small_queue_app):
     from gradio_client.utils import QueueError
 
     client = Client(small_queue_app, verbose=False)
-    slow = dict(prompt="a slow one", resolution="80x48", seed=7, randomize_seed=False, steps=50, guidance=3.5)
+    slow = dict(prompt="a slow one", resolution="80x48", seed=7, randomize_seed=False, steps=50, guidance=3.5,
+                negative_prompt="")
     t0 = time.perf_counter()
     answered_after = {}
     jobs = [client.submit(**slow, api_name="/generate") for _ in range(6)]

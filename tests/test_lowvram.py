@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import optimization
-from conftest import SEQ, rel_err, settings_for
-from optimization import GiB, MemoryPlan, WeightOnlyLinear, choose_memory_plan, measure_footprint
-from settings import Settings, build_tiny_pipeline
+from aot.memory import GiB, MemoryPlan, choose_memory_plan, measure_footprint, place_pipeline_
+from aot.model import load_model
+from aot.quantize import GROUP_SIZE, WeightOnlyLinear, quantize_
+from conftest import SEQ, rel_err, settings_for, tiny_model
+from settings import Preset, Settings
 
 
 # --- the plan, on FLUX.1-dev's real sizes (built on the meta device: no memory, no download) -------------
@@ -32,7 +34,9 @@ def flux_dev_footprint():
     finally:
         torch.set_default_dtype(previous)
     settings = Settings.from_env({"MODEL_ID": "black-forest-labs/FLUX.1-dev"}, has_cuda=True)
-    return measure_footprint(pipe, settings)
+    model = load_model(settings, pipe=pipe)  # FLUX.1-dev's family and presets, without a download
+    assert model.max_image_tokens == 4096  # 1024x1024
+    return measure_footprint(pipe, model.max_image_tokens)
 
 
 def test_footprint_matches_flux_dev(flux_dev_footprint):
@@ -105,7 +109,7 @@ def test_weight_only_linear_stays_close_to_the_float_layer(bits, limit):
     assert quantized.codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert quantized.codes.numel() == 512 * 96 // (8 // bits)  # int4: two codes per byte
     if bits == 4:
-        assert quantized.scale.shape == (96, 512 // optimization.GROUP_SIZE, 1)  # one scale per 128 inputs
+        assert quantized.scale.shape == (96, 512 // GROUP_SIZE, 1)  # one scale per 128 inputs
 
 
 def test_int4_packing_is_exact_for_representable_weights():
@@ -121,32 +125,34 @@ def test_int4_packing_is_exact_for_representable_weights():
 
 def test_int4_leaves_layers_with_unaligned_inputs_alone():
     model = torch.nn.Sequential(torch.nn.Linear(100, 256), torch.nn.Linear(256, 8))
-    optimization.quantize_(model, "int4")
+    quantize_(model, "int4")
     assert type(model[0]) is torch.nn.Linear and isinstance(model[1], WeightOnlyLinear)
 
 
 # --- the mode end to end on the tiny pipeline ----------------------------------------------------------------
-def _latents(pipe):
-    return pipe("a red cube", width=64, height=64, num_inference_steps=3, max_sequence_length=SEQ,
-                generator=torch.Generator().manual_seed(3), output_type="latent").images
+def _latents(model):
+    assert model.defaults.max_sequence_length == SEQ
+    return model("a red cube", Preset("square", 64, 64), steps=3, generator=torch.Generator().manual_seed(3),
+                 output_type="latent").images
 
 
 @pytest.fixture(scope="module")
 def fp32_latents():
-    return _latents(build_tiny_pipeline())
+    return _latents(tiny_model())
 
 
 def test_low_vram_int8_resident_is_reported_and_stays_within_tolerance(fp32_latents, caplog):
-    pipe = build_tiny_pipeline()
+    model = tiny_model()
+    pipe = model.pipe
     with caplog.at_level(logging.WARNING, logger="aot-space"):
-        report = optimization.optimize_pipeline_(pipe, settings_for(low_vram="on", quantization="int8", compile="none"), SEQ)
+        report = optimization.optimize_pipeline_(model, settings_for(low_vram="on", quantization="int8", compile="none"))
     assert report.memory["low_vram"] and (report.memory["quantization"], report.memory["stream"]) == ("int8", False)
     assert report.quantization == "int8"
     assert any(f.startswith("memory: low-VRAM mode (LOW_VRAM=on): int8 weights, resident") for f in report.fallbacks)
     assert sum("FALLBACK memory" in r.getMessage() for r in caplog.records) == 1  # said once
     assert sum(isinstance(m, WeightOnlyLinear) for m in pipe.transformer.modules()) > 0
     assert all(type(m) is not torch.nn.Linear for m in pipe.transformer.modules())
-    assert rel_err(_latents(pipe), fp32_latents) < 2e-2
+    assert rel_err(_latents(model), fp32_latents) < 2e-2
 
 
 def test_streamed_blocks_are_copied_in_for_every_call(fp32_latents, monkeypatch):
@@ -157,14 +163,16 @@ def test_streamed_blocks_are_copied_in_for_every_call(fp32_latents, monkeypatch)
     onloads = []
     real_onload = ModuleGroup.onload_
     monkeypatch.setattr(ModuleGroup, "onload_", lambda group: (onloads.append(group.onload_leader), real_onload(group))[1])
-    resident = build_tiny_pipeline()
-    optimization.place_pipeline_(resident, MemoryPlan(True, "int8", False), "cpu")
-    streamed = build_tiny_pipeline()
-    report = optimization.optimize_pipeline_(streamed, settings_for(low_vram="stream", quantization="int8", compile="aoti"), SEQ)
+    resident = tiny_model()
+    place_pipeline_(resident.pipe, MemoryPlan(True, "int8", False), "cpu")
+    streamed_model = tiny_model()
+    streamed = streamed_model.pipe
+    report = optimization.optimize_pipeline_(streamed_model, settings_for(low_vram="stream", quantization="int8",
+                                                                          compile="aoti"))
     assert (report.memory["quantization"], report.memory["stream"]) == ("int8", True)
     assert report.compile == "none" and any(f.startswith("compile: off: compiled programs hold on to") for f in report.fallbacks)
     onloads.clear()
-    latents = _latents(streamed)
+    latents = _latents(streamed_model)
     steps = 3
     transformer = streamed.transformer
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
@@ -176,4 +184,4 @@ def test_streamed_blocks_are_copied_in_for_every_call(fp32_latents, monkeypatch)
 
 def test_low_vram_refuses_fp8_where_it_cannot_run_like_the_normal_path():
     with pytest.raises(ValueError, match="compute capability >= 8.9"):
-        optimization.optimize_pipeline_(build_tiny_pipeline(), settings_for(low_vram="on", quantization="fp8"), SEQ)
+        optimization.optimize_pipeline_(tiny_model(), settings_for(low_vram="on", quantization="fp8"))

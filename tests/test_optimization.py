@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import optimization
+from aot.programs import ShapeDispatch
 from conftest import Compiled, rel_err
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
@@ -12,7 +13,7 @@ TOLERANCE = 1e-4  # fp32, compiled vs eager
 def test_compiled_matches_eager_for_every_preset(fixture, request):
     compiled = request.getfixturevalue(fixture)
     outputs = compiled.run()
-    assert set(outputs) == {p.name for p in compiled.settings.presets}
+    assert set(outputs) == {p.name for p in compiled.model.presets}
     for name, out in outputs.items():
         assert torch.isfinite(out).all()
         assert rel_err(out, compiled.eager[name]) <= TOLERANCE, name
@@ -22,7 +23,7 @@ def test_compiled_matches_eager_for_every_preset(fixture, request):
 def test_every_forward_is_a_compiled_program(fixture, request):
     compiled = request.getfixturevalue(fixture)
     transformer = compiled.pipe.transformer
-    dispatchers = [m.forward for m in transformer.modules() if isinstance(m.__dict__.get("forward"), optimization.ShapeDispatch)]
+    dispatchers = [m.forward for m in transformer.modules() if isinstance(m.__dict__.get("forward"), ShapeDispatch)]
     if compiled.settings.aot_scope == "model":
         assert dispatchers == [transformer.forward]
     else:  # every block of both repeated classes, and nothing else
@@ -31,7 +32,8 @@ def test_every_forward_is_a_compiled_program(fixture, request):
     # portrait and landscape have the same token count, so they share one program
     assert compiled.report.programs == [{"image_tokens": 15, "resolutions": ["48x80", "80x48"]},
                                         {"image_tokens": 16, "resolutions": ["64x64"]}]
-    assert all(set(d.programs) == {15, 16} for d in dispatchers)
+    # every dispatcher holds both programs, in token order, each labelled with the resolutions it serves
+    assert all([label for _, _, label in d.programs] == ["48x80, 80x48", "64x64"] for d in dispatchers)
 
 
 def _weight_tensors(compiled: Compiled) -> list[torch.Tensor]:
@@ -39,8 +41,8 @@ def _weight_tensors(compiled: Compiled) -> list[torch.Tensor]:
     tensors = list(compiled.pipe.transformer.state_dict().values())
     for module in compiled.pipe.transformer.modules():
         dispatch = module.__dict__.get("forward")
-        if isinstance(dispatch, optimization.ShapeDispatch):
-            for program in dispatch.programs.values():
+        if isinstance(dispatch, ShapeDispatch):
+            for _, program, _ in dispatch.programs:
                 tensors += list(program.weights.values())
     return tensors
 
@@ -76,13 +78,14 @@ def test_changing_a_weight_in_place_changes_every_preset(fixture, request):
 def test_dispatch_picks_the_program_for_the_shape(compiled_model):
     dispatch = compiled_model.pipe.transformer.forward
     calls = []
-    originals = dict(dispatch.programs)
-    dispatch.programs = {t: (lambda *a, _t=t, **k: (calls.append(_t), originals[_t](*a, **k))[1]) for t in originals}
+    originals = list(dispatch.programs)
+    dispatch.programs = [(signature, (lambda *a, _p=program, _l=label, **k: (calls.append(_l), _p(*a, **k))[1]), label)
+                         for signature, program, label in originals]
     try:
         outputs = compiled_model.run()
     finally:
         dispatch.programs = originals
-    assert calls == [16, 15, 15]  # 64x64, 48x80, 80x48 in preset order
+    assert calls == ["64x64", "48x80, 80x48", "48x80, 80x48"]  # 64x64, 48x80, 80x48 in preset order
     assert rel_err(outputs["80x48"], compiled_model.eager["80x48"]) <= TOLERANCE
 
 
@@ -91,7 +94,9 @@ def test_unknown_shape_is_refused_before_the_transformer(fixture, request):
     compiled = request.getfixturevalue(fixture)
     args, kwargs = compiled.inputs["64x64"]
     kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"][:, :12], img_ids=kwargs["img_ids"][:12])
-    with pytest.raises(optimization.UnsupportedShape, match="no compiled program for 12 image tokens"):
+    # the message names the inputs' shapes (12 image tokens) and the resolutions that have programs
+    with pytest.raises(optimization.UnsupportedShape, match=r"no compiled program for inputs .*hidden_states \[1, 12, \d+\]"
+                                                            r".* \(compiled for: 48x80, 80x48; 64x64\)$"):
         with torch.inference_mode():
             compiled.pipe.transformer(*args, **kwargs)
 
@@ -108,9 +113,16 @@ def test_dynamic_shape_program_serves_every_preset_and_refuses_outside_its_range
     for name, out in compiled.run().items():
         assert rel_err(out, compiled.eager[name]) <= TOLERANCE, name
     dispatch = compiled.pipe.transformer.forward
-    assert dispatch.program_for(20) is dispatch.program_for(32)
+    args, kwargs = compiled.inputs["64x64"]
+
+    def inputs_with(tokens: int) -> tuple[tuple, dict]:
+        hidden, ids = kwargs["hidden_states"], kwargs["img_ids"]
+        return args, dict(kwargs, hidden_states=hidden.new_zeros(hidden.shape[0], tokens, hidden.shape[2]),
+                          img_ids=ids.new_zeros(tokens, ids.shape[1]))
+
+    assert dispatch.program_for(*inputs_with(20)) is dispatch.program_for(*inputs_with(32))
     with pytest.raises(optimization.UnsupportedShape):
-        dispatch.program_for(33)
+        dispatch.program_for(*inputs_with(33))
 
 
 def test_compiled_program_is_loaded_once_not_per_request(compiled_model, monkeypatch):
@@ -139,12 +151,12 @@ def test_compile_failure_with_a_custom_attention_backend_retries_with_sdpa(monke
     real = optimization.compile_program
     backends = []
 
-    def compile_program(pipe, settings, preset, served, max_sequence_length, out_dir):
-        backend = pipe.transformer.transformer_blocks[0].attn.processor._attention_backend
+    def compile_program(model, scope, preset, served, out_dir, inductor_configs):
+        backend = model.pipe.transformer.transformer_blocks[0].attn.processor._attention_backend
         backends.append(backend)
         if backend != "native":
             raise RuntimeError(f"cannot export attention backend {backend}")
-        return real(pipe, settings, preset, served, max_sequence_length, out_dir)
+        return real(model, scope, preset, served, out_dir, inductor_configs)
 
     monkeypatch.setattr(optimization, "compile_program", compile_program)
     compiled = Compiled(attention="_native_math", presets="small=32x32", aot_scope="model", aot_cache_dir=tmp_path)

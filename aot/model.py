@@ -1,0 +1,103 @@
+"""The pipeline a Space serves: loaded from MODEL_ID (or built tiny and offline), its family, its presets, and
+how to call it the family's way."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from aot.families import FAMILIES, Defaults, Family, Guidance, family_named
+from settings import DEFAULT_MODEL_ID, Preset, Settings, parse_presets
+
+log = logging.getLogger("aot-space")
+
+
+@dataclass
+class Model:
+    pipe: object  # a diffusers pipeline
+    family: Family
+    defaults: Defaults
+    presets: tuple[Preset, ...]
+
+    def __call__(self, prompt: str, preset: Preset, steps: int, guidance: float | None = None,
+                 negative_prompt: str | None = None, generator: torch.Generator | None = None, **kwargs):
+        """One pipeline call with the family's arguments: guidance under its own name, the text length, and a
+        negative prompt where the family does true CFG (a blank one when none is given, as the families'
+        own examples do: the pipelines skip CFG without one)."""
+        guidance = self.defaults.guidance if guidance is None else guidance
+        extra = {self.family.guidance_arg: guidance}
+        if self.does_cfg(guidance) and self.family.negative_prompt_arg:
+            extra[self.family.negative_prompt_arg] = negative_prompt or " "
+        return self.pipe(prompt=prompt, width=preset.width, height=preset.height, num_inference_steps=steps,
+                         max_sequence_length=self.defaults.max_sequence_length, generator=generator, **extra, **kwargs)
+
+    def does_cfg(self, guidance: float) -> bool:
+        """Whether a call runs the transformer twice per step (true classifier-free guidance)."""
+        return self.defaults.guidance_kind is Guidance.CFG and guidance > 1
+
+    @property
+    def max_image_tokens(self) -> int:
+        return max(self.family.image_tokens(p.width, p.height) for p in self.presets)
+
+
+def build_tiny(family: Family):
+    """The family's tiny random-weight pipeline: seeded, in eval mode, fp32, on the CPU."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        pipe = family.build_tiny()
+    finally:
+        torch.random.set_rng_state(state)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # built from configs, they start in training mode: dropout would make outputs random
+    return pipe.to(torch.float32)
+
+
+def family_of(pipe) -> Family:
+    name = type(pipe).__name__
+    for family in FAMILIES:
+        if name in family.pipelines:
+            return family
+    supported = ", ".join(f"{p} ({f.name})" for f in FAMILIES for p in f.pipelines)
+    raise SystemExit(f"{name} is not a supported pipeline. This template serves: {supported}. "
+                     "Adding one is one entry in aot/families/ (README: Add a model family).")
+
+
+def _first_line(err: Exception) -> str:
+    # diffusers' loading errors point at "the stacktrace above", which this message replaces
+    return (str(err).splitlines() or [""])[0].replace(" Please check out the root cause in the stacktrace above.", "")
+
+
+def load_pipeline(settings: Settings):
+    """The pipeline named by MODEL_ID, in host memory: bf16 when a GPU will run it, fp32 on CPU.
+    `optimization.optimize_pipeline_` puts it on the GPU (whole, or in low-VRAM mode part by part).
+    A model that cannot be loaded stops startup with one message that says which setting to change."""
+    if settings.tiny_family:
+        log.warning("Running the built-in tiny random-weight %s pipeline (%s). Its images are noise. "
+                    "Set MODEL_ID (e.g. %s) to serve a real model.", settings.tiny_family, settings.demo_model_reason,
+                    DEFAULT_MODEL_ID)
+        return build_tiny(family_named(settings.tiny_family))
+    from diffusers import DiffusionPipeline
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        return DiffusionPipeline.from_pretrained(settings.model_id, revision=settings.revision, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
+        raise SystemExit(
+            f"Could not load MODEL_ID={settings.model_id!r}"
+            f"{f' at MODEL_REVISION={settings.revision!r}' if settings.revision else ''}: "
+            f"{type(err).__name__}: {_first_line(err)}\n"
+            "Check the id and revision, that the hub is reachable and that HF_TOKEN can read the repo (gated "
+            "models such as FLUX.1-dev need their license accepted), or unset MODEL_ID to run the tiny demo."
+        ) from None
+
+
+def load_model(settings: Settings, pipe=None) -> Model:
+    """The pipeline (loaded here unless given), its family and defaults, and the presets it serves: PRESETS
+    if set, else the family's native resolutions (its tiny ones for a tiny pipeline)."""
+    pipe = load_pipeline(settings) if pipe is None else pipe
+    family = family_of(pipe)
+    text = settings.presets_text or (family.tiny_presets if settings.tiny_family else family.presets)
+    return Model(pipe, family, family.defaults(pipe), parse_presets(text, family.multiple))

@@ -1,0 +1,220 @@
+"""Capture, export, AOT-compile and install the transformer's programs, and dispatch each call to the program
+compiled for its input shapes. Every program reads the modules' own parameters: one copy of the weights."""
+from __future__ import annotations
+
+import contextvars
+import gc
+import inspect
+import logging
+import threading
+import time
+from pathlib import Path
+
+import spaces
+import torch
+import torch.fx.experimental.proxy_tensor
+from torch.utils._pytree import tree_flatten
+
+from aot.families import Text
+from aot.model import Model
+from settings import Preset
+
+log = logging.getLogger("aot-space")
+
+CAPTURE_PROMPT = "a photo of an astronaut riding a horse on the moon"
+
+
+class UnsupportedShape(ValueError):
+    """The transformer was called with a shape that no compiled program serves."""
+
+
+# A program's signature: for every input, in keyword order, the shape of each tensor in it (a dynamic axis as
+# its [min, max] range) or the value of anything else (Python ints baked into the program). JSON-able, so it
+# is kept in the cache's manifest beside the package.
+Signature = list
+
+
+def _leaves(value) -> list:
+    return tree_flatten(value)[0]
+
+
+def named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by parameter name, positional ones included (Z-Image's blocks take them so)."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    return {name: value for name, value in list(bound.arguments.items())[1:]}
+
+
+def signature(inputs: dict, spec: dict | None = None) -> Signature:
+    """`inputs` by name; `spec`: torch.export's dynamic_shapes for them, keyed by the same names."""
+    entries = []
+    for name in sorted(inputs):
+        leaves = _leaves(inputs[name])
+        dims = tree_flatten((spec or {}).get(name), is_leaf=lambda x: x is None or isinstance(x, dict))[0]
+        dims = dims if len(dims) == len(leaves) else [None] * len(leaves)
+        entries.append([name, [_describe(leaf, dim) for leaf, dim in zip(leaves, dims)]])
+    return entries
+
+
+def _describe(leaf, dynamic: dict | None):
+    if not isinstance(leaf, torch.Tensor):
+        return repr(leaf)
+    shape = list(leaf.shape)
+    for axis, dim in (dynamic or {}).items():
+        shape[axis] = [int(dim.min), int(dim.max)]
+    return shape
+
+
+def matches(expected: Signature, actual: Signature) -> bool:
+    if [name for name, _ in expected] != [name for name, _ in actual]:
+        return False
+    for (_, want_leaves), (_, got_leaves) in zip(expected, actual):
+        if len(want_leaves) != len(got_leaves):
+            return False
+        for want, got in zip(want_leaves, got_leaves):
+            if isinstance(want, str) or isinstance(got, str):
+                if want != got:
+                    return False
+            elif len(want) != len(got) or not all(w[0] <= g <= w[1] if isinstance(w, list) else w == g
+                                                  for w, g in zip(want, got)):
+                return False
+    return True
+
+
+def _short(sig: Signature) -> str:
+    return ", ".join(f"{name} {leaves[0]}" for name, leaves in sig if leaves and isinstance(leaves[0], list))
+
+
+class ProgramRunner:
+    """Runs compiled programs in one private `contextvars` context.
+
+    spaces' lazy AOTI models load their package on first use and cache it per context. Gradio runs each
+    request in a fresh context copy, so without this every request would load every package again.
+    """
+
+    def __init__(self):
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()  # a context can be entered by one thread at a time
+
+    def __call__(self, program, *args, **kwargs):
+        with self._lock:
+            return self._context.run(program, *args, **kwargs)
+
+
+class ShapeDispatch:
+    """Replaces a module's `forward`: routes each call to the program whose signature its inputs match."""
+
+    def __init__(self, module: torch.nn.Module, programs: list[tuple[Signature, object, str]], runner: ProgramRunner):
+        self.module = module
+        self.programs = programs  # (signature, program, the resolutions it serves)
+        self.runner = runner
+
+    def program_for(self, args: tuple, kwargs: dict):
+        actual = signature(named_inputs(self.module, args, kwargs))
+        for expected, program, _ in self.programs:
+            if matches(expected, actual):
+                return program
+        served = "; ".join(label for _, _, label in self.programs)
+        raise UnsupportedShape(f"no compiled program for inputs {_short(actual)} (compiled for: {served})")
+
+    def __call__(self, *args, **kwargs):
+        return self.runner(self.program_for(args, kwargs), *args, **kwargs)
+
+
+def compile_targets(transformer: torch.nn.Module, scope: str) -> dict[str, torch.nn.Module]:
+    """What to export, keyed by the submodule name that `spaces.aoti_compile_and_save` files it under.
+
+    "model": the whole transformer (key ""). "blocks": regional compilation, one program per repeated
+    block class (diffusers lists them in `_repeated_blocks`), traced on the first block of its
+    `ModuleList` and installed on every block there, each block reading its own weights.
+    """
+    if scope == "model":
+        return {"": transformer}
+    repeated = getattr(transformer, "_repeated_blocks", ())
+    targets = {name: module[0] for name, module in transformer.named_children()
+               if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in repeated}
+    if not targets:
+        raise ValueError(f"{type(transformer).__name__} declares no repeated blocks; use AOT_SCOPE=model")
+    return targets
+
+
+def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset,
+                   prompt: str = CAPTURE_PROMPT) -> tuple[tuple, dict]:
+    """`module`'s real first call for one preset, recorded without running it."""
+    with spaces.aoti_capture(module) as call:
+        model(prompt, preset, steps=1, output_type="latent")
+    return call.args, call.kwargs
+
+
+def export_spec(model: Model, args: tuple, kwargs: dict, served: tuple[int, int] | None) -> dict | None:
+    """Which axes of a captured call stay dynamic in its program, keyed by argument name: the image tokens
+    over `served` (a DYNAMIC_SHAPES program), or the text tokens of a Text.DYNAMIC family; None: all static."""
+    family = model.family
+    if served:
+        return family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]))
+    if family.text is Text.DYNAMIC:
+        return family.text_spec(args, kwargs, model.defaults.max_sequence_length)
+    return None
+
+
+def compile_program(model: Model, scope: str, preset: Preset, served: tuple[int, int] | None, out_dir: Path,
+                    inductor_configs: dict) -> dict[str, Signature]:
+    """Captures, exports and AOT-compiles the (already quantized) transformer at `preset`'s shape into
+    `out_dir`, in the layout `spaces.aoti_load_from_package_dir` reads: one package per compile target.
+    `served`: the image-token range of a dynamic-shape program, None for a static one.
+    Returns each target's signature, which the dispatcher matches calls against."""
+    signatures = {}
+    for name, module in compile_targets(model.pipe.transformer, scope).items():
+        args, kwargs = capture_inputs(model, module, preset)
+        spec = export_spec(model, args, kwargs, served)
+        t0 = time.perf_counter()
+        exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
+        t1 = time.perf_counter()
+        spaces.aoti_compile_and_save(out_dir, exported, inductor_configs=inductor_configs, submodule=name or None)
+        log.info("compiled %s for %s: export %.1f s, compile %.1f s", name or "transformer", preset.name,
+                 t1 - t0, time.perf_counter() - t1)
+        signatures[name] = signature(named_inputs(module, args, kwargs), spec)
+    return signatures
+
+
+def own_tensors_(module: torch.nn.Module) -> None:
+    """Makes every tensor a program reads part of the module's state_dict: tensors kept as plain attributes
+    (Qwen-Image's rotary tables) and non-persistent buffers become persistent buffers. spaces binds a program
+    to the module's state_dict alone, and a constant left unbound crashed the process (seen on CPU)."""
+    for sub in module.modules():
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                delattr(sub, name)
+                sub.register_buffer(name, value)
+        sub._non_persistent_buffers_set.clear()
+
+
+def release_export_memory() -> None:
+    """torch.export keeps its last trace in a module-level map, and through it tensors as large as the
+    weights (about 11 GiB more resident after an fp8 FLUX compile on an H100); drop them once compiled."""
+    proxy_map = getattr(torch.fx.experimental.proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if proxy_map is not None:
+        proxy_map.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def install_programs_(transformer: torch.nn.Module, entries: list[tuple[Path, dict[str, Signature], str]]) -> None:
+    """Loads every package against the modules' own parameters (no copy) and puts a dispatcher on each patched
+    module: the transformer, or every repeated block. `entries`: (package directory, each target's signature,
+    the resolutions it serves)."""
+    programs: dict[torch.nn.Module, list] = {}
+    for path, signatures, label in entries:
+        spaces.aoti_load_from_package_dir(transformer, path)  # sets `forward` on each target to a lazy program
+        for name, module in transformer.named_modules():
+            if "forward" in module.__dict__:
+                target = name if name in signatures else name.rpartition(".")[0]  # a block: its list's name
+                programs.setdefault(module, []).append((signatures[target], module.__dict__.pop("forward"), label))
+    runner = ProgramRunner()
+    for module, by_signature in programs.items():
+        module.forward = ShapeDispatch(module, by_signature, runner)
+
+
+def restore_eager_(transformer: torch.nn.Module) -> None:
+    for module in transformer.modules():
+        module.__dict__.pop("forward", None)

@@ -1,0 +1,55 @@
+"""The record of what startup did, shown in the status panel and returned by the /status API."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger("aot-space")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One choice made at startup: the value, why, and whether it is a degradation the user must see."""
+
+    value: str
+    reason: str
+    fell_back: bool = False
+
+
+@dataclass
+class Report:
+    device: str
+    dtype: str
+    family: str = ""
+    attention: str = "sdpa"
+    attention_reason: str = ""
+    quantization: str = "none"
+    quantization_reason: str = ""
+    compile: str = "none"
+    compile_reason: str = ""
+    compile_scope: str = ""  # "model" | "blocks"
+    compile_source: str = ""  # "compiled now" | "loaded from cache" | "1 of 2 programs compiled now, ..."
+    compile_seconds: float = 0.0
+    text: str = ""  # how prompt lengths reach the programs: fixed, padded to N, or a dynamic axis
+    cache_keys: list[str] = field(default_factory=list)  # one cache entry per program
+    programs: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # the MemoryPlan: low-VRAM mode or not, and why
+    parallel: dict = field(default_factory=dict)  # several ranks: engine, degree, world size, error; {} for one
+    fallbacks: list[str] = field(default_factory=list)
+
+    def fallback(self, what: str, reason: str) -> None:
+        """Every degradation goes through here: logged once, kept for the UI and the API."""
+        message = f"{what}: {reason.splitlines()[0][:300]}"
+        log.warning("FALLBACK %s", message)
+        self.fallbacks.append(message)
+
+    def decide(self, what: str, decision: Decision) -> str:
+        """Records `decision` as the report's `what` and `what_reason`; a fallback is also reported."""
+        setattr(self, what, decision.value)
+        setattr(self, f"{what}_reason", decision.reason)
+        if decision.fell_back:
+            self.fallback(what, decision.reason)
+        return decision.value
+
+    def as_dict(self) -> dict:
+        return asdict(self)
