@@ -81,8 +81,7 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     notes = []
     prompt = _text(prompt, "Prompt", notes, required=True)
     if negative_prompt and not TAKES_NEGATIVE_PROMPT:
-        raise gr.Error(f"This {FAMILY.name} model has no classifier-free guidance, so it takes no negative prompt; "
-                       "leave it empty.")
+        raise gr.Error(f"This {FAMILY.name} model takes no negative prompt; leave it empty.")
     negative_prompt = _text(negative_prompt, "Negative prompt", notes, required=False)
     if not isinstance(resolution, str) or resolution not in PRESETS:
         raise gr.Error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(PRESETS)}.")
@@ -181,7 +180,7 @@ with gr.Blocks(title="AoT diffusion Space") as demo:
         run_button = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
     resolution = gr.Radio(choices=[(p.choice, p.name) for p in MODEL.presets], value=MODEL.presets[0].name,
                           label="Resolution", elem_id="resolution")
-    negative_prompt = gr.Textbox(label="Negative prompt", placeholder="What the image should not show", max_lines=2,
+    negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="What the image should not show", max_lines=2,
                                  visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=0, elem_id="seed")

@@ -150,16 +150,17 @@ def _serve_eager(model: Model, report: Report, reason: str, low_vram: bool) -> N
                                         "bf16 weights would not fit")
 
 
-def program_groups(model: Model, dynamic: bool) -> dict[int | tuple, list[Preset]]:
+def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple, list[Preset]]:
     """The programs to build and the presets each serves: presets with the same program shape share one;
-    with DYNAMIC_SHAPES one program (keyed by the largest preset, which it is traced at) serves them all."""
+    with DYNAMIC_SHAPES, or a family whose block programs take any size, one program (keyed by the largest
+    preset, which it is traced at) serves them all."""
     family = model.family
-    if dynamic:
+    if dynamic or (family.one_program and scope == "blocks"):
         largest = max(model.presets, key=lambda p: family.image_tokens(p.width, p.height))
         return {family.image_tokens(largest.width, largest.height): [largest, *(p for p in model.presets if p != largest)]}
     groups: dict[int | tuple, list[Preset]] = {}
     for preset in model.presets:
-        groups.setdefault(family.program_shape(preset.width, preset.height), []).append(preset)
+        groups.setdefault(family.program_shape(preset.width, preset.height, scope), []).append(preset)
     return dict(sorted(groups.items()))
 
 
@@ -174,7 +175,7 @@ def compile_or_load_(model: Model, settings: Settings, report: Report) -> None:
     entry (or a pinned Hub repo) if its key matches, else compiled now, on the GPU, into the cache.
     Adding a preset compiles only the new program."""
     served = token_range(model) if settings.dynamic_shapes else None
-    groups = program_groups(model, settings.dynamic_shapes)
+    groups = program_groups(model, report.compile_scope, settings.dynamic_shapes)
     entries = {}  # program shape -> (key, entry directory)
     for shape in groups:
         key = cache_key(model.pipe, model.family.name, settings.model_id, settings.revision, report,

@@ -56,16 +56,22 @@ class Family:
     # Linear layers (name fragments) that fp8 leaves in bf16: those whose rows are a dynamic text axis, which
     # cuBLAS' fp8 GEMM inside an AOT program refused at run time (Qwen-Image on an H200, RESULTS.md run 12)
     keep_bf16: tuple[str, ...] = ()
+    # Its regional programs' sequence axis is dynamic over image and text tokens alike (Z-Image pads both into
+    # one sequence): one program serves every preset, and any other size too
+    one_program: bool = False
     # Why only regional programs work for this family, if so: AOT_SCOPE=model then compiles blocks, reported
     regional_only: str | None = None
 
     def image_tokens(self, width: int, height: int) -> int:
         return (width // self.multiple) * (height // self.multiple)
 
-    def program_shape(self, width: int, height: int) -> int | tuple[int, int]:
-        """What tells two presets' programs apart: the token count, or the token grid itself."""
+    def program_shape(self, width: int, height: int, scope: str) -> int | tuple[int, int]:
+        """What tells two presets' programs apart: the token count, or the token grid itself. Blocks see token
+        sequences (the grid reaches them as rotary tensors), so regional programs go by the token count."""
         tokens = self.image_tokens(width, height)
-        return tokens if self.shares_programs_by_token_count else (width // self.multiple, height // self.multiple)
+        if self.shares_programs_by_token_count or scope == "blocks":
+            return tokens
+        return width // self.multiple, height // self.multiple
 
 
 # The entries import the types above, so they come last. Add a family here after writing its file.

@@ -115,6 +115,7 @@ Z_IMAGE = Family(
     prompt_tokens=prompt_tokens,
     shares_programs_by_token_count=False,  # the latent's [C, F, H, W] shape is patchified with Python ints
     text_spec=dynamic_shapes,
+    one_program=True,
     regional_only=("a whole-model export fixes the caption length unless traced strictly (torch.export "
                    "specializes len(cap_feat)); the blocks take any length"),
 )
