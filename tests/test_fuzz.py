@@ -16,9 +16,9 @@ from settings import MAX_SEED, MAX_STEPS
 GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5,
             negative_prompt="")
 # validate() names the parameter at the start of each message it raises, or (a negative prompt for a model
-# without classifier-free guidance, such as the tiny FLUX) says that the model takes none
-APP_ERROR = re.compile(r"^(Prompt |Negative prompt |This flux model has no classifier-free guidance, so it takes no "
-                       r"negative prompt|Unknown resolution |randomize_seed |Seed |Steps |Guidance )")
+# that takes none, such as the tiny FLUX) says so
+APP_ERROR = re.compile(r"^(Prompt |Negative prompt |This flux model takes no negative prompt|Unknown resolution "
+                       r"|randomize_seed |Seed |Steps |Guidance )")
 
 # What JSON can carry. NaN, infinities and lone surrogates are refused by the client before sending, so they
 # are tested on generate() directly in test_app.py.
