@@ -100,9 +100,10 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
 
 
 def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="") -> int:
-    """ZeroGPU quota to reserve, from H100 step times at 1024x1024 (benchmarks/RESULTS.md: 98-109 ms
-    compiled, 183 ms eager) with a 1.4-1.5x margin, plus 10 s for text encoders, VAE and first loads."""
-    step_seconds = 0.25 if REPORT.compile == "none" else 0.15
+    """ZeroGPU quota to reserve, from FLUX.1-dev's H100 step times at 1024x1024 (benchmarks/RESULTS.md: 98-109 ms
+    compiled, 183 ms eager) with a 1.4-1.5x margin, scaled by the family's measured step cost, plus 10 s for
+    text encoders, VAE and first loads."""
+    step_seconds = (0.25 if REPORT.compile == "none" else 0.15) * FAMILY.step_cost
     # On ZeroGPU a shape's program is loaded in the GPU worker on its first request (61 s measured on an H100)
     first_load = 90 if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES else 0
     calls = 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step

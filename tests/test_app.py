@@ -119,6 +119,15 @@ def test_ui_labels_the_demo_model_and_shows_fallbacks(app):
     assert "fallback: attention" in banner and "loaded from cache in" in banner
 
 
+def test_gpu_duration_scales_with_the_family_step_cost(app, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024)})
+    base = app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - 10  # less the fixed 10 s
+    monkeypatch.setattr(app, "FAMILY", dataclasses.replace(app.FAMILY, step_cost=3.0))
+    assert app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - 10 in (3 * base, 3 * base + 1, 3 * base + 2)
+
+
 def test_gpu_duration_grows_with_steps_and_resolution_and_covers_a_first_load(app, monkeypatch):
     monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024), (1216, 1216)})
     assert app.gpu_seconds("p", 1024, 1024, 0, 4, 3.5) < app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5)

@@ -161,6 +161,7 @@ def build_tiny_klein():
 FLUX2 = Family(
     name="flux2", pipelines=("Flux2Pipeline",), presets=PRESETS, tiny_presets=TINY_PRESETS, multiple=MULTIPLE,
     text=Text.FIXED, defaults=_dev_defaults, build_tiny=build_tiny_dev, prompt_tokens=_dev_prompt_tokens,
+    step_cost=3.0,  # 32B: 548.9 ms a step eagerly against FLUX.1-dev's 182.8 (RESULTS.md run 12)
 )
 
 # klein base does CFG against the empty prompt, hard-coded in the pipeline: no argument takes a negative prompt as
@@ -169,4 +170,5 @@ FLUX2_KLEIN = Family(
     name="flux2-klein", pipelines=("Flux2KleinPipeline",), presets=PRESETS, tiny_presets=TINY_PRESETS,
     multiple=MULTIPLE, text=Text.FIXED, defaults=_klein_defaults, build_tiny=build_tiny_klein,
     prompt_tokens=_klein_prompt_tokens,
+    step_cost=0.6,  # the 4B: 82.3 ms, 0.45 of FLUX.1-dev's (RESULTS.md run 12); rounded up for the 9B, not measured
 )

@@ -114,6 +114,7 @@ QWEN_IMAGE = Family(
     # img_shapes=[[(frames, height, width)]] reaches the transformer as Python ints: its rotary tables (and the
     # text positions' offset, max(height, width) // 2) are baked into the exported program.
     shares_programs_by_token_count=False,
+    step_cost=1.0,  # 306.0 ms at 1328x1328, 180 ms per 1024x1024 of pixels, as FLUX.1-dev (RESULTS.md run 12)
     negative_prompt_arg="negative_prompt",
     guidance_arg="true_cfg_scale",
     text_spec=text_spec,

@@ -116,6 +116,7 @@ Z_IMAGE = Family(
     shares_programs_by_token_count=False,  # the latent's [C, F, H, W] shape is patchified with Python ints
     text_spec=dynamic_shapes,
     one_program=True,
+    step_cost=0.9,  # 157.9 ms a step eagerly against FLUX.1-dev's 182.8 (RESULTS.md run 12)
     regional_only=("a whole-model export fixes the caption length unless traced strictly (torch.export "
                    "specializes len(cap_feat)); the blocks take any length"),
 )
