@@ -3,6 +3,7 @@ compiled for its input shapes. Every program reads the modules' own parameters: 
 from __future__ import annotations
 
 import contextvars
+import functools
 import gc
 import inspect
 import logging
@@ -38,9 +39,14 @@ def _leaves(value) -> list:
     return tree_flatten(value)[0]
 
 
+@functools.cache
+def _forward_signature(module_class: type) -> inspect.Signature:
+    return inspect.signature(module_class.forward)  # read once per class: the dispatcher asks on every block call
+
+
 def named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     """A call's arguments by parameter name, positional ones included (Z-Image's blocks take them so)."""
-    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    bound = _forward_signature(type(module)).bind(module, *args, **kwargs)
     return {name: value for name, value in list(bound.arguments.items())[1:]}
 
 
