@@ -5,11 +5,15 @@ Everything about speed lives in optimization.py, every setting in settings.py.
 import logging
 import math
 import random
+import re
 import time
+from pathlib import Path
 
 import gradio as gr
 import spaces
 import torch
+from gradio.processing_utils import save_pil_to_cache
+from gradio.utils import get_upload_folder
 
 import optimization
 from aot import parallel
@@ -28,22 +32,40 @@ REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS)
 PRESETS = {preset.name: preset for preset in MODEL.presets}
 USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
 TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
-SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes generated at least once by this process
-EXAMPLES = [
+SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes the current GPU worker has generated (gpu_seconds)
+# The page and the API start from this seed with randomize_seed off, so a seed sent is the seed used.
+DEFAULT_SEED = 0
+REAL_MODEL_EXAMPLES = [
     "a tiny astronaut hatching from an egg on the moon",
     "a watercolor fox in a snowy birch forest, morning light",
     "a neon sign that says 'AoT' in a rainy alley, cinematic",
 ]
 
 
+def _example_prompts() -> list[str]:
+    """The served model's own prompts when its folder has an `examples.txt` (one per line, as the demo model
+    ships), else prompts for a real text-to-image model. Read once here; no request reads a file."""
+    folder = getattr(MODEL.pipe, "name_or_path", None)  # diffusers: the folder or hub id it was loaded from
+    path = Path(folder, "examples.txt") if folder else None
+    if path is not None and path.is_file():
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if prompts:
+            return prompts
+    return REAL_MODEL_EXAMPLES
+
+
+EXAMPLES = _example_prompts()
+
+
 def status() -> dict:
-    """What runs and how it was optimized, fallbacks included. Also served as the /status API."""
+    """What runs and how it was optimized: fallbacks, and choices expected on this hardware (`notes`).
+    Also served as the /status API."""
     return {
         "model_id": SETTINGS.model_id,
-        "demo_model": SETTINGS.tiny_family is not None,
+        "demo_model": SETTINGS.demo_model,
         "resolutions": list(PRESETS),
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "guidance_kind": DEFAULTS.guidance_kind.value,
-                     "max_prompt_tokens": DEFAULTS.max_sequence_length},
+                     "max_prompt_tokens": DEFAULTS.max_sequence_length, "seed": DEFAULT_SEED, "randomize_seed": False},
         **REPORT.as_dict(),
     }
 
@@ -99,15 +121,40 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, notes
 
 
+# The ZeroGPU duration of a request (gpu_seconds). benchmarks/zerogpu_e2e.py measures it against the GPU time each
+# request used, per preset and step count, first request per worker included (benchmarks/RESULTS.md).
+# A FLUX.1-dev step at 1024x1024 on an H100: 98-109 ms compiled, 183 ms eager (RESULTS.md), asked with a 1.4-1.5x margin
+STEP_SECONDS = {"aoti": 0.15, "none": 0.25}
+FIXED_SECONDS = 10  # text encoders, VAE, and a new GPU worker's start (CUDA, the weights copied to the GPU)
+FIRST_LOAD_SECONDS = 90  # a program's first call in a GPU worker loads it: 61 s measured on an H100 (RESULTS.md run 4)
+# The step times are an H100's (132 SMs). ZeroGPU's default GPU, an H200 MIG 3g.71gb slice, has 60 SMs, so a
+# compute-bound step (FLUX's GEMMs and attention, RESULTS.md run 11) takes up to 132/60 = 2.2x as long there.
+H100_SMS = 132
+GPU_SLOWDOWN = max(1.0, H100_SMS / torch.cuda.get_device_properties(0).multi_processor_count) \
+    if torch.cuda.is_available() else 1.0
+
+
 def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="") -> int:
-    """ZeroGPU quota to reserve, from FLUX.1-dev's H100 step times at 1024x1024 (benchmarks/RESULTS.md: 98-109 ms
-    compiled, 183 ms eager) with a 1.4-1.5x margin, scaled by the family's measured step cost, plus 10 s for
-    text encoders, VAE and first loads."""
-    step_seconds = (0.25 if REPORT.compile == "none" else 0.15) * FAMILY.step_cost
-    # On ZeroGPU a shape's program is loaded in the GPU worker on its first request (61 s measured on an H100)
-    first_load = 90 if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES else 0
+    """Seconds of GPU to ask ZeroGPU for. It ends a task at this duration, so it covers the slowest case; asking
+    more spends the visitor's quota (a request asking more than is left is refused before it starts).
+
+    The steps at their H100 times with the 1.4-1.5x margin, scaled by the family's step cost and by the serving
+    GPU's SM deficit (GPU_SLOWDOWN: 2.2 on the MIG slice, which keeps the same margin there; unscaled, Qwen-Image's
+    default request, 50 steps of true CFG at 1328x1328, would ask 35 s for about 44 s of transformer calls on the
+    slice: 200.8 ms each on a whole H200, RESULTS.md run 12, x2.2), plus FIXED_SECONDS, plus FIRST_LOAD_SECONDS
+    for a shape the current GPU worker has not run yet."""
+    step_seconds = STEP_SECONDS[REPORT.compile] * FAMILY.step_cost * GPU_SLOWDOWN
+    first_load = FIRST_LOAD_SECONDS if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES else 0
     calls = 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
-    return int(10 + first_load + calls * steps * step_seconds * width * height / 1024**2)
+    return int(FIXED_SECONDS + first_load + calls * steps * step_seconds * width * height / 1024**2)
+
+
+def _answered_before_gpu_work(err: Exception) -> bool:
+    """Whether `err` is ZeroGPU's answer to the request for a GPU (quota, no GPU, queue timeout), which leaves the
+    GPU worker as it was. spaces titles those "ZeroGPU ..." and a failed task "ZeroGPU worker error"; any other
+    failure (or title) counts as a replaced worker, which only asks for a first load too many."""
+    title = getattr(err, "title", "") or ""
+    return title.startswith("ZeroGPU") and title != "ZeroGPU worker error"
 
 
 def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = ""):
@@ -118,21 +165,14 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
 @spaces.GPU(duration=gpu_seconds)
 def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float,
                  negative_prompt: str = ""):
-    """The only GPU work per request. Arguments and result are plain, picklable CPU values."""
-    if RANKS:  # every rank runs the same call, in lockstep
-        return RANKS.run(_image, prompt=prompt, width=width, height=height, seed=seed, steps=steps,
-                         guidance=guidance, negative_prompt=negative_prompt)
-    return _image(prompt, width, height, seed, steps, guidance, negative_prompt)
-
-
-def generate(prompt, resolution=MODEL.presets[0].name, seed=0, randomize_seed=False, steps=DEFAULTS.steps,
-             guidance=DEFAULTS.guidance, negative_prompt="", progress=gr.Progress(track_tqdm=True)):
-    """Text to image. Returns the image, the seed used and a one-line summary with the time taken."""
-    prompt, preset, seed, steps, guidance, negative_prompt, notes = validate(
-        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt)
-    start = time.perf_counter()
+    """The only GPU work per request. Arguments and result are plain, picklable CPU values. On ZeroGPU it runs in
+    the GPU worker, which hands the main process a gr.Error whole but any other error as its class name alone
+    ("OutOfMemoryError"), so its errors are made readable here."""
     try:
-        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt)
+        if RANKS:  # every rank runs the same call, in lockstep
+            return RANKS.run(_image, prompt=prompt, width=width, height=height, seed=seed, steps=steps,
+                             guidance=guidance, negative_prompt=negative_prompt)
+        return _image(prompt, width, height, seed, steps, guidance, negative_prompt)
     except optimization.UnsupportedShape as err:
         raise gr.Error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
     except torch.OutOfMemoryError:
@@ -144,20 +184,105 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=0, randomize_seed=Fa
     except Exception as err:  # noqa: BLE001 - the user gets a readable error and the server keeps serving
         log.exception("generation failed")
         raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
+
+
+def _slug(text: str) -> str:
+    """The first words of `text` in lower case, letters and digits only, joined by "-": a safe file name (at most
+    100 bytes, well inside the file systems' 255)."""
+    slug = "-".join(re.findall(r"[^\W_]+", text.lower())[:8]).encode()[:100].decode(errors="ignore")
+    return slug.strip("-") or "image"
+
+
+def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, randomize_seed=False, steps=DEFAULTS.steps,
+             guidance=DEFAULTS.guidance, negative_prompt="", progress=gr.Progress(track_tqdm=True)):
+    """Text to image. Returns the image's PNG (named after prompt and seed), the seed used and a one-line summary
+    with the time taken. The seed is used as given unless randomize_seed is true; both default as in the page."""
+    prompt, preset, seed, steps, guidance, negative_prompt, notes = validate(
+        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt)
+    start = time.perf_counter()
+    try:
+        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt)
+    except Exception as err:  # noqa: BLE001 - ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
+        if not _answered_before_gpu_work(err):
+            SERVED_SHAPES.clear()  # spaces replaces a GPU worker whose task failed; the new one loads every program
+        if isinstance(err, gr.Error):
+            raise
+        log.exception("generation failed")
+        raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
     seconds = time.perf_counter() - start
     SERVED_SHAPES.add((preset.width, preset.height))
+    image.info.update(prompt=prompt, seed=str(seed))  # kept in the PNG as text
+    # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
+    path = save_pil_to_cache(image, get_upload_folder(), name=f"{_slug(prompt)}-seed{seed}", format="png")
     details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s"
     if notes:
         details += " | note: " + "; ".join(notes)
-    return image, seed, details
+    return path, seed, details
+
+
+EXAMPLE_RESULTS: dict[tuple[int, str], tuple] = {}  # (example, resolution) -> what generate() returned
+
+
+def example(picked: tuple[int, list], resolution):
+    """The picked example's prompt at the chosen resolution, with the default seed, steps and guidance. Made once
+    per resolution by this process, then shown again: the record lives in this process only, so it always matches
+    this start's model, presets and settings (a changed Space never shows an older image), and it holds at most
+    one image per example and preset."""
+    index, _ = picked
+    key = (index, resolution)
+    if key in EXAMPLE_RESULTS:
+        path, seed, details = EXAMPLE_RESULTS[key]
+        return path, seed, f"{details}, example shown again"
+    EXAMPLE_RESULTS[key] = generate(EXAMPLES[index], resolution)  # an unknown resolution raises: nothing is kept
+    return EXAMPLE_RESULTS[key]
+
+
+def _model_name() -> str:
+    if SETTINGS.tiny_family:
+        return f"tiny-{SETTINGS.tiny_family}, random weights"
+    if SETTINGS.demo_model:
+        return "the built-in demo model"
+    return SETTINGS.model_id.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _title() -> str:
+    """What the Space does and with which model; non-breaking hyphens keep a model's name on one line."""
+    return f"Text to image with {_model_name()}".replace("-", "\u2011")
+
+
+def _status_line() -> str:
+    """The banner's one line, most telling first (a phone cuts the end): compiled or not, where, how many
+    fallbacks, then the programs; the details open below it."""
+    where = "GPU" if REPORT.device.startswith("cuda") else REPORT.device.upper()
+    parts = [f"AoT compiled on {where}" if REPORT.compile == "aoti" else f"Eager (not compiled) on {where}"]
+    if REPORT.fallbacks:
+        parts.append(f"{len(REPORT.fallbacks)} fallback{'s' if len(REPORT.fallbacks) > 1 else ''}")
+    if REPORT.compile == "aoti":
+        parts.append(f"{len(REPORT.programs)} program(s), {REPORT.compile_source}")
+    return " · ".join(parts)
+
+
+def _startup_line(startup: dict) -> str:
+    """Where start-up went (Report.startup), in one line: each step, and each program with how it came."""
+    steps = {"model_load_s": "model load", "place_s": "placement", "quantize_s": "quantization",
+             "download_s": "download", "upload_s": "upload", "install_s": "install", "warm_up_s": "warm-up"}
+    parts = [f"{label} {startup[key]} s" for key, label in steps.items() if key in startup]
+    for program in startup.get("programs", []):
+        seconds = program.get("compile_s", program["verify_s"])
+        parts.append(f"{program['resolutions']} {program['source']} {seconds} s")
+    return ", ".join(parts)
 
 
 def _status_markdown() -> str:
+    """The banner's details: the model, how it runs, choices expected on this hardware, then every fallback."""
     lines = []
     if SETTINGS.tiny_family:
         lines.append(f"**Demo model:** this is the built-in tiny {FAMILY.name} pipeline with *random weights*, so "
                      "images are noise. Set the `MODEL_ID` variable (e.g. `black-forest-labs/FLUX.1-dev`) to serve "
                      "a real model.")
+    elif SETTINGS.demo_model:
+        lines.append("**Demo model:** a tiny model trained here on plain shapes, to try the Space offline. Set the "
+                     "`MODEL_ID` variable (e.g. `black-forest-labs/FLUX.1-dev`) to serve a real model.")
     keys = ", ".join(f"`{key}`" for key in REPORT.cache_keys)
     compiled = (f"AoT compiled ({REPORT.compile_scope}), {REPORT.compile_source} in {REPORT.compile_seconds} s "
                 f"(cache keys {keys}), {len(REPORT.programs)} program(s) for {', '.join(PRESETS)}"
@@ -166,42 +291,79 @@ def _status_markdown() -> str:
                  f"quantization `{REPORT.quantization}`, {compiled}.")
     if REPORT.parallel:
         lines.append(parallel.describe(REPORT.parallel))
+    if REPORT.startup:
+        lines.append(f"Start-up: {_startup_line(REPORT.startup)}.")
+    if REPORT.hub_upload:
+        lines.append(f"Compiled programs uploaded: set `{REPORT.hub_upload['pin']}` to download them next time.")
     text = "\n\n".join(lines)
+    if REPORT.notes:
+        text += "\n\nAs expected on this hardware:\n\n" + "\n".join(f"- {item}" for item in REPORT.notes)
     if REPORT.fallbacks:
-        text += "\n\n" + "\n".join(f"- fallback: {item}" for item in REPORT.fallbacks)
+        text += "\n\nFell back:\n\n" + "\n".join(f"- fallback: {item}" for item in REPORT.fallbacks)
     return text
 
 
-with gr.Blocks(title="AoT diffusion Space") as demo:
-    gr.Markdown(f"# {SETTINGS.model_id}\nAhead-of-time compiled text-to-image.")
-    gr.Markdown(_status_markdown(), elem_id="status-banner")
-    with gr.Row():
-        prompt = gr.Textbox(label="Prompt", placeholder="Describe an image and press Enter", scale=4,
-                            max_lines=4, elem_id="prompt")
-        run_button = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
-    resolution = gr.Radio(choices=[(p.choice, p.name) for p in MODEL.presets], value=MODEL.presets[0].name,
-                          label="Resolution", elem_id="resolution")
-    negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="What the image should not show", max_lines=2,
-                                 visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
-    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-        seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=0, elem_id="seed")
-        randomize_seed = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
-        steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps)
-        guidance = gr.Slider(label="Guidance", minimum=0, maximum=MAX_GUIDANCE, step=0.1, value=DEFAULTS.guidance,
-                             interactive=USES_GUIDANCE)
-    image = gr.Image(label="Image", type="pil", format="png", elem_id="image")
-    with gr.Row():
-        used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
-        details = gr.Textbox(label="Details", interactive=False, elem_id="details")
-    with gr.Accordion("Optimization status", open=False):
-        status_json = gr.JSON(label="status")
+# Desktop: prompt and settings on the left, the result on the right, fitted to the window. Phone (one column):
+# prompt, Generate, result, then the settings. The image never grows past the window, so seed and details stay in
+# view under it.
+CSS = """
+#main { display: grid; grid-template-columns: minmax(300px, 2fr) 3fr; grid-template-areas: "ask result" "settings result";
+        grid-template-rows: auto 1fr; align-items: start; }
+#ask { grid-area: ask; } #result { grid-area: result; } #settings { grid-area: settings; }
+#image .image-frame { width: 100%; }
+#image img { width: 100%; height: auto; max-height: calc(100dvh - 310px); object-fit: contain; }
+#status-banner .label-wrap span { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+@media (max-width: 767px) {
+  #main { grid-template-columns: 100%; grid-template-areas: "ask" "result" "settings"; }
+  #title h1 { font-size: 1.4rem; }
+  #image img { max-height: calc(100dvh - 340px); }
+}
+"""
+
+with gr.Blocks(title=_title()) as demo:
+    gr.Markdown(f"# {_title()}", elem_id="title")
+    with gr.Accordion(_status_line(), open=False, elem_id="status-banner"):
+        gr.Markdown(_status_markdown(), elem_id="status-details")
+        status_json = gr.JSON(label="/status API", elem_id="status-json")
+    with gr.Row(elem_id="main"):
+        with gr.Column(min_width=300, elem_id="ask"):
+            prompt = gr.Textbox(label="Prompt", placeholder="Describe an image and press Enter", max_lines=4,
+                                elem_id="prompt")
+            run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(min_width=300, elem_id="result"):
+            image = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="image")
+            with gr.Row(visible=False) as facts:  # shown with the first image: no seed is used before one
+                used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
+                details = gr.Textbox(label="Details", interactive=False, scale=3, elem_id="details")
+        with gr.Column(min_width=300, elem_id="settings"):
+            resolution = gr.Radio(choices=[(p.choice, p.name) for p in MODEL.presets], value=MODEL.presets[0].name,
+                                  label="Resolution", elem_id="resolution")
+            negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="What the image should not show",
+                                         max_lines=2, visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
+            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                randomize_seed = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
+                seed = gr.Number(label="Seed", value=DEFAULT_SEED, minimum=0, maximum=MAX_SEED, precision=0,
+                                 elem_id="seed")
+                steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps)
+                guidance = gr.Slider(label="Guidance", minimum=0, maximum=MAX_GUIDANCE, step=0.1,
+                                     value=DEFAULTS.guidance, interactive=USES_GUIDANCE)
+            examples = gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], cache_examples=False,
+                                   api_visibility="private", elem_id="examples")
     inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt]
     outputs = [image, used_seed, details]
-    gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], outputs=outputs, fn=generate,
-                cache_examples=True, cache_mode="lazy")
     # preprocess=False: API payloads reach validate() as sent, so a wrong type gets its clear message rather than
     # failing inside a component's preprocess, which Gradio reports only as an opaque "upstream" error.
-    gr.on([run_button.click, prompt.submit], generate, inputs, outputs, api_name="generate", preprocess=False)
+    # Both make images on the one pipeline, so they share one queue: one image at a time.
+    made = [gr.on([run_button.click, prompt.submit], generate, inputs, outputs, api_name="generate", preprocess=False,
+                  show_progress_on=[image], concurrency_id="pipeline"),
+            # Picking an example fills the prompt and shows that example at the chosen resolution.
+            examples.dataset.click(example, [examples.dataset, resolution], outputs, show_progress_on=[image],
+                                   concurrency_id="pipeline", api_visibility="private")]
+    for event in made:
+        event.success(lambda: gr.Row(visible=True), None, facts, queue=False, show_progress="hidden",
+                      api_visibility="private")
+    randomize_seed.change(lambda on: gr.Number(interactive=not on), randomize_seed, seed, queue=False,
+                          show_progress="hidden", api_visibility="private")
     demo.load(status, None, status_json, api_name="status", queue=False)  # cheap: never waits behind images
 
 demo.queue(default_concurrency_limit=1, max_size=SETTINGS.queue_size)
@@ -209,4 +371,4 @@ demo.queue(default_concurrency_limit=1, max_size=SETTINGS.queue_size)
 if __name__ == "__main__":
     if RANKS and RANKS.rank:
         RANKS.follow(_image)  # ranks 1..N-1 serve no page
-    demo.launch()
+    demo.launch(css=CSS)

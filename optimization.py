@@ -15,6 +15,7 @@ Programs are cached under a key of everything that makes them valid: a restart w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,13 +26,14 @@ import spaces
 import torch
 
 from aot import parallel
-from aot.cache import cache_key, compile_into_cache, fetch_from_hub, key_digest, read_cached
+from aot.cache import (cache_key, compile_into_cache, entry_files, fetch_from_hub, key_digest, read_cached,
+                       upload_to_hub)
 from aot.decisions import choose_attention, choose_compile, choose_quantization
 from aot.families import Text
 from aot.memory import place_pipeline_, plan_memory
 from aot.model import Model, load_model
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
-                          release_export_memory, restore_eager_)
+                          release_export_memory, restore_eager_, trust_host_isa_)
 from aot.quantize import dequantize_, quantize_
 from aot.report import Decision, Report
 from settings import Preset, Settings
@@ -66,7 +68,9 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, device)) == "aoti"
     plan = plan_memory(pipe, settings.low_vram, settings.quantization, settings.vram_limit_gib,
                        model.max_image_tokens, device, capability, compiled, report)
-    place_pipeline_(pipe, plan, device, family.keep_bf16)
+    report.startup["model_load_s"] = model.load_seconds
+    with _timed(report, "place_s"):
+        place_pipeline_(pipe, plan, device, family.keep_bf16)
 
     # 2. Attention and quantization, before compiling, so every program reads the quantized weights.
     hub_online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes")
@@ -81,7 +85,8 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
         choose = parallel.choose_quantization if ranks else choose_quantization
         report.decide("quantization", choose(settings.quantization, device, capability))
         try:
-            quantize_(transformer, report.quantization, keep_bf16=family.keep_bf16)
+            with _timed(report, "quantize_s"):
+                quantize_(transformer, report.quantization, keep_bf16=family.keep_bf16)
         except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
             report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
             report.quantization = "none"
@@ -102,6 +107,10 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
             ranks.enable_(model, report)
         return report
     own_tensors_(transformer)
+    if device == "cuda":
+        trust_host_isa_()
+    if settings.cache_dir:  # kernels built for one program are reused by the next key's (another preset, option)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir) / "inductor"))
     report.compile_scope = settings.aot_scope
     if family.regional_only and settings.aot_scope == "model":
         report.compile_scope = "blocks"
@@ -114,16 +123,29 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
         except Exception as err:  # noqa: BLE001 - the app must keep serving, and say why
             log.info("AoT compile or load failed; the full error:", exc_info=err)
             restore_eager_(transformer)
-            reason = f"{type(err).__name__}: {err}"
+            reason = str(err) if isinstance(err, CompileFailed) else f"{type(err).__name__}: {err}"
             if report.attention != "sdpa":  # e.g. a hub kernel that torch.export cannot trace: retry once
                 _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
                 continue
             _serve_eager(model, report, reason, plan.low_vram)
             return report
     report.compile_seconds = round(time.perf_counter() - start, 1)
-    log.info("AoT %s: %s in %.1f s (cache keys %s), programs: %s", report.compile_scope, report.compile_source,
-             report.compile_seconds, report.cache_keys, report.programs)
+    log.info("AoT %s: %s in %.1f s (cache keys %s), programs: %s; start-up: %s", report.compile_scope,
+             report.compile_source, report.compile_seconds, report.cache_keys, report.programs, report.startup)
     return report
+
+
+@contextlib.contextmanager
+def _timed(report: Report, what: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.startup[what] = round(time.perf_counter() - start, 2)
+
+
+class CompileFailed(RuntimeError):
+    """A compile that failed in the GPU worker, with the original error's type and message as its text."""
 
 
 def _text_handling(model: Model) -> str:
@@ -183,32 +205,60 @@ def compile_or_load_(model: Model, settings: Settings, report: Report) -> None:
                         report.text, INDUCTOR_CONFIGS)
         entries[shape] = (key, Path(settings.cache_dir) / key_digest(key))
     report.cache_keys = [root.name for _, root in entries.values()]
-    absent = [root.name for _, root in entries.values() if not root.exists()]
+    labels = {shape: ", ".join(p.name for p in presets) for shape, presets in groups.items()}
+    absent = [shape for shape, (_, root) in entries.items() if not root.exists()]
     if settings.hub_repo and absent:
-        fetch_from_hub(settings.hub_repo, absent, Path(settings.cache_dir), report)
-    manifests = {shape: read_cached(root, key) for shape, (key, root) in entries.items()}
+        with _timed(report, "download_s"):
+            fetch_from_hub(settings.hub_repo, [entries[shape][1].name for shape in absent], Path(settings.cache_dir),
+                           report)
+    manifests, startup = {}, {}
+    for shape, (key, root) in entries.items():
+        start = time.perf_counter()
+        manifests[shape] = read_cached(root, key)
+        source = "downloaded" if shape in absent else "cached"
+        startup[shape] = {"cache_key": root.name, "resolutions": labels[shape], "source": source,
+                          "verify_s": round(time.perf_counter() - start, 2)}
     missing = [shape for shape, manifest in manifests.items() if manifest is None]
     if missing:
         # Only picklable values cross into the ZeroGPU worker; the pipeline is reached through the closure.
+        # Only picklable values come back too: on ZeroGPU an exception would reach this process as its class name
+        # alone, so a failure comes back as its message, raised here.
         @spaces.GPU(duration=1500)
-        def compile_on_gpu(missing: list) -> None:
+        def compile_on_gpu(missing: list) -> dict:
+            seconds = {}
             for shape in missing:
                 key, root = entries[shape]
                 preset = groups[shape][0]
-                compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset, served, out),
-                                   root, key)
+                start = time.perf_counter()
+                try:
+                    compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset, served,
+                                                                           out), root, key)
+                except Exception as err:  # noqa: BLE001 - reported by the caller, which serves eager
+                    log.info("compiling %s failed; the full error:", preset.name, exc_info=err)
+                    return {"error": f"{type(err).__name__}: {err}"}
+                seconds[shape] = round(time.perf_counter() - start, 1)
+            return seconds
 
-        compile_on_gpu(missing)
+        compiled = compile_on_gpu(missing)
+        if "error" in compiled:
+            raise CompileFailed(compiled["error"])
+        for shape, seconds in compiled.items():
+            startup[shape].update(source="compiled", compile_s=seconds)
         manifests.update({shape: read_cached(entries[shape][1], entries[shape][0]) for shape in missing})
+        if settings.hub_upload:
+            with _timed(report, "upload_s"):
+                upload_to_hub(settings.hub_upload, Path(settings.cache_dir), [entries[s][1].name for s in missing], report)
+    report.startup["programs"] = list(startup.values())
     report.compile_source = ("loaded from cache" if not missing else "compiled now" if len(missing) == len(entries)
                              else f"{len(missing)} of {len(entries)} programs compiled now, the rest loaded from cache")
-    labels = {shape: ", ".join(p.name for p in presets) for shape, presets in groups.items()}
-    install_programs_(model.pipe.transformer, [(entries[shape][1], manifests[shape]["signatures"], labels[shape])
-                                               for shape in groups])
+    with _timed(report, "install_s"):
+        install_programs_(model.pipe.transformer, [(entries[shape][1], manifests[shape]["signatures"], labels[shape])
+                                                   for shape in groups])
     tokens = lambda p: model.family.image_tokens(p.width, p.height)  # noqa: E731
     report.programs = [{"image_tokens": f"{served[0]}..{served[1]}" if served else tokens(presets[0]),
                         "resolutions": [p.name for p in presets]} for presets in groups.values()]
-    warm_up(model, [p for presets in groups.values() for p in (presets if served else presets[:1])])
+    with _timed(report, "warm_up_s"):  # the first call of each program loads it (the .so and its kernels)
+        warm_up(model, [p for presets in groups.values() for p in (presets if served else presets[:1])])
 
 
 def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) -> dict:
@@ -246,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     print(json.dumps({"keys": report.cache_keys, "source": report.compile_source, "dir": str(out),
-                      "files": sorted(p.relative_to(out).as_posix() for key in report.cache_keys
-                                      for p in (out / key).rglob("*") if p.is_file())}))
+                      "files": [f"{key}/{name}" for key in report.cache_keys for name in entry_files(out / key)]}))
     return 0
 
 

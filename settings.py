@@ -11,6 +11,11 @@ from dataclasses import dataclass
 DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-dev"
 TINY_PREFIX = "tiny-"  # MODEL_ID=tiny-<family>: that family's built-in random-weight pipeline, offline
 TINY_MODEL_ID = "tiny"  # an alias of tiny-flux
+# MODEL_ID=demo, and the default with no MODEL_ID, no GPU and no Space: a tiny FLUX.1-family model trained on plain
+# shapes (assets/train_demo.py), loaded from this folder like any saved pipeline
+DEMO_MODEL_ID = "demo"
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo-model")
+DEMO_PRESETS = "square=128x128,portrait=96x160,landscape=160x96"  # the sizes it is trained at: 60-64 image tokens
 
 MAX_SEED = 2**31 - 1
 MAX_STEPS = 50
@@ -61,7 +66,7 @@ def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
     if not presets:
         raise ValueError("PRESETS is empty: give at least one LABEL=WIDTHxHEIGHT")
     if len({(p.width, p.height) for p in presets}) != len(presets) or len({p.label for p in presets}) != len(presets):
-        raise ValueError(f"PRESETS has duplicates: {text!r}")
+        raise ValueError(f"PRESETS has duplicates: {text!r}; give each label and each WIDTHxHEIGHT once")
     return tuple(presets)
 
 
@@ -121,9 +126,10 @@ class Settings:
     queue_size: int
     low_vram: str = "auto"
     vram_limit_gib: float | None = None  # plan for (and cap the process at) this much GPU memory
-    demo_model_reason: str = ""  # why the tiny model runs, when it does
+    demo_model_reason: str = ""  # why the demo model or a tiny one runs, when one does
     parallel: str = "auto"  # context parallelism over the launch's ranks (aot/parallel.py)
     world_size: int = 1  # ranks in this launch: WORLD_SIZE, set by the launcher
+    hub_upload: str | None = None  # "owner/name": upload what this start compiled there (a token with write access)
 
     @property
     def tiny_family(self) -> str | None:
@@ -131,6 +137,11 @@ class Settings:
         if self.model_id == TINY_MODEL_ID:
             return "flux"
         return self.model_id.removeprefix(TINY_PREFIX) if self.model_id.startswith(TINY_PREFIX) else None
+
+    @property
+    def demo_model(self) -> bool:
+        """Whether a built-in stand-in runs (the trained demo model or a tiny random one) rather than a real model."""
+        return self.model_id == DEMO_MODEL_ID or self.tiny_family is not None
 
     @classmethod
     def from_env(cls, env=None, has_cuda: bool | None = None) -> Settings:
@@ -145,9 +156,9 @@ class Settings:
             if has_cuda or env.get("SPACE_ID"):
                 model_id = DEFAULT_MODEL_ID
             else:
-                model_id = TINY_MODEL_ID
+                model_id = DEMO_MODEL_ID
                 reason = "no MODEL_ID, no GPU and not on a Space"
-        elif model_id == TINY_MODEL_ID or model_id.startswith(TINY_PREFIX):
+        elif model_id in (TINY_MODEL_ID, DEMO_MODEL_ID) or model_id.startswith(TINY_PREFIX):
             reason = f"MODEL_ID={model_id}"
         presets_text = env.get("PRESETS", "").strip()
         if presets_text:
@@ -163,6 +174,7 @@ class Settings:
             dynamic_shapes=_flag(env, "DYNAMIC_SHAPES", False),
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
             hub_repo=env.get("AOT_HUB_REPO", "").strip() or None,
+            hub_upload=env.get("AOT_HUB_UPLOAD", "").strip() or None,
             queue_size=_whole(env, "QUEUE_SIZE", 32),
             low_vram=_choice(env, "LOW_VRAM", LOW_VRAM_CHOICES, "auto"),
             vram_limit_gib=_positive(env, "VRAM_LIMIT_GIB"),
@@ -176,7 +188,8 @@ class Settings:
     def check(self) -> None:
         """Conflicting settings fail at startup rather than quietly doing something else."""
         if self.compile == "none" and self.dynamic_shapes:
-            raise ValueError("DYNAMIC_SHAPES=1 needs compilation, but COMPILE=none")
+            raise ValueError("DYNAMIC_SHAPES=1 needs compilation, but COMPILE=none; set COMPILE=auto or aoti, "
+                             "or DYNAMIC_SHAPES=0")
         if self.compile == "none" and self.quantization in ("fp8",):
             raise ValueError("QUANTIZATION=fp8 without compilation runs 3x slower than bf16 (benchmarks/RESULTS.md); "
                              "set COMPILE=aoti or auto, or QUANTIZATION=none")
@@ -186,12 +199,19 @@ class Settings:
                 raise ValueError(f"AOT_HUB_REPO={self.hub_repo!r} must be OWNER/NAME@<40-hex commit>: compiled "
                                  "packages contain native code, so only a repo pinned to an exact commit is loaded")
             if self.compile == "none":
-                raise ValueError("AOT_HUB_REPO is set but COMPILE=none")
+                raise ValueError("AOT_HUB_REPO is set but COMPILE=none; set COMPILE=auto or aoti, or unset AOT_HUB_REPO")
+        if self.hub_upload is not None:
+            if self.hub_upload.count("/") != 1 or "@" in self.hub_upload or not all(self.hub_upload.split("/")):
+                raise ValueError(f"AOT_HUB_UPLOAD={self.hub_upload!r} must be OWNER/NAME, the model repo to upload "
+                                 "compiled programs to (no revision: each upload is a new commit, logged to pin)")
+            if self.compile == "none":
+                raise ValueError("AOT_HUB_UPLOAD is set but COMPILE=none: nothing is compiled to upload; set "
+                                 "COMPILE=auto or aoti, or unset AOT_HUB_UPLOAD")
         if self.low_vram == "stream" and self.quantization == "fp8":
             raise ValueError("LOW_VRAM=stream cannot stream fp8 weights (torchao tensors do not survive diffusers' "
                              "group offloading); use QUANTIZATION=int8, int4, none or auto")
         if self.queue_size < 1:
-            raise ValueError("QUEUE_SIZE must be at least 1")
+            raise ValueError(f"QUEUE_SIZE={self.queue_size}: give a whole number of at least 1, e.g. 32")
         if self.world_size != 1 or self.parallel in ("ulysses", "ring"):
             from aot.parallel import check_settings
 

@@ -18,6 +18,9 @@ from aot.report import Report
 log = logging.getLogger("aot-space")
 
 CACHE_FORMAT = 4  # bump when a change here alters what a compiled program contains
+# Beside an entry's manifest: each package's checksum as last verified, with the file's size and mtime then.
+# Local bookkeeping only; never uploaded (an upload carries the manifest, which holds the checksums).
+VERIFIED = "verified.json"
 
 
 def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Report, scope: str,
@@ -30,7 +33,10 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         arch = f"cpu-{platform.machine()}-{pick_vec_isa()}"
-    config = json.dumps(dict(pipe.transformer.config), sort_keys=True, default=str)
+    # The model's own settings only: diffusers' bookkeeping entries ("_use_default_values", a list whose order
+    # follows the process's string hashing, and "_name_or_path") changed the key on every restart
+    config = json.dumps({k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}, sort_keys=True,
+                        default=str)
     # the programs address weights by name and shape: fused projections or another layout are other programs
     weights = "".join(f"{name}:{tuple(t.shape)}:{t.dtype};" for name, t in pipe.transformer.state_dict().items())
     return {
@@ -65,6 +71,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _intact(root: Path, name: str, digest: str, verified: dict) -> bool:
+    """Whether package `name` has checksum `digest`. A file hashed before, and unchanged since (same size and
+    modification time, recorded in VERIFIED), is not hashed again: a restart need not read every package."""
+    path = root / name
+    if verified.get(name) == [digest, *_stamp(path)]:
+        return True
+    if _sha256(path) != digest:
+        return False
+    verified[name] = [digest, *_stamp(path)]
+    return True
+
+
 def read_cached(root: Path, key: dict) -> dict | None:
     """The manifest of entry `root` (one program) if it is usable: it matches `key` and every package is intact."""
     if not root.exists():
@@ -77,12 +100,22 @@ def read_cached(root: Path, key: dict) -> dict | None:
             raise ValueError("it holds no program")
         if not isinstance(manifest["signatures"], dict):
             raise ValueError("it has no input signatures")
+        try:
+            verified = json.loads((root / VERIFIED).read_text())
+        except (OSError, ValueError):
+            verified = {}
+        before = dict(verified)
         for name, digest in manifest["sha256"].items():
-            if _sha256(root / name) != digest:
+            if not _intact(root, name, digest, verified):
                 raise ValueError(f"{name} does not match its checksum")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         log.warning("AoT cache %s is unusable (%s): recompiling", root, err)
         return None
+    if verified != before:
+        try:
+            (root / VERIFIED).write_text(json.dumps(verified))
+        except OSError as err:  # a read-only cache still works; it is hashed again next time
+            log.info("AoT cache %s: could not record verified checksums (%s)", root, err)
     return manifest
 
 
@@ -90,12 +123,16 @@ def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict
     """Runs `compile_to(staging directory)` (which returns the programs' signatures), writes the manifest, and
     renames the directory into place, so that a crash never leaves a half-written entry that looks complete."""
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in root.parent.glob(root.name + ".*"):  # left by a compile that was killed (never trusted: no rename)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:
         signatures = compile_to(staging)
         packages = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.pt2"))
         manifest = {"key": key, "signatures": signatures, "sha256": {name: _sha256(staging / name) for name in packages}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (staging / VERIFIED).write_text(json.dumps({name: [digest, *_stamp(staging / name)]
+                                                    for name, digest in manifest["sha256"].items()}))
         shutil.rmtree(root, ignore_errors=True)
         staging.rename(root)
     finally:
@@ -113,3 +150,34 @@ def fetch_from_hub(hub_repo: str, digests: list[str], cache_dir: Path, report: R
     except Exception as err:  # noqa: BLE001 - offline, missing or gated: compile instead, and say so
         report.fallback("compiled packages", f"could not fetch {', '.join(digests)} from {hub_repo} "
                                              f"({type(err).__name__}: {err}); compiling here")
+
+
+def entry_files(root: Path) -> list[str]:
+    """What makes up cache entry `root`, relative to it: the manifest and its packages (not local bookkeeping)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != VERIFIED)
+
+
+def upload_to_hub(hub_repo: str, cache_dir: Path, digests: list[str], report: Report, api=None) -> str | None:
+    """Uploads the cache entries `digests` (each a manifest with its packages' checksums, and the packages) to
+    the model repo `hub_repo` in one commit, with the token in HF_TOKEN. Returns the commit to pin in
+    AOT_HUB_REPO, or None after a failure, which is reported as a fallback: the Space serves what it compiled.
+    `api`: a `huggingface_hub.HfApi`, or an object with its `create_repo` and `upload_folder`."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    files = [f"{digest}/{name}" for digest in digests for name in entry_files(cache_dir / digest)]
+    try:
+        api.create_repo(hub_repo, repo_type="model", private=True, exist_ok=True)
+        commit = api.upload_folder(repo_id=hub_repo, repo_type="model", folder_path=cache_dir, allow_patterns=files,
+                                   commit_message=f"AoT programs {', '.join(digests)}")
+        revision = commit.oid
+    except Exception as err:  # noqa: BLE001 - no token, no write access, offline: keep serving, and say so
+        report.fallback("hub upload", f"could not upload {', '.join(digests)} to {hub_repo} "
+                                      f"({type(err).__name__}: {err}); they stay in {cache_dir} only")
+        return None
+    pin = f"{hub_repo}@{revision}"
+    log.info("AoT programs uploaded to %s: set AOT_HUB_REPO=%s to download them instead of compiling", hub_repo, pin)
+    report.hub_upload = {"repo": hub_repo, "commit": revision, "pin": f"AOT_HUB_REPO={pin}", "entries": digests,
+                         "files": files}
+    return revision

@@ -1,4 +1,7 @@
-"""Hardware decisions: pure functions of (request, hardware) that return a `Decision`, unit-tested on CPU."""
+"""Hardware decisions: pure functions of (request, hardware) that return a `Decision`, unit-tested on CPU.
+
+What this hardware cannot run (fp8 before Ada, FlashAttention-3 off Hopper, AoT by default on a CPU) is an
+expected choice, shown as a note; what it could run but this start cannot (the hub offline) is a fallback."""
 from __future__ import annotations
 
 from aot.report import Decision
@@ -21,7 +24,7 @@ def choose_quantization(requested: str, device: str, capability: tuple[int, int]
     if fp8_runs(device, capability):
         return Decision("fp8", f"auto: compute capability {capability} >= 8.9")
     return Decision("none", f"fp8 needs CUDA with compute capability >= 8.9, this is {device} {capability or ''}".strip(),
-                    fell_back=True)
+                    expected=True)
 
 
 def choose_attention(requested: str, device: str, capability: tuple[int, int] | None, hub_online: bool) -> Decision:
@@ -30,10 +33,10 @@ def choose_attention(requested: str, device: str, capability: tuple[int, int] | 
     if requested != "auto":
         return Decision(requested, "requested")
     if device != "cuda":
-        return Decision("sdpa", f"FlashAttention-3 needs a Hopper GPU, this is {device}", fell_back=True)
+        return Decision("sdpa", f"FlashAttention-3 needs a Hopper GPU, this is {device}", expected=True)
     if capability != FA3_CAPABILITY:
         return Decision("sdpa", f"FlashAttention-3 needs compute capability (9, 0) (Hopper), this is {capability}",
-                        fell_back=True)
+                        expected=True)
     if not hub_online:
         return Decision("sdpa", "FlashAttention-3 comes from the hub through `kernels`, and the hub is offline",
                         fell_back=True)
@@ -46,4 +49,4 @@ def choose_compile(requested: str, device: str) -> Decision:
     if device == "cuda":
         return Decision("aoti", "auto: CUDA GPU")
     return Decision("none", "off on CPU by default (COMPILE=aoti compiles the tiny model too, ~20 s per program)",
-                    fell_back=True)
+                    expected=True)

@@ -3,12 +3,14 @@ how to call it the family's way."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 import torch
 
 from aot.families import FAMILIES, Defaults, Family, Guidance, family_named
-from settings import DEFAULT_MODEL_ID, Preset, Settings, parse_presets
+from settings import DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, parse_presets
 
 log = logging.getLogger("aot-space")
 
@@ -19,6 +21,7 @@ class Model:
     family: Family
     defaults: Defaults
     presets: tuple[Preset, ...]
+    load_seconds: float = 0.0  # loading (or building) the pipeline, for the start-up breakdown
 
     def __call__(self, prompt: str, preset: Preset, steps: int, guidance: float | None = None,
                  negative_prompt: str | None = None, generator: torch.Generator | None = None, **kwargs):
@@ -81,9 +84,19 @@ def load_pipeline(settings: Settings):
         return build_tiny(family_named(settings.tiny_family))
     from diffusers import DiffusionPipeline
 
+    source = settings.model_id
+    if settings.model_id == DEMO_MODEL_ID:
+        if not os.path.isfile(os.path.join(DEMO_MODEL_DIR, "model_index.json")):
+            raise SystemExit(f"The demo model is missing from {DEMO_MODEL_DIR} ({settings.demo_model_reason}). "
+                             "Restore assets/demo-model, or rebuild it on a GPU with `python assets/train_demo.py`; "
+                             f"or set MODEL_ID=tiny (random weights) or a real model such as {DEFAULT_MODEL_ID}.")
+        log.warning("Running the built-in demo model (%s): a tiny FLUX.1-family model trained on plain shapes, from "
+                    "%s. Set MODEL_ID (e.g. %s) to serve a real model.", settings.demo_model_reason, DEMO_MODEL_DIR,
+                    DEFAULT_MODEL_ID)
+        source = DEMO_MODEL_DIR
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
-        return DiffusionPipeline.from_pretrained(settings.model_id, revision=settings.revision, dtype=dtype)
+        return DiffusionPipeline.from_pretrained(source, revision=settings.revision, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
         raise SystemExit(
             f"Could not load MODEL_ID={settings.model_id!r}"
@@ -96,8 +109,12 @@ def load_pipeline(settings: Settings):
 
 def load_model(settings: Settings, pipe=None) -> Model:
     """The pipeline (loaded here unless given), its family and defaults, and the presets it serves: PRESETS
-    if set, else the family's native resolutions (its tiny ones for a tiny pipeline)."""
+    if set, else the family's native resolutions (its tiny ones for a tiny pipeline, the demo model's own)."""
+    start = time.perf_counter()
     pipe = load_pipeline(settings) if pipe is None else pipe
     family = family_of(pipe)
-    text = settings.presets_text or (family.tiny_presets if settings.tiny_family else family.presets)
-    return Model(pipe, family, family.defaults(pipe), parse_presets(text, family.multiple))
+    native = (DEMO_PRESETS if settings.model_id == DEMO_MODEL_ID else family.tiny_presets if settings.tiny_family
+              else family.presets)
+    text = settings.presets_text or native
+    return Model(pipe, family, family.defaults(pipe), parse_presets(text, family.multiple),
+                 round(time.perf_counter() - start, 2))

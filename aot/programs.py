@@ -9,6 +9,7 @@ import inspect
 import logging
 import threading
 import time
+import unittest.mock
 from pathlib import Path
 
 import spaces
@@ -176,7 +177,8 @@ def compile_program(model: Model, scope: str, preset: Preset, served: tuple[int,
         exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
         t1 = time.perf_counter()
         spaces.aoti_compile_and_save(out_dir, exported, inductor_configs=inductor_configs, submodule=name or None)
-        log.info("compiled %s for %s: export %.1f s, compile %.1f s", name or "transformer", preset.name,
+        log.info("compiled %s for %s: export %.1f s, compile %.1f s", name or "transformer",
+                 f"image tokens {served[0]}..{served[1]} (traced at {preset.name})" if served else preset.name,
                  t1 - t0, time.perf_counter() - t1)
         signatures[name] = signature(named_inputs(module, args, kwargs), spec)
     return signatures
@@ -192,6 +194,20 @@ def own_tensors_(module: torch.nn.Module) -> None:
                 delattr(sub, name)
                 sub.register_buffer(name, value)
         sub._non_persistent_buffers_set.clear()
+
+
+def trust_host_isa_() -> None:
+    """Takes the host CPU's vector ISAs from cpuinfo, without Inductor's proof. Inductor proves each ISA by
+    building a test library with g++ and loading it in a new Python process, once per process (spaces' lazy
+    programs ask for the list when they are created, a compile asks too): 6 probes took 23 s of every start on
+    the H100 (torch 2.11, benchmarks/RESULTS.md run 13), and its `cpp.vec_isa_ok` setting skips only some of
+    them. GPU programs have no CPU kernels: the list only names flags for their host-side wrapper. So the list
+    is computed once here with the build step answered "yes", and Inductor keeps it. Not for CPU programs."""
+    from torch._inductor import cpu_vec_isa
+
+    with unittest.mock.patch.object(cpu_vec_isa.VecISA, "check_build", lambda self, code: True):
+        isas = cpu_vec_isa.valid_vec_isa_list()
+    log.info("host CPU vector ISAs, from cpuinfo: %s", ", ".join(map(str, isas)) or "none")
 
 
 def release_export_memory() -> None:

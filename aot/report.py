@@ -9,11 +9,13 @@ log = logging.getLogger("aot-space")
 
 @dataclass(frozen=True)
 class Decision:
-    """One choice made at startup: the value, why, and whether it is a degradation the user must see."""
+    """One choice made at startup: the value, why, and whether it is a degradation the user must see or, not
+    one, the usual choice on this hardware (no fp8 or FlashAttention-3 on a CPU), shown as a note."""
 
     value: str
     reason: str
     fell_back: bool = False
+    expected: bool = False
 
 
 @dataclass
@@ -35,7 +37,12 @@ class Report:
     programs: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # the MemoryPlan: low-VRAM mode or not, and why
     parallel: dict = field(default_factory=dict)  # several ranks: engine, degree, world size, error; {} for one
+    # Where start-up went, in seconds: model load, placement, quantize, each program (compiled, downloaded or
+    # verified from the cache), install and warm-up (which loads each program)
+    startup: dict = field(default_factory=dict)
+    hub_upload: dict = field(default_factory=dict)  # AOT_HUB_UPLOAD: the repo, the commit to pin, the entries
     fallbacks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # choices expected on this hardware: information, not degradations
 
     def fallback(self, what: str, reason: str) -> None:
         """Every degradation goes through here: logged once, kept for the UI and the API."""
@@ -49,7 +56,15 @@ class Report:
         setattr(self, f"{what}_reason", decision.reason)
         if decision.fell_back:
             self.fallback(what, decision.reason)
+        elif decision.expected:
+            self.note(what, decision.reason)
         return decision.value
+
+    def note(self, what: str, reason: str) -> None:
+        """A choice this hardware makes the usual one, e.g. no fp8 on a CPU: logged, and shown apart from fallbacks."""
+        message = f"{what}: {reason.splitlines()[0][:300]}"
+        log.info("on this hardware: %s", message)
+        self.notes.append(message)
 
     def as_dict(self) -> dict:
         return asdict(self)

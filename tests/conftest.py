@@ -120,6 +120,6 @@ def app(compiled_model):
 def client(app):
     from gradio_client import Client
 
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=app.CSS)  # as `python app.py`
     yield Client(app.demo.local_url, verbose=False)
     app.demo.close()

@@ -1,14 +1,19 @@
-"""The Gradio app on the tiny model, compiled: input validation, the API through gradio_client, status."""
+"""The Gradio app on the tiny model, compiled: input validation, the API through gradio_client, seeds, examples,
+downloads, status."""
 import hashlib
+import importlib.util
+import inspect
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 from PIL import Image
 
 from aot.model import load_pipeline
+from conftest import ROOT, SESSION_DIR
 from settings import MAX_SEED, Settings
-
 
 GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5,
             negative_prompt="")
@@ -39,8 +44,13 @@ GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, random
 def test_bad_input_gets_a_clear_error_and_the_next_request_works(app, change, message):
     with pytest.raises(gr.Error, match=message):
         app.generate(**{**GOOD, **change})
-    image, seed, details = app.generate(**GOOD)
-    assert image.size == (48, 80) and seed == 1234 and "2 steps" in details
+    path, seed, details = app.generate(**GOOD)
+    assert _size(path) == (48, 80) and seed == 1234 and "2 steps" in details
+
+
+def _size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
 
 
 def test_negative_prompt_on_a_model_without_cfg_is_refused_and_the_next_request_works(app):
@@ -48,21 +58,31 @@ def test_negative_prompt_on_a_model_without_cfg_is_refused_and_the_next_request_
     assert app.validate(**GOOD) == ("a lighthouse at dusk", app.PRESETS["48x80"], 1234, 2, 3.5, "", [])
     with pytest.raises(gr.Error, match="This flux model takes no negative prompt"):
         app.generate(**{**GOOD, "negative_prompt": "blurry"})
-    image, seed, details = app.generate(**GOOD)
-    assert image.size == (48, 80) and seed == 1234 and "2 steps" in details
+    path, seed, details = app.generate(**GOOD)
+    assert _size(path) == (48, 80) and seed == 1234 and "2 steps" in details
 
 
 def test_long_clip_prompt_is_served_with_a_visible_note(app):
-    image, _, details = app.generate(**{**GOOD, "prompt": "a " * 100})
-    assert image.size == (48, 80)
+    path, _, details = app.generate(**{**GOOD, "prompt": "a " * 100})
+    assert _size(path) == (48, 80)
     assert "CLIP encoder reads only the first 77 tokens" in details
 
 
 def test_randomized_seed_is_returned_and_reproduces_the_image(app):
-    image, seed, _ = app.generate(**{**GOOD, "randomize_seed": True})
+    path, seed, _ = app.generate(**{**GOOD, "randomize_seed": True})
     assert 0 <= seed <= MAX_SEED
     again, _, _ = app.generate(**{**GOOD, "seed": seed})
-    assert again.tobytes() == image.tobytes()
+    assert _digest(again) == _digest(path)
+
+
+def test_the_png_is_named_after_prompt_and_seed_and_records_them(app):
+    path, _, _ = app.generate(**{**GOOD, "prompt": "A Lighthouse, at dusk! (v2)"})
+    assert Path(path).name == "a-lighthouse-at-dusk-v2-seed1234.png"
+    assert Path(path).parent.parent == SESSION_DIR / "gradio"  # in Gradio's own cache, as its images are
+    with Image.open(path) as image:
+        assert image.info["prompt"] == "A Lighthouse, at dusk! (v2)" and image.info["seed"] == "1234"
+    assert [app._slug(text) for text in ("../../etc/passwd", "$(touch x)", "??", "風の谷 2")] == [
+        "etc-passwd", "touch-x", "image", "風の谷-2"]
 
 
 def _digest(path: str) -> str:
@@ -82,11 +102,24 @@ def test_generate_api_returns_image_and_seed_and_is_deterministic(client):
     assert _digest(results[0][0]) != _digest(results[1][0])
 
 
-def test_api_call_from_the_readme_needs_no_negative_prompt(client):
-    """The README's client call, which predates the negative prompt: an optional parameter stays optional."""
-    path, seed, details = client.predict(prompt="a lighthouse at dusk", resolution="80x48", seed=42,
-                                         randomize_seed=False, steps=2, guidance=3.5, api_name="/generate")
-    assert seed == 42 and details.startswith("80x48, 2 steps") and Image.open(path).size == (80, 48)
+def test_api_call_with_a_seed_alone_gets_that_seed_and_the_documented_defaults(client, app):
+    path, seed, details = client.predict(prompt="a lighthouse at dusk", seed=42, api_name="/generate")
+    assert seed == 42 and details.startswith("64x64, 28 steps") and _size(path) == (64, 64)
+
+
+def test_page_api_and_generate_share_one_default_for_every_parameter(client, app):
+    """The API's defaults are the page's starting values; they must be generate()'s own, /status's and the
+    README's (a seed sent is the seed used unless randomize_seed is true)."""
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(endpoints) == {"/generate", "/status"}  # examples and the seed toggle are the page's own
+    api = endpoints["/generate"]["parameters"]
+    from_api = {p["parameter_name"]: p["parameter_default"] for p in api if p["parameter_has_default"]}
+    from_code = {name: p.default for name, p in inspect.signature(app.generate).parameters.items()
+                 if p.default is not inspect.Parameter.empty and name != "progress"}
+    assert from_api == from_code == {"resolution": "64x64", "seed": 0, "randomize_seed": False, "steps": 28,
+                                     "guidance": 3.5, "negative_prompt": ""}
+    defaults = app.status()["defaults"]
+    assert (defaults["seed"], defaults["randomize_seed"], defaults["steps"]) == (0, False, 28)
 
 
 def test_api_rejects_bad_input_and_keeps_serving(client):
@@ -102,21 +135,38 @@ def test_api_rejects_bad_input_and_keeps_serving(client):
 def test_status_api_says_what_runs(client, compiled_model):
     status = client.predict(api_name="/status")
     assert status["model_id"] == "tiny" and status["demo_model"] is True and status["family"] == "flux"
-    assert status["defaults"] == {"steps": 28, "guidance": 3.5, "guidance_kind": "embedded", "max_prompt_tokens": 512}
+    assert status["defaults"] == {"steps": 28, "guidance": 3.5, "guidance_kind": "embedded", "max_prompt_tokens": 512,
+                                  "seed": 0, "randomize_seed": False}
     assert status["compile"] == "aoti" and status["compile_scope"] == "model"
     assert status["compile_source"] == "loaded from cache"
     assert status["cache_keys"] == compiled_model.report.cache_keys
     assert status["resolutions"] == ["64x64", "48x80", "80x48"]
     assert [p["image_tokens"] for p in status["programs"]] == [15, 16]
-    assert any(f.startswith("attention: FlashAttention-3 needs a Hopper GPU") for f in status["fallbacks"])
+    # what a CPU cannot run is a note, not a fallback: nothing here degraded
+    assert status["notes"] == ["attention: FlashAttention-3 needs a Hopper GPU, this is cpu",
+                               "quantization: fp8 needs CUDA with compute capability >= 8.9, this is cpu"]
+    assert status["fallbacks"] == []
     assert status["memory"]["low_vram"] is False and status["memory"]["reason"] == "no GPU memory limit to plan for"
     assert status["device"] == "cpu" and status["dtype"] == "float32"
+    # start-up, step by step: both programs came from the session's cache, then were installed and warmed up
+    startup = status["startup"]
+    assert [(p["resolutions"], p["source"]) for p in startup["programs"]] == [("48x80, 80x48", "cached"),
+                                                                              ("64x64", "cached")]
+    assert {"model_load_s", "install_s", "warm_up_s"} <= set(startup) and status["hub_upload"] == {}
 
 
-def test_ui_labels_the_demo_model_and_shows_fallbacks(app):
+def test_banner_names_what_the_space_does_and_keeps_expected_choices_apart_from_fallbacks(app, monkeypatch):
+    assert app._title() == "Text to image with tiny\u2011flux, random weights"
+    assert app._status_line() == "AoT compiled on CPU · 2 program(s), loaded from cache"
     banner = app._status_markdown()
     assert "Demo model" in banner and "random weights" in banner and "MODEL_ID" in banner
-    assert "fallback: attention" in banner and "loaded from cache in" in banner
+    assert "As expected on this hardware:\n\n- attention: FlashAttention-3 needs a Hopper GPU" in banner
+    assert "loaded from cache in" in banner and "fallback" not in banner.lower()
+    assert "Start-up: model load " in banner and "48x80, 80x48 cached " in banner and "warm-up " in banner
+    monkeypatch.setattr(app.REPORT, "fallbacks", ["compile: AoT compilation failed, serving eager (simulated)"])
+    monkeypatch.setattr(app.REPORT, "compile", "none")
+    assert app._status_line() == "Eager (not compiled) on CPU · 1 fallback"
+    assert "- fallback: compile: AoT compilation failed" in app._status_markdown()
 
 
 def test_gpu_duration_scales_with_the_family_step_cost(app, monkeypatch):
@@ -142,3 +192,42 @@ def test_unloadable_model_id_stops_with_one_clear_message():
     message = str(stop.value)
     assert "MODEL_ID='nobody/no-such-model'" in message and "unset MODEL_ID" in message
     assert len(message.splitlines()) <= 3
+
+
+def test_an_example_follows_the_chosen_resolution_and_is_made_once_per_resolution(app, monkeypatch):
+    monkeypatch.setattr(app, "EXAMPLE_RESULTS", {})
+    square, seed, details = app.example((0, [app.EXAMPLES[0]]), "64x64")
+    assert _size(square) == (64, 64) and seed == app.DEFAULT_SEED and details.startswith("64x64, 28 steps")
+    portrait, _, _ = app.example((0, [app.EXAMPLES[0]]), "48x80")
+    assert _size(portrait) == (48, 80)
+    assert app.example((0, [app.EXAMPLES[0]]), "64x64") == (square, seed, details + ", example shown again")
+    with pytest.raises(gr.Error, match="Unknown resolution '1x1'"):
+        app.example((0, [app.EXAMPLES[0]]), "1x1")
+    assert set(app.EXAMPLE_RESULTS) == {(0, "64x64"), (0, "48x80")}
+
+
+def test_examples_come_from_the_model_folder_when_it_has_them(app, monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "MODEL", SimpleNamespace(pipe=SimpleNamespace(name_or_path=str(tmp_path))))
+    assert app._example_prompts() == app.REAL_MODEL_EXAMPLES  # no examples.txt yet
+    (tmp_path / "examples.txt").write_text("a red circle on the left\n\n  a blue square at the top  \n")
+    assert app._example_prompts() == ["a red circle on the left", "a blue square at the top"]
+    monkeypatch.setattr(app, "MODEL", SimpleNamespace(pipe=SimpleNamespace(name_or_path=None)))  # built in memory
+    assert app._example_prompts() == app.REAL_MODEL_EXAMPLES
+
+
+def test_a_restart_with_other_presets_shows_examples_at_the_new_sizes(monkeypatch):
+    """Examples are made by the running process: a Space restarted with other PRESETS never shows an older image,
+    and nothing is kept on disk between starts (Gradio's examples cache stays empty)."""
+    monkeypatch.setenv("PRESETS", "small=32x32,wide=64x32")
+    monkeypatch.setenv("COMPILE", "none")  # eager: this start is about the examples, not the programs
+    spec = importlib.util.spec_from_file_location("app_restarted", ROOT / "app.py")
+    restarted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(restarted)
+    assert restarted.status()["resolutions"] == ["32x32", "64x32"]
+    for resolution, size in [("32x32", (32, 32)), ("64x32", (64, 32))]:
+        path, _, details = restarted.example((0, [restarted.EXAMPLES[0]]), resolution)
+        assert _size(path) == size and not details.endswith("example shown again")
+    with pytest.raises(gr.Error, match="Allowed: 32x32, 64x32"):
+        restarted.example((0, [restarted.EXAMPLES[0]]), "64x64")
+    examples_cache = SESSION_DIR / "examples"
+    assert not examples_cache.exists() or not any(examples_cache.iterdir())  # conftest points Gradio there

@@ -1,13 +1,16 @@
-"""The app in a real browser: headless Chromium, driven through Playwright, against the compiled tiny model.
+"""The app in a real browser: headless Chromium, driven through Playwright, against the compiled tiny model, at a
+laptop's 1280x800 and a phone's 390 px. The result must be in view without scrolling, seeds must do what the
+controls say, examples must follow the chosen resolution, and the console must stay silent.
 
 Needs Debian's `chromium` (Playwright cannot download its own browsers here); `.ci/run` installs it.
-Screenshots go to test-artifacts/.
+Screenshots go to test-artifacts/; with UPDATE_SCREENSHOTS=1 the two README ones also go to assets/screenshots/.
 """
 import hashlib
 import os
-import re
 
 import pytest
+from PIL import Image
+from playwright.sync_api import expect
 
 from conftest import ROOT
 
@@ -15,12 +18,28 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "test-artifacts"
+SCREENSHOTS = ROOT / "assets" / "screenshots"
 GENERATION_TIMEOUT_MS = 60_000
+DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
+
+# Installed before each generation: records every status tracker (Gradio's progress display) that showed, by the
+# id of its component, and when the image's tracker went idle again after showing.
+WATCH_PROGRESS = """() => {
+  const state = window.progress = {shown: new Set(), done: false};
+  const check = () => {
+    for (const tracker of document.querySelectorAll('[data-testid="status-tracker"]')) {
+      const owner = tracker.closest('[id]')?.id;
+      if (!tracker.classList.contains('hide')) state.shown.add(owner);
+      else if (owner === 'image' && state.shown.has('image')) state.done = true;
+    }
+  };
+  new MutationObserver(check).observe(document.body, {attributes: true, childList: true, subtree: true,
+                                                      attributeFilter: ['class']});
+}"""
 
 
 @pytest.fixture(scope="module")
-def browser_page(client, app):
-    """(page, console errors) on the app's launched server."""
+def browser(client, app):
     if not os.path.exists(CHROMIUM):
         # CI installs it; a developer without it gets a skip that says how to run this test
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{CHROMIUM} missing: apt-get install -y chromium")
@@ -29,55 +48,152 @@ def browser_page(client, app):
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors = []
-        page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
-        page.on("pageerror", lambda err: errors.append(f"uncaught: {err}"))
-        page.goto(app.demo.local_url)
-        yield page, errors
+        yield browser
         browser.close()
 
 
-def _generate(page, start) -> dict:
-    """Starts a generation with `start()` and waits until the image's progress tracker is idle again."""
-    from playwright.sync_api import expect
+@pytest.fixture
+def open_page(browser, app):
+    """Opens the app at a viewport size; at the end, asserts the console had no warning or error."""
+    pages = []
 
-    with page.expect_response(lambda r: "/queue/join" in r.url and r.request.method == "POST") as joined:
-        start()
-    assert joined.value.ok, joined.value.status
-    expect(page.locator("#image [data-testid='status-tracker']").first).to_have_class(
-        re.compile(r"\bhide\b"), timeout=GENERATION_TIMEOUT_MS)
+    def open_at(viewport: dict):
+        page = browser.new_page(viewport=viewport)
+        page.console = []
+        page.on("console", lambda msg: msg.type in ("warning", "error") and page.console.append(f"{msg.type}: {msg.text}"))
+        page.on("pageerror", lambda err: page.console.append(f"uncaught: {err}"))
+        page.goto(app.demo.local_url)
+        page.locator("#prompt textarea").wait_for()
+        pages.append(page)
+        return page
+
+    yield open_at
+    for page in pages:
+        assert page.console == [], page.console
+        page.close()
+
+
+def _generate(page, start) -> dict:
+    """Runs `start()`, waits for the image's progress to show and end, and returns what the page then shows."""
+    page.evaluate(WATCH_PROGRESS)
+    start()
+    page.wait_for_function("window.progress.done", timeout=GENERATION_TIMEOUT_MS)
     image = page.locator("#image img")
     expect(image).to_be_visible()
+    expect(page.locator("#used-seed input")).to_be_visible()
     src = image.get_attribute("src")
     return {
         "size": tuple(image.evaluate("img => [img.naturalWidth, img.naturalHeight]")),
         "sha256": hashlib.sha256(page.request.get(src).body()).hexdigest(),
         "seed": page.locator("#used-seed input").input_value(),
         "details": page.locator("#details textarea").input_value(),
+        "progress_shown_on": page.evaluate("[...window.progress.shown]"),
+        "download_name": page.locator("#image a[download]").get_attribute("download"),
     }
 
 
-def test_prompt_resolution_and_fixed_seed_in_a_real_browser(browser_page):
-    page, console_errors = browser_page
-    prompt = page.locator("#prompt textarea")
-    prompt.fill("a lighthouse at dusk")
-    first = _generate(page, lambda: prompt.press("Enter"))
-    page.screenshot(path=ARTIFACTS / "browser-1-enter.png", full_page=True)
-    assert first["size"] == (64, 64) and first["details"].startswith("64x64, ")
+def _box(page, selector: str) -> dict:
+    return page.locator(selector).first.bounding_box()
 
-    page.locator("#resolution").get_by_label("portrait 48x80").check()
-    second = _generate(page, lambda: page.locator("#generate").click())
-    page.screenshot(path=ARTIFACTS / "browser-2-portrait.png", full_page=True)
-    assert second["size"] == (48, 80) and second["details"].startswith("48x80, ")
 
+def _in_view(box: dict, viewport: dict) -> bool:
+    return (box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= viewport["width"]
+            and box["y"] + box["height"] <= viewport["height"])
+
+
+def _screenshot(page, name: str, readme: bool = False) -> None:
+    page.screenshot(path=ARTIFACTS / name)
+    if readme and os.environ.get("UPDATE_SCREENSHOTS") == "1":  # a small palette PNG for the README
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        with Image.open(ARTIFACTS / name) as shot:
+            shot.convert("RGB").quantize(colors=64).save(SCREENSHOTS / name, optimize=True)
+
+
+def test_desktop_shows_every_preset_in_view_with_seed_and_details_beside_it(open_page):
+    page = open_page(DESKTOP)
+    assert page.locator("#used-seed").count() == 0 and page.locator("#details").count() == 0  # nothing before an image
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    first = _generate(page, lambda: page.locator("#prompt textarea").press("Enter"))
+    assert first["size"] == (64, 64) and first["details"].startswith("64x64, 28 steps, ")
+    assert first["progress_shown_on"] == ["image"]  # not drawn over the seed and the details
+    assert first["seed"] == "0" and first["download_name"] == "a-lighthouse-at-dusk-seed0.png"
+
+    for label, size in [("portrait 48x80", (48, 80)), ("landscape 80x48", (80, 48)), ("square 64x64", (64, 64))]:
+        page.locator("#resolution").get_by_label(label).check()
+        shown = _generate(page, lambda: page.locator("#generate").click())
+        assert shown["size"] == size and shown["progress_shown_on"] == ["image"]
+        image, seed, details = _box(page, "#image img"), _box(page, "#used-seed"), _box(page, "#details")
+        assert page.evaluate("window.scrollY") == 0
+        for box in (image, seed, details):
+            assert _in_view(box, DESKTOP), (label, box)
+        assert image["height"] >= 400  # fitted to the window, not drawn at its 64 px
+        assert seed["y"] >= image["y"] + image["height"] and details["y"] == seed["y"]  # right under the image
+        assert _box(page, "#prompt")["x"] + _box(page, "#prompt")["width"] <= image["x"]  # controls beside it
+        if label.startswith("portrait"):
+            _screenshot(page, "desktop-1280x800.png", readme=True)
+
+
+def test_seed_controls_do_what_they_say(open_page):
+    page = open_page(DESKTOP)
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
     page.locator("#advanced").get_by_text("Advanced").click()
-    page.locator("#randomize input[type=checkbox]").uncheck()
-    page.locator("#seed input").fill("4242")
-    fixed = [_generate(page, lambda: page.locator("#generate").click()) for _ in range(2)]
-    page.screenshot(path=ARTIFACTS / "browser-3-fixed-seed.png", full_page=True)
-    assert fixed[0]["seed"] == fixed[1]["seed"] == "4242"
-    assert fixed[0]["size"] == fixed[1]["size"] == (48, 80)
-    assert fixed[0]["sha256"] == fixed[1]["sha256"]
+    seed_box, randomize = page.locator("#seed input"), page.locator("#randomize input[type=checkbox]")
+    assert not randomize.is_checked() and seed_box.input_value() == "0"
+    expect(seed_box).to_be_enabled()
 
-    assert console_errors == []
+    seed_box.fill("4242")
+    fixed = [_generate(page, lambda: page.locator("#generate").click()) for _ in range(2)]
+    assert fixed[0]["seed"] == fixed[1]["seed"] == "4242" and fixed[0]["sha256"] == fixed[1]["sha256"]
+    assert fixed[0]["download_name"] == "a-lighthouse-at-dusk-seed4242.png"
+
+    randomize.check()
+    expect(seed_box).to_be_disabled()  # the box cannot claim a seed that will not be used
+    randomized = [_generate(page, lambda: page.locator("#generate").click()) for _ in range(2)]
+    assert all(0 <= int(shot["seed"]) < 2**31 for shot in randomized)
+    assert len({fixed[0]["seed"], randomized[0]["seed"], randomized[1]["seed"]}) == 3
+    assert randomized[0]["sha256"] != randomized[1]["sha256"]
+    _screenshot(page, "seed-controls.png")
+
+    randomize.uncheck()
+    expect(seed_box).to_be_enabled()
+    assert seed_box.input_value() == "4242"
+
+
+def test_an_example_follows_the_chosen_resolution_and_is_shown_again_from_the_record(open_page, app, monkeypatch):
+    monkeypatch.setattr(app, "EXAMPLE_RESULTS", {})  # as a fresh start: none made yet
+    page = open_page(DESKTOP)
+    pick = lambda: page.locator("#examples").get_by_text(app.EXAMPLES[1]).click()
+    square = _generate(page, pick)
+    assert page.locator("#prompt textarea").input_value() == app.EXAMPLES[1]
+    assert square["size"] == (64, 64) and square["seed"] == "0" and square["progress_shown_on"] == ["image"]
+
+    page.locator("#resolution").get_by_label("portrait 48x80").check()  # a preset change: not the square image
+    portrait = _generate(page, pick)
+    assert portrait["size"] == (48, 80) and not portrait["details"].endswith("example shown again")
+
+    page.locator("#resolution").get_by_label("square 64x64").check()
+    again = _generate(page, pick)
+    assert again["sha256"] == square["sha256"] and again["details"] == square["details"] + ", example shown again"
+    _screenshot(page, "example-again.png")
+
+
+def test_phone_puts_prompt_generate_and_result_first_under_a_one_line_banner(open_page):
+    page = open_page(PHONE)
+    banner = _box(page, "#status-banner")
+    assert banner["height"] < 50  # one line; the details open on demand
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    page.locator("#resolution").get_by_label("portrait 48x80").check()
+    shown = _generate(page, lambda: page.locator("#generate").click())
+    assert shown["size"] == (48, 80)
+    order = [_box(page, selector)["y"] for selector in ("#status-banner", "#prompt", "#generate", "#image", "#resolution")]
+    assert order == sorted(order), order  # prompt, Generate, result, then the settings
+    image = _box(page, "#image img")
+    assert _in_view(image, PHONE) and image["width"] >= 250, image
+    _screenshot(page, "phone-390.png", readme=True)
+
+    page.locator("#status-banner").get_by_text("AoT compiled").click()
+    details = page.locator("#status-details")
+    expect(details).to_contain_text("As expected on this hardware")
+    expect(details).to_contain_text("FlashAttention-3 needs a Hopper GPU")
+    expect(page.locator("#status-json")).to_contain_text("model_id")
+    _screenshot(page, "phone-390-details.png")

@@ -5,7 +5,7 @@ from aot.decisions import choose_attention, choose_compile, choose_quantization
 from aot.families import FAMILIES, FLUX
 from aot.model import build_tiny, load_model
 from aot.report import Decision
-from settings import DEFAULT_MODEL_ID, TINY_MODEL_ID, Settings, parse_presets
+from settings import DEFAULT_MODEL_ID, DEMO_MODEL_ID, TINY_MODEL_ID, Settings, parse_presets
 
 HOPPER, ADA, AMPERE, BLACKWELL_RTX = (9, 0), (8, 9), (8, 0), (12, 0)
 
@@ -16,12 +16,12 @@ HOPPER, ADA, AMPERE, BLACKWELL_RTX = (9, 0), (8, 9), (8, 0), (12, 0)
 def test_auto_quantization_by_capability(capability, expected):
     decision = choose_quantization("auto", "cuda", capability)
     assert decision.value == expected
-    assert decision.fell_back == (expected == "none")
+    assert not decision.fell_back and decision.expected == (expected == "none")  # no fp8 here: a note
 
 
-def test_auto_quantization_on_cpu_falls_back_visibly():
+def test_auto_quantization_on_cpu_is_a_visible_note():
     assert choose_quantization("auto", "cpu", None) == Decision(
-        "none", "fp8 needs CUDA with compute capability >= 8.9, this is cpu", fell_back=True)
+        "none", "fp8 needs CUDA with compute capability >= 8.9, this is cpu", expected=True)
 
 
 @pytest.mark.parametrize("device, capability", [("cpu", None), ("cuda", AMPERE)])
@@ -44,7 +44,9 @@ def test_int8_is_honoured_everywhere():
 def test_auto_attention_by_hardware(device, capability, online, expected):
     decision = choose_attention("auto", device, capability, online)
     assert decision.value == expected
-    assert decision.fell_back == (expected == "sdpa")
+    # hardware without FA3 is a note; a Hopper GPU that cannot fetch it is a fallback
+    assert decision.fell_back == (expected == "sdpa" and capability == HOPPER)
+    assert decision.expected == (expected == "sdpa" and capability != HOPPER)
 
 
 def test_explicit_attention_is_kept():
@@ -55,7 +57,8 @@ def test_compile_auto_is_on_for_cuda_and_off_but_reported_on_cpu():
     on_cuda = choose_compile("auto", "cuda")
     assert on_cuda.value == "aoti" and not on_cuda.fell_back
     decision = choose_compile("auto", "cpu")
-    assert decision.value == "none" and "COMPILE=aoti" in decision.reason and decision.fell_back
+    assert decision.value == "none" and "COMPILE=aoti" in decision.reason
+    assert decision.expected and not decision.fell_back
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +68,20 @@ def flux_pipe():
 
 
 def test_model_choice(flux_pipe):
-    assert Settings.from_env({}, has_cuda=False).model_id == TINY_MODEL_ID
+    assert Settings.from_env({}, has_cuda=False).model_id == DEMO_MODEL_ID
     assert Settings.from_env({}, has_cuda=True).model_id == DEFAULT_MODEL_ID
     assert Settings.from_env({"SPACE_ID": "me/space"}, has_cuda=False).model_id == DEFAULT_MODEL_ID
     schnell = Settings.from_env({"MODEL_ID": "black-forest-labs/FLUX.1-schnell"}, has_cuda=False)
     assert schnell.model_id.endswith("schnell") and schnell.tiny_family is None
-    tiny = Settings.from_env({}, has_cuda=False)
-    assert tiny.tiny_family == "flux" and "no MODEL_ID" in tiny.demo_model_reason
+    demo = Settings.from_env({}, has_cuda=False)  # the trained demo model, at the sizes it was trained at
+    assert demo.demo_model and demo.tiny_family is None and "no MODEL_ID" in demo.demo_model_reason
+    assert [p.name for p in load_model(demo, pipe=flux_pipe).presets] == ["128x128", "96x160", "160x96"]
+    tiny = Settings.from_env({"MODEL_ID": TINY_MODEL_ID}, has_cuda=False)
+    assert tiny.tiny_family == "flux" and tiny.demo_model and tiny.demo_model_reason == "MODEL_ID=tiny"
     assert tiny.presets_text == ""  # the family's own resolutions
     assert [p.name for p in load_model(tiny, pipe=flux_pipe).presets] == ["64x64", "48x80", "80x48"]
     real = Settings.from_env({}, has_cuda=True)
-    assert real.tiny_family is None and real.presets_text == ""
+    assert real.tiny_family is None and not real.demo_model and real.presets_text == ""
     assert [p.name for p in load_model(real, pipe=flux_pipe).presets] == ["1024x1024", "832x1216", "1216x832"]
     chosen = Settings.from_env({"PRESETS": "wide=1216x832"}, has_cuda=True)
     assert [p.name for p in load_model(chosen, pipe=flux_pipe).presets] == ["1216x832"]
@@ -111,6 +117,11 @@ def test_bad_presets_are_refused(text, message):
     ({"COMPILE": "jit"}, "not one of"),
     ({"AOT_SCOPE": "layers"}, "not one of"),
     ({"DYNAMIC_SHAPES": "maybe"}, "DYNAMIC_SHAPES"),
+    # every message names the variable and what it takes
+    ({"QUEUE_SIZE": "abc"}, "QUEUE_SIZE='abc': give a whole number, e.g. 32"),
+    ({"QUEUE_SIZE": "0"}, "QUEUE_SIZE=0: give a whole number of at least 1"),
+    ({"COMPILE": "none", "AOT_HUB_REPO": "a/b@" + "0" * 40}, "COMPILE=none; set COMPILE=auto or aoti, or unset"),
+    ({"PRESETS": "a=64x64,a=32x32"}, "PRESETS has duplicates: .*give each label and each WIDTHxHEIGHT once"),
 ])
 def test_conflicting_or_unknown_settings_raise_at_startup(env, message):
     with pytest.raises(ValueError, match=message):

@@ -65,8 +65,8 @@ def test_failed_aot_compile_serves_eager_and_says_why(fresh_app, monkeypatch, tm
     assert "eager (not compiled)" in banner and f"fallback: {reason}" in banner
     status = _status_api(app)
     assert status["compile"] == "none" and reason in status["fallbacks"]
-    image, seed, details = app.generate(**REQUEST)
-    assert image.size == (80, 48) and seed == 99 and details.startswith("80x48, 2 steps")
+    path, seed, details = app.generate(**REQUEST)
+    assert Image.open(path).size == (80, 48) and seed == 99 and details.startswith("80x48, 2 steps")
 
 
 def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh_app, compiled_model):
@@ -81,8 +81,8 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
     banner = app._status_markdown()
     assert "attention `sdpa`" in banner and "fallback: attention: _flash_3_hub unavailable" in banner
     assert _status_api(app)["attention"] == "sdpa"
-    image, seed, _ = app.generate(**REQUEST)
-    assert image.size == (80, 48) and seed == 99
+    path, seed, _ = app.generate(**REQUEST)
+    assert Image.open(path).size == (80, 48) and seed == 99
 
 
 def _fail_once_inside_the_transformer(monkeypatch, app, error: Exception):

@@ -70,10 +70,12 @@ def test_generate_api_answers_any_input_with_an_image_or_a_clear_error(fuzz_clie
     with Image.open(path) as image:
         assert image.size == (preset.width, preset.height)
     assert 0 <= seed <= MAX_SEED and (request["randomize_seed"] or seed == request["seed"])
+    assert SAFE_NAME.match(path.rsplit("/", 1)[-1]), path  # the prompt reaches the file name as a slug only
     assert details.startswith(f"{preset.name}, {int(request['steps'])} steps")
 
 
 SENTINEL = SESSION_DIR / "injected"
+SAFE_NAME = re.compile(r"^[^\W_]+(-[^\W_]+)*-seed\d+\.png$")
 HOSTILE = ["../../etc/passwd", "/etc/passwd\x00.png", f"$(touch {SENTINEL})", f"; touch {SENTINEL}",
            f"`touch {SENTINEL}`", f"| touch {SENTINEL} &", "{{7*7}} %s %n ${HOME}", "C:\\Windows\\system32\\cmd.exe"]
 SKIP = {".venv", ".git", "test-artifacts", ".pytest_cache", "__pycache__", ".gradio", ".aot-cache", ".hypothesis",
@@ -98,13 +100,16 @@ def test_request_text_reaches_no_file_path_or_shell(client, app):
                 client.predict(**{**GOOD, name: text}, api_name="/generate")
     assert not SENTINEL.exists()
     assert _files(ROOT) == before_repo
-    # the only files a request makes are Gradio's content-addressed output images
-    assert all(p.suffix in (".png", ".webp") and p.parent.parent == temp for p in _files(temp) - before_temp)
+    # the only files a request makes are its PNGs in Gradio's content-addressed cache, named by a slug
+    made = _files(temp) - before_temp
+    assert made and all(SAFE_NAME.match(p.name) and p.parent.parent == temp for p in made), made
 
 
 def test_app_code_has_no_file_or_shell_sink():
-    """Request handling stays in memory: app.py imports nothing that touches files or shells, and calls no
-    open/eval/exec. A change that needs one should come with a test like the one above."""
+    """Request handling stays in memory but for its PNG, which Gradio's own cache function writes under a slugged
+    name (tested above): app.py imports nothing that runs shells or unpickles, calls no open/eval/exec, and touches
+    the file system (pathlib) only in `_example_prompts`, once at startup. A change that needs more should come
+    with a test like the one above."""
     tree = ast.parse((ROOT / "app.py").read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -112,6 +117,10 @@ def test_app_code_has_no_file_or_shell_sink():
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert not imported & {"os", "subprocess", "shutil", "pathlib", "tempfile", "pickle", "shlex", "glob"}
+    assert not imported & {"os", "subprocess", "shutil", "tempfile", "pickle", "shlex", "glob"}
     called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert not called & {"open", "eval", "exec", "compile", "__import__"}
+    [startup] = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "_example_prompts"]
+    paths_anywhere = [node for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id == "Path"]
+    paths_at_startup = [node for node in ast.walk(startup) if isinstance(node, ast.Name) and node.id == "Path"]
+    assert paths_anywhere == paths_at_startup and paths_at_startup

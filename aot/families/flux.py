@@ -9,10 +9,12 @@ from aot.families.tokens import byte_vocabulary
 
 def defaults(pipe) -> Defaults:
     # [dev] embeds guidance; [schnell] does not, is timestep-distilled for 1-4 steps, and its T5 was trained
-    # with 256 tokens
+    # with 256 tokens. No model reads more text than its T5 tokenizer allows (the demo model's: 48); a pipeline
+    # loaded without its tokenizers (low-VRAM tests build one) keeps the family's length.
+    limit = getattr(pipe.tokenizer_2, "model_max_length", None) or 512
     if pipe.transformer.config.guidance_embeds:
-        return Defaults(steps=28, guidance=3.5, guidance_kind=Guidance.EMBEDDED, max_sequence_length=512)
-    return Defaults(steps=4, guidance=0.0, guidance_kind=Guidance.NONE, max_sequence_length=256)
+        return Defaults(steps=28, guidance=3.5, guidance_kind=Guidance.EMBEDDED, max_sequence_length=min(512, limit))
+    return Defaults(steps=4, guidance=0.0, guidance_kind=Guidance.NONE, max_sequence_length=min(256, limit))
 
 
 def prompt_tokens(pipe, prompt: str) -> int:
