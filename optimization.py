@@ -109,8 +109,9 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     own_tensors_(transformer)
     if device == "cuda":
         trust_host_isa_()
-    if settings.cache_dir:  # kernels built for one program are reused by the next key's (another preset, option)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir) / "inductor"))
+    # Inductor's own cache beside the programs: kernels built for one key are reused by the next (another preset,
+    # a bumped option), about 40% of a compile (benchmarks/RESULTS.md run 13)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir) / "inductor"))
     report.compile_scope = settings.aot_scope
     if family.regional_only and settings.aot_scope == "model":
         report.compile_scope = "blocks"
