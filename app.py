@@ -16,10 +16,11 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import parallel
+from aot import parallel, step_cache
 from aot.families import Guidance
+from aot.memory import resident_bytes
 from aot.model import load_model
-from settings import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
+from settings import DEMO_MODEL_ID, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("aot-space")
@@ -55,6 +56,16 @@ def _example_prompts() -> list[str]:
 
 
 EXAMPLES = _example_prompts()
+# The demo model's examples as picking one draws them at its own first preset (128x128), default seed and steps:
+# `python assets/evaluate_demo.py --examples assets/examples --no-figures` remakes them, tests/test_browser.py checks
+# them. No other model ships pictures, and none is drawn at start-up (a real model's would be slow): text only.
+DEMO_THUMBNAILS = Path(__file__).parent / "assets" / "examples"
+
+
+def _thumbnails() -> list[str | None]:
+    """Each example's picture, or None: only the demo model at its own presets draws what the shipped ones show."""
+    shipped = SETTINGS.model_id == DEMO_MODEL_ID and not SETTINGS.presets_text
+    return [str(DEMO_THUMBNAILS / f"example-{i}.png") if shipped else None for i in range(1, len(EXAMPLES) + 1)]
 
 
 def status() -> dict:
@@ -121,32 +132,40 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, notes
 
 
-# The ZeroGPU duration of a request (gpu_seconds). benchmarks/zerogpu_e2e.py measures it against the GPU time each
-# request used, per preset and step count, first request per worker included (benchmarks/RESULTS.md).
-# A FLUX.1-dev step at 1024x1024 on an H100: 98-109 ms compiled, 183 ms eager (RESULTS.md), asked with a 1.4-1.5x margin
+# The ZeroGPU duration of a request (gpu_seconds), fitted to benchmarks/zerogpu_e2e.py's measurements of the GPU
+# time each request used under spaces' ZeroGPU code path on an H100 (benchmarks/RESULTS.md run 15).
+# A FLUX.1-dev step at 1024x1024 on an H100: 98-115 ms compiled, 183 ms eager, asked with a 1.3-1.5x margin.
 STEP_SECONDS = {"aoti": 0.15, "none": 0.25}
-FIXED_SECONDS = 10  # text encoders, VAE, and a new GPU worker's start (CUDA, the weights copied to the GPU)
-FIRST_LOAD_SECONDS = 90  # a program's first call in a GPU worker loads it: 61 s measured on an H100 (RESULTS.md run 4)
+FIXED_SECONDS = 3  # text encoders, VAE and hand-over: 0.12 s measured (FLUX.1-dev-sized transformer)
+# A new GPU worker (the first request, or the next after a failed task) first copies the weights to the GPU:
+# 2.9 s measured for 1.2 GiB of them and 8.5 s for 11.1 GiB, about 2.2 s + 0.57 s/GiB; asked at about twice that.
+WORKER_START_SECONDS, WORKER_SECONDS_PER_GIB = 4, 1.0
+PROGRAM_LOAD_SECONDS = 5  # a compiled program's first call in a worker: 0.1-1.7 s measured
 # The step times are an H100's (132 SMs). ZeroGPU's default GPU, an H200 MIG 3g.71gb slice, has 60 SMs, so a
 # compute-bound step (FLUX's GEMMs and attention, RESULTS.md run 11) takes up to 132/60 = 2.2x as long there.
 H100_SMS = 132
 GPU_SLOWDOWN = max(1.0, H100_SMS / torch.cuda.get_device_properties(0).multi_processor_count) \
     if torch.cuda.is_available() else 1.0
+WEIGHT_GIB = resident_bytes(MODEL.pipe) / 2**30  # what a new worker copies to the GPU (at most)
 
 
 def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="") -> int:
     """Seconds of GPU to ask ZeroGPU for. It ends a task at this duration, so it covers the slowest case; asking
     more spends the visitor's quota (a request asking more than is left is refused before it starts).
 
-    The steps at their H100 times with the 1.4-1.5x margin, scaled by the family's step cost and by the serving
-    GPU's SM deficit (GPU_SLOWDOWN: 2.2 on the MIG slice, which keeps the same margin there; unscaled, Qwen-Image's
+    The steps at their H100 times with a margin, scaled by the family's step cost and by the serving GPU's SM
+    deficit (GPU_SLOWDOWN: 2.2 on the MIG slice, which keeps the same margin there; unscaled, Qwen-Image's
     default request, 50 steps of true CFG at 1328x1328, would ask 35 s for about 44 s of transformer calls on the
-    slice: 200.8 ms each on a whole H200, RESULTS.md run 12, x2.2), plus FIXED_SECONDS, plus FIRST_LOAD_SECONDS
-    for a shape the current GPU worker has not run yet."""
+    slice: 200.8 ms each on a whole H200, RESULTS.md run 12, x2.2), plus FIXED_SECONDS, plus a new worker's start
+    and a program's first load when this worker has not run the shape yet."""
     step_seconds = STEP_SECONDS[REPORT.compile] * FAMILY.step_cost * GPU_SLOWDOWN
-    first_load = FIRST_LOAD_SECONDS if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES else 0
+    first = 0.0
+    if not SERVED_SHAPES:
+        first += WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * WEIGHT_GIB
+    if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES:
+        first += PROGRAM_LOAD_SECONDS
     calls = 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
-    return int(FIXED_SECONDS + first_load + calls * steps * step_seconds * width * height / 1024**2)
+    return math.ceil(FIXED_SECONDS + first + calls * steps * step_seconds * width * height / 1024**2)
 
 
 def _answered_before_gpu_work(err: Exception) -> bool:
@@ -159,7 +178,11 @@ def _answered_before_gpu_work(err: Exception) -> bool:
 
 def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = ""):
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator).images[0]
+    with step_cache.counting(MODEL.pipe.transformer) as counts:
+        image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator).images[0]
+    if counts is not None:  # travels with the image: on ZeroGPU this runs in the GPU worker, another process
+        image.info["step_cache"] = str(counts)
+    return image
 
 
 @spaces.GPU(duration=gpu_seconds)
@@ -210,11 +233,14 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         log.exception("generation failed")
         raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
     seconds = time.perf_counter() - start
+    skipped = image.info.pop("step_cache", None)  # what the step cache skipped (_image), not kept in the PNG
     SERVED_SHAPES.add((preset.width, preset.height))
     image.info.update(prompt=prompt, seed=str(seed))  # kept in the PNG as text
     # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
     path = save_pil_to_cache(image, get_upload_folder(), name=f"{_slug(prompt)}-seed{seed}", format="png")
     details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s"
+    if skipped:
+        details += f", {skipped}"
     if notes:
         details += " | note: " + "; ".join(notes)
     return path, seed, details
@@ -288,7 +314,7 @@ def _status_markdown() -> str:
                 f"(cache keys {keys}), {len(REPORT.programs)} program(s) for {', '.join(PRESETS)}"
                 if REPORT.compile == "aoti" else "eager (not compiled)")
     lines.append(f"`{SETTINGS.model_id}` ({FAMILY.name} family) on {REPORT.device}, {REPORT.dtype}, attention `{REPORT.attention}`, "
-                 f"quantization `{REPORT.quantization}`, {compiled}.")
+                 f"step cache `{REPORT.step_cache}`, quantization `{REPORT.quantization}`, {compiled}.")
     if REPORT.parallel:
         lines.append(parallel.describe(REPORT.parallel))
     if REPORT.startup:
@@ -347,8 +373,11 @@ with gr.Blocks(title=_title()) as demo:
                 steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps)
                 guidance = gr.Slider(label="Guidance", minimum=0, maximum=MAX_GUIDANCE, step=0.1,
                                      value=DEFAULTS.guidance, interactive=USES_GUIDANCE)
-            examples = gr.Examples(examples=[[text] for text in EXAMPLES], inputs=[prompt], cache_examples=False,
-                                   api_visibility="private", elem_id="examples")
+            # A picked example's picture also lands here, unseen; without pictures this column is left out
+            thumbnail = gr.Image(type="filepath", visible=False)
+            examples = gr.Examples(examples=[[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)],
+                                   inputs=[thumbnail, prompt], cache_examples=False, api_visibility="private",
+                                   elem_id="examples")
     inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt]
     outputs = [image, used_seed, details]
     # preprocess=False: API payloads reach validate() as sent, so a wrong type gets its clear message rather than

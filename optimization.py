@@ -9,7 +9,9 @@ the weights, for every model family in `aot/families/`.
      it and compile it with AOTInductor, inside `@spaces.GPU(duration=1500)`: either the whole transformer or,
      regionally, one program per repeated block class;
   4. install the packages with `spaces.aoti_load_from_package_dir` (the programs read the modules' own
-     parameters) behind a dispatcher that picks each call's program from its input shapes.
+     parameters; each block gets its own instance) behind a dispatcher that picks each call's program from its
+     input shapes;
+  5. with STEP_CACHE, put diffusers' cache hooks around the installed block programs (aot/step_cache.py).
 Every choice that falls back is logged once and listed in the report (the UI's status panel and /status).
 Programs are cached under a key of everything that makes them valid: a restart with the same key loads them.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import spaces
 import torch
 
-from aot import parallel
+from aot import parallel, step_cache
 from aot.cache import (cache_key, compile_into_cache, entry_files, fetch_from_hub, key_digest, read_cached,
                        upload_to_hub)
 from aot.decisions import choose_attention, choose_compile, choose_quantization
@@ -90,11 +92,8 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
         except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
             report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
             report.quantization = "none"
-    if plan.stream and compiled:
-        # A regional program rebinding each block's weights on every call computed correctly, but the AOTI
-        # runner kept every set it was handed (12.7 GiB after 52 block calls, benchmarks/RESULTS.md).
-        report.decide("compile", Decision("none", "off: compiled programs hold on to streamed weights", fell_back=True))
     report.text = _text_handling(model)
+    report.decide("step_cache", step_cache.choose(settings.step_cache, model))
 
     # 3-4. Compile or load, install, warm up.
     if report.compile == "none":
@@ -105,6 +104,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
                 _use_sdpa(transformer, report, f"{report.attention} failed a test run ({type(err).__name__}: {err})")
         if ranks:
             ranks.enable_(model, report)
+        step_cache.enable_(transformer, report)
         return report
     own_tensors_(transformer)
     if device == "cuda":
@@ -116,6 +116,14 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     if family.regional_only and settings.aot_scope == "model":
         report.compile_scope = "blocks"
         report.fallback("compile scope", f"regional programs for {family.name}: {family.regional_only}")
+    if plan.stream and report.compile_scope == "model":
+        report.compile_scope = "blocks"
+        report.fallback("compile scope", "regional programs for streamed blocks: their weights are copied in before "
+                                         "each block's call (aot/streaming.py), which a whole-model program never makes")
+    if report.step_cache != "off" and report.compile_scope == "model":
+        report.compile_scope = "blocks"
+        report.fallback("compile scope", f"regional programs for STEP_CACHE={report.step_cache}: it skips blocks, "
+                                         "and a whole-model program has none")
     start = time.perf_counter()
     while True:
         try:
@@ -129,10 +137,12 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
                 _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
                 continue
             _serve_eager(model, report, reason, plan.low_vram)
+            step_cache.enable_(transformer, report)
             return report
     report.compile_seconds = round(time.perf_counter() - start, 1)
     log.info("AoT %s: %s in %.1f s (cache keys %s), programs: %s; start-up: %s", report.compile_scope,
              report.compile_source, report.compile_seconds, report.cache_keys, report.programs, report.startup)
+    step_cache.enable_(transformer, report)
     return report
 
 

@@ -35,6 +35,9 @@ AOT_SCOPE_CHOICES = ("blocks", "model")
 ATTENTION_DEFAULT = "auto"
 # Several ranks (WORLD_SIZE > 1, README "Several GPUs"): "auto" splits each image across them with Ulysses.
 PARALLEL_CHOICES = ("auto", "off", "ulysses", "ring")
+# STEP_CACHE: diffusers' First Block Cache or TaylorSeer around the block programs (aot/step_cache.py, README
+# "Step caching"), each with its one parameter: "fbc:THRESHOLD", "taylorseer:INTERVAL"
+STEP_CACHE_CHOICES = ("off", "fbc", "taylorseer")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,40 @@ def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
     if len({(p.width, p.height) for p in presets}) != len(presets) or len({p.label for p in presets}) != len(presets):
         raise ValueError(f"PRESETS has duplicates: {text!r}; give each label and each WIDTHxHEIGHT once")
     return tuple(presets)
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """STEP_CACHE: the method and its one parameter; None takes diffusers' default for it."""
+
+    method: str = "off"
+    threshold: float | None = None  # fbc: relative change of the first block's output below which steps skip
+    interval: int | None = None  # taylorseer: one full evaluation every `interval` steps, once warmed up
+
+    def __str__(self) -> str:
+        value = self.threshold if self.method == "fbc" else self.interval
+        return self.method if value is None else f"{self.method}:{value}"
+
+
+def parse_step_cache(text: str) -> StepCache:
+    """STEP_CACHE's value: off, fbc, fbc:THRESHOLD, taylorseer or taylorseer:INTERVAL."""
+    text = text.strip().lower() or "off"
+    method, colon, value = text.partition(":")
+    usage = (f"STEP_CACHE={text!r} is not one of off, fbc, fbc:THRESHOLD (a number above 0, at most 1, e.g. "
+             "fbc:0.08), taylorseer, taylorseer:INTERVAL (a whole number of steps, at least 2, e.g. taylorseer:4)")
+    if method not in STEP_CACHE_CHOICES or (method == "off" and colon):
+        raise ValueError(usage)
+    if not colon:
+        return StepCache(method)
+    try:
+        number = float(value) if method == "fbc" else int(value)
+    except ValueError:
+        raise ValueError(usage) from None
+    if method == "fbc" and 0 < number <= 1:
+        return StepCache(method, threshold=number)
+    if method == "taylorseer" and number >= 2:
+        return StepCache(method, interval=number)
+    raise ValueError(usage)
 
 
 def _flag(env, name: str, default: bool) -> bool:
@@ -130,6 +167,7 @@ class Settings:
     parallel: str = "auto"  # context parallelism over the launch's ranks (aot/parallel.py)
     world_size: int = 1  # ranks in this launch: WORLD_SIZE, set by the launcher
     hub_upload: str | None = None  # "owner/name": upload what this start compiled there (a token with write access)
+    step_cache: StepCache = StepCache()  # STEP_CACHE: diffusers' cache hooks, off by default
 
     @property
     def tiny_family(self) -> str | None:
@@ -181,6 +219,7 @@ class Settings:
             demo_model_reason=reason,
             parallel=_choice(env, "PARALLEL", PARALLEL_CHOICES, "auto"),
             world_size=_whole(env, "WORLD_SIZE", 1),
+            step_cache=parse_step_cache(env.get("STEP_CACHE", "")),
         )
         settings.check()
         return settings
@@ -207,9 +246,10 @@ class Settings:
             if self.compile == "none":
                 raise ValueError("AOT_HUB_UPLOAD is set but COMPILE=none: nothing is compiled to upload; set "
                                  "COMPILE=auto or aoti, or unset AOT_HUB_UPLOAD")
-        if self.low_vram == "stream" and self.quantization == "fp8":
-            raise ValueError("LOW_VRAM=stream cannot stream fp8 weights (torchao tensors do not survive diffusers' "
-                             "group offloading); use QUANTIZATION=int8, int4, none or auto")
+        if self.step_cache.method != "off" and self.world_size != 1:
+            raise ValueError(f"STEP_CACHE={self.step_cache} with {self.world_size} ranks (WORLD_SIZE): First Block Cache "
+                             "would decide to skip on each rank's share of the image alone, and neither cache is tested "
+                             "under context parallelism; set STEP_CACHE=off, or run one process")
         if self.queue_size < 1:
             raise ValueError(f"QUEUE_SIZE={self.queue_size}: give a whole number of at least 1, e.g. 32")
         if self.world_size != 1 or self.parallel in ("ulysses", "ring"):

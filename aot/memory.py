@@ -5,14 +5,35 @@ from dataclasses import asdict, dataclass
 
 import spaces
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.decisions import choose_quantization, fp8_runs
 from aot.quantize import GROUP_SIZE, _quantizable, quantize_
 from aot.report import Report
+from aot.streaming import RING_SLOTS, BlockStream
 
 GiB = 2**30
 ACTIVATION_BYTES_PER_TOKEN = 3 * GiB // 4096  # FLUX at 1024x1024: ~2.4 GiB above the weights (RESULTS.md)
 SLACK_BYTES = GiB  # CUDA context, allocator fragmentation
+
+# The planner's yardstick for a layout's speed: one step of FLUX.1-dev at 1024x1024 on the H100, every block
+# resident, per weight format (benchmarks/RESULTS.md run 7: AoT blocks; eager), scaled to the model's size and image
+# tokens. Eager int4 was measured streamed only: 12% slower than streamed int8 (341.7 vs 304.3 ms), applied here to
+# int8's 243.2; eager fp8 runs about 3x bf16 (unfused, RESULTS.md).
+STEP_MS = {True: {"fp8": 114.6, "none": 144.2, "int8": 148.6, "int4": 160.4},
+           False: {"fp8": 550.0, "none": 183.4, "int8": 243.2, "int4": 273.1}}
+REFERENCE_BYTES, REFERENCE_TOKENS = 2 * 11.90e9, 4096  # FLUX.1-dev's bf16 transformer, 1024x1024
+# Streamed blocks are copied in once per step, overlapping the compute (aot/streaming.py): a step takes the longer of
+# the two. Pinned host-to-GPU copies ran at 54 GB/s on the H100 (run 7).
+COPY_BYTES_PER_MS = 54e6
+# Relative L2 error of one step against bf16, per weight format (run 7); streaming changes no weight, so adds none.
+STEP_ERROR = {"none": 0.0, "fp8": 5.1e-2, "int8": 8e-3, "int4": 6.7e-2}
+
+
+def streamed_blocks(count: int, streamed: int) -> list[int]:
+    """Which of `count` blocks (in call order) stream when `streamed` do: spread evenly, so each copy overlaps the
+    compute of the resident blocks between two streamed ones, not only that of the streamed block before it."""
+    return sorted({(2 * j + 1) * count // (2 * streamed) for j in range(streamed)})
 
 
 @dataclass(frozen=True)
@@ -20,67 +41,113 @@ class Footprint:
     """Bytes the pipeline needs on the GPU, per transformer weight format ("none" = as loaded)."""
 
     transformer: dict[str, int]  # all its weights
-    largest_block: dict[str, int]  # the largest repeated block: streaming holds about three on the GPU
-    outside_blocks: dict[str, int]  # embedders and output layers: streamed as one group
+    blocks: dict[str, tuple[int, ...]]  # each repeated block's weights, in call order: what can stream
+    block_groups: tuple[int, ...]  # blocks with one number share a layout, so one ring of device buffers
     text_encoders: int  # all of them
     largest_text_block: int
     other: int  # the VAE and anything else: always resident
     activations: int
+    image_tokens: int
 
-    def need(self, mode: str | None, stream: bool = False) -> int:
-        """mode None: everything resident as loaded. Otherwise the low-VRAM layout: text encoders streamed,
-        the transformer quantized to `mode`, and resident or streamed."""
+    def need(self, mode: str | None, streamed: int = 0) -> int:
+        """mode None: everything resident as loaded. Otherwise the low-VRAM layout: text encoders streamed, the
+        transformer quantized to `mode`, with `streamed` of its blocks in host memory, copied through the rings."""
         if mode is None:
             return self.transformer["none"] + self.text_encoders + self.other + self.activations + SLACK_BYTES
-        weights = 3 * self.largest_block[mode] + self.outside_blocks[mode] if stream else self.transformer[mode]
+        chosen = streamed_blocks(len(self.block_groups), streamed)
+        ring = 0
+        for group in {self.block_groups[i] for i in chosen}:
+            members = [self.blocks[mode][i] for i in chosen if self.block_groups[i] == group]
+            ring += min(RING_SLOTS, len(members)) * max(members)
+        weights = self.transformer[mode] - self.streamed_bytes(mode, streamed) + ring
         return weights + 2 * self.largest_text_block + self.other + self.activations + SLACK_BYTES
+
+    def streamed_bytes(self, mode: str, streamed: int) -> int:
+        """What a step copies in."""
+        return sum(self.blocks[mode][i] for i in streamed_blocks(len(self.block_groups), streamed))
+
+    def step_ms(self, mode: str, streamed: int, compiled: bool) -> float:
+        """A rough step time, to rank layouts: the compute, or the copies if they take longer."""
+        scale = self.transformer["none"] / REFERENCE_BYTES * self.image_tokens / REFERENCE_TOKENS
+        return max(STEP_MS[compiled][mode] * scale, self.streamed_bytes(mode, streamed) / COPY_BYTES_PER_MS)
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     low_vram: bool = False
     quantization: str = ""  # the transformer's weight format; "" = not decided here
-    stream: bool = False  # transformer blocks streamed from pinned host memory, one block ahead
+    blocks: int = 0  # the transformer's repeated blocks
+    streamed_blocks: int = 0  # of them, streamed from host memory through a ring (aot/streaming.py); the rest resident
     budget_gib: float | None = None
     need_gib: float = 0.0
+    step_error: float = 0.0  # relative L2 error the weight format adds to one step (RESULTS.md run 7)
     reason: str = ""
+
+    @property
+    def stream(self) -> bool:
+        return self.streamed_blocks > 0
+
+    @property
+    def layout(self) -> str:
+        """What runs, in words: the report's `memory.layout`, and the fallback line in the log and the status panel."""
+        if not self.low_vram:
+            return "everything resident as loaded"
+        weights = ("unquantized weights" if self.quantization == "none" else
+                   f"{self.quantization} weights (about {self.step_error:.1e} relative error per step)")
+        blocks = ("all blocks resident" if not self.stream else f"all {self.blocks} blocks streamed"
+                  if self.streamed_blocks == self.blocks else
+                  f"{self.blocks - self.streamed_blocks} of {self.blocks} blocks resident, {self.streamed_blocks} streamed")
+        budget = f" of {self.budget_gib}" if self.budget_gib else ""
+        return f"{weights}, {blocks}, text encoders streamed; needs about {self.need_gib}{budget} GiB"
 
 
 def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, budget: int | None,
-                       fp8_ok: bool) -> MemoryPlan:
-    """Pure: the fastest layout that fits `budget` bytes. Candidates, fastest first (benchmarks/RESULTS.md,
-    run 7): resident fp8 (where it runs), bf16, int8 (when fp8 does not run), int4; then streamed int8, int4,
-    bf16. Text encoders are streamed in every low-VRAM layout."""
-    gib = lambda n: round(n / GiB, 1)  # noqa: E731
-    full = footprint.need(None)
+                       fp8_ok: bool, compiled: bool) -> MemoryPlan:
+    """Pure: the fastest layout that fits `budget` bytes. For each weight format (fp8 only where it runs, and only
+    compiled: eager it is slower than bf16), the fewest streamed blocks that fit (all of them with LOW_VRAM=stream);
+    then the format whose step is estimated fastest (`Footprint.step_ms`). Text encoders stream in every
+    low-VRAM layout."""
+    gib = lambda n: round(n / GiB, 2)  # noqa: E731
+    full, count = footprint.need(None), len(footprint.block_groups)
     if requested == "off" or (budget is None and requested == "auto"):
         why = "LOW_VRAM=off" if requested == "off" else "no GPU memory limit to plan for"
-        return MemoryPlan(budget_gib=budget and gib(budget), need_gib=gib(full), reason=why)
+        return MemoryPlan(blocks=count, budget_gib=budget and gib(budget), need_gib=gib(full), reason=why)
     if requested == "auto" and full <= budget:
-        return MemoryPlan(budget_gib=gib(budget), need_gib=gib(full),
+        return MemoryPlan(blocks=count, budget_gib=gib(budget), need_gib=gib(full),
                           reason=f"fits: {gib(full)} of {gib(budget)} GiB")
-    resident = ["fp8", "none", "int4"] if fp8_ok else ["none", "int8", "int4"]
-    streamed = ["int8", "int4", "none"]
-    if quantization != "auto":
-        resident, streamed = [quantization], [quantization] if quantization != "fp8" else []
-    candidates = ([] if requested == "stream" else [(m, False) for m in resident]) + [(m, True) for m in streamed]
-    if not candidates:
-        raise ValueError("QUANTIZATION=fp8 cannot be streamed; use int8, int4 or none with LOW_VRAM=stream")
+    modes = [quantization] if quantization != "auto" else ["fp8"] * fp8_ok + ["none", "int8", "int4"]
+    streamed = [count] if requested == "stream" else range(count + 1)
+    fitting = []  # per format, the fewest streamed blocks that fit
+    for mode in modes:
+        k = next((k for k in streamed if budget is None or footprint.need(mode, k) <= budget), None)
+        if k is not None:
+            fitting.append((mode, k))
     budget_text = f"{gib(budget)} GiB" if budget else "no known limit"
     why = (f"the whole pipeline needs {gib(full)} GiB, {budget_text} available" if requested == "auto"
            else f"LOW_VRAM={requested}")
-    for mode, stream in candidates:
-        need = footprint.need(mode, stream)
-        if budget is None or need <= budget:
-            return MemoryPlan(True, mode, stream, budget and gib(budget), gib(need), why)
-    mode, stream = min(candidates, key=lambda candidate: footprint.need(*candidate))
-    need = footprint.need(mode, stream)
-    return MemoryPlan(True, mode, stream, gib(budget), gib(need),
-                      f"{why}; nothing fits, so the smallest layout runs ({gib(need)} GiB): it may run out of memory")
+    if fitting:  # min() keeps the first of equals: fp8 before bf16 before int8 before int4
+        mode, k = min(fitting, key=lambda layout: footprint.step_ms(*layout, compiled))
+    else:
+        mode, k = min(((m, k) for m in modes for k in streamed), key=lambda layout: footprint.need(*layout))
+        why += f"; nothing fits, so the smallest layout runs ({gib(footprint.need(mode, k))} GiB): it may run out of memory"
+    return MemoryPlan(True, mode, count, k, budget and gib(budget), gib(footprint.need(mode, k)), STEP_ERROR[mode], why)
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a wrapper subclass (torchao's fp8 weights), those of the tensors inside it."""
+    if is_traceable_wrapper_subclass(tensor):
+        return sum(_stored_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+    return tensor.numel() * tensor.element_size()
+
+
+def resident_bytes(pipe) -> int:
+    """The bytes of every weight and buffer of the pipeline's modules, as they are stored now."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(_stored_bytes(t) for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
 def _weight_bytes(module: torch.nn.Module, mode: str) -> int:
@@ -103,31 +170,44 @@ def _block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
     return lists
 
 
+def transformer_blocks(transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """The lists of blocks that may stream: those of the classes diffusers calls repeated (`_repeated_blocks`,
+    what regional compilation compiles), else every outermost list. Their order is the call order FLUX's has."""
+    repeated = getattr(transformer, "_repeated_blocks", ())
+    lists = _block_lists(transformer)
+    return {name: blocks for name, blocks in lists.items() if type(blocks[0]).__name__ in repeated} or lists
+
+
+def _shape(module: torch.nn.Module) -> tuple:
+    return (type(module).__name__, *((name, tuple(t.shape), t.dtype) for name, t in module.state_dict().items()))
+
+
 def measure_footprint(pipe, max_image_tokens: int) -> Footprint:
     modes = ("none", "fp8", "int8", "int4")
     transformer = pipe.transformer
-    blocks = [block for blocks in _block_lists(transformer).values() for block in blocks]
-    weights = {mode: _weight_bytes(transformer, mode) for mode in modes}
-    block_bytes = {mode: [_weight_bytes(b, mode) for b in blocks] for mode in modes}
+    blocks = [block for blocks in transformer_blocks(transformer).values() for block in blocks]
+    shapes = list(dict.fromkeys(map(_shape, blocks)))  # blocks of one class and shape quantize alike: one ring
     texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
     text_blocks = [block for text in texts for blocks in _block_lists(text).values() for block in blocks]
     return Footprint(
-        transformer=weights,
-        largest_block={mode: max(block_bytes[mode], default=0) for mode in modes},
-        outside_blocks={mode: weights[mode] - sum(block_bytes[mode]) for mode in modes},
+        transformer={mode: _weight_bytes(transformer, mode) for mode in modes},
+        blocks={mode: tuple(_weight_bytes(b, mode) for b in blocks) for mode in modes},
+        block_groups=tuple(shapes.index(_shape(b)) for b in blocks),
         text_encoders=sum(_weight_bytes(t, "none") for t in texts),
         largest_text_block=max((_weight_bytes(b, "none") for b in text_blocks), default=0),
         other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()
                   if isinstance(m, torch.nn.Module) and name != "transformer" and m not in texts),
         activations=ACTIVATION_BYTES_PER_TOKEN * max_image_tokens,
+        image_tokens=max_image_tokens,
     )
 
 
-def _stream_(module: torch.nn.Module, device: str) -> None:
+def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
     """diffusers' group offloading: each block's weights live in pinned host memory and are copied in on a
-    side CUDA stream while the previous block computes, then dropped. It is applied to the module that
-    holds the block list (T5's `encoder`, CLIP's `text_model.encoder`, the transformer itself: its nested
-    mode breaks with streams in diffusers 0.42); whatever lies outside those stays resident."""
+    side CUDA stream while the previous block computes, then dropped. Fine for text encoders, which run eagerly once
+    per prompt; not for compiled blocks (aot/streaming.py says why). It is applied to the module that holds the
+    block list (T5's `encoder`, CLIP's `text_model.encoder`: its nested mode breaks with streams in diffusers 0.42);
+    whatever lies outside those stays resident."""
     from diffusers.hooks import apply_group_offloading
 
     holders = [module.get_submodule(name.rpartition(".")[0]) for name in _block_lists(module)]
@@ -149,41 +229,54 @@ def _stream_(module: torch.nn.Module, device: str) -> None:
 def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float | None, max_image_tokens: int,
                 device: str, capability, compiled: bool, report: Report) -> MemoryPlan:
     """Chooses the layout for LOW_VRAM=`requested`, applies `vram_limit_gib` as a hard cap on this process, and
-    reports the choice."""
+    reports the choice. On a CPU the limit is planned for but caps nothing: the chosen layout runs there too, host
+    to host (how the tests run it)."""
     if quantization != "auto":  # the same startup error as without low-VRAM mode (fp8 on Ampere)
         choose_quantization(quantization, device, capability)
-    budget = None
-    if device == "cuda" and not spaces.config.Config.zero_gpu:  # ZeroGPU's main process sees no real GPU
+    budget = None  # ZeroGPU's main process sees no real GPU: nothing to plan for
+    if device == "cuda" and not spaces.config.Config.zero_gpu:
         total = torch.cuda.get_device_properties(0).total_memory
         budget = total
         if vram_limit_gib:
             budget = min(total, int(vram_limit_gib * GiB))
             torch.cuda.set_per_process_memory_fraction(budget / total)
+    elif device != "cuda" and vram_limit_gib:
+        budget = int(vram_limit_gib * GiB)
     fp8_ok = fp8_runs(device, capability) and compiled
-    plan = choose_memory_plan(requested, quantization, measure_footprint(pipe, max_image_tokens), budget, fp8_ok)
-    report.memory = asdict(plan)
+    plan = choose_memory_plan(requested, quantization, measure_footprint(pipe, max_image_tokens), budget, fp8_ok,
+                              compiled)
+    report.memory = {**asdict(plan), "layout": plan.layout}
     if plan.low_vram:
-        layout = f"{plan.quantization} weights, {'streamed' if plan.stream else 'resident'}"
-        report.fallback("memory", f"low-VRAM mode ({plan.reason}): {layout}, text encoders streamed; "
-                                  f"needs about {plan.need_gib} GiB")
+        report.fallback("memory", f"low-VRAM mode ({plan.reason}): {plan.layout}")
     return plan
 
 
-def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = ()) -> None:
-    """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes."""
+def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = ()) -> BlockStream | None:
+    """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes. The transformer is
+    quantized one block at a time on `device` (fast, and never more than a block beyond the plan), each streamed
+    block then moved to host memory behind its ring slot (aot/streaming.py). Returns the streamed blocks, if any."""
     if not plan.low_vram:
         pipe.to(device)
-        return
+        return None
     for name, module in pipe.components.items():
         if name.startswith("text_encoder") and module is not None:
-            _stream_(module, device)
+            _stream_text_encoder_(module, device)
         elif isinstance(module, torch.nn.Module) and name != "transformer":
             module.to(device)
-    transformer = pipe.transformer
-    if plan.stream:
-        quantize_(transformer, plan.quantization, work_device=device, result_device="cpu", keep_bf16=keep_bf16)
-        _stream_(transformer, device)
-    else:
-        quantize_(transformer, plan.quantization, work_device=device, result_device=device, keep_bf16=keep_bf16)
-        transformer.to(device)
-
+    transformer, mode = pipe.transformer, plan.quantization
+    lists = transformer_blocks(transformer)
+    blocks = [block for blocks in lists.values() for block in blocks]
+    streamed = set(streamed_blocks(len(blocks), plan.streamed_blocks))
+    stream = BlockStream(device) if streamed else None
+    for i, block in enumerate(blocks):
+        quantize_(block, mode, work_device=device, result_device=device, keep_bf16=keep_bf16)
+        if i in streamed:
+            stream.add_(block)
+        else:
+            block.to(device)
+    # the rest (embedders, norms, output layers), leaving the blocks alone: fp8 would quantize their Linears again
+    quantize_(transformer, mode, work_device=device, result_device=device,
+              keep_bf16=(*keep_bf16, *(f"{name}." for name in lists)))
+    transformer.to(device)
+    transformer.block_stream = stream  # where the rings and copy counts can be looked at (tests, benchmarks)
+    return stream

@@ -231,10 +231,24 @@ def install_programs_(transformer: torch.nn.Module, entries: list[tuple[Path, di
         for name, module in transformer.named_modules():
             if "forward" in module.__dict__:
                 target = name if name in signatures else name.rpartition(".")[0]  # a block: its list's name
-                programs.setdefault(module, []).append((signatures[target], module.__dict__.pop("forward"), label))
+                program = module.__dict__.pop("forward")
+                if target != name:
+                    _own_instance_(program)
+                programs.setdefault(module, []).append((signatures[target], program, label))
     runner = ProgramRunner()
     for module, by_signature in programs.items():
         module.forward = ShapeDispatch(module, by_signature, runner)
+
+
+def _own_instance_(program) -> None:
+    """Gives one block its own loaded instance of its list's program. spaces loads a block list's package once
+    and rebinds each block's weights before its call; that instance's one runner then makes every call wait for
+    the previous block to finish on the GPU (a `cudaEventSynchronize`) before its own kernels are queued, so the
+    GPU idles through the host's share of each of the 57 calls a FLUX step makes: 11-16 ms a step, regional
+    112 ms against 101.5 ms for the whole model (benchmarks/RESULTS.md run 13). An instance per block binds its
+    weights once (the same tensors: no copy) and lets the host queue block i+1 while block i runs."""
+    shared = program.model  # spaces' LazyAOTIModel: the package, loaded on first call in each context
+    program.model = type(shared)(shared.archive_file)
 
 
 def restore_eager_(transformer: torch.nn.Module) -> None:

@@ -25,6 +25,8 @@ class Report:
     family: str = ""
     attention: str = "sdpa"
     attention_reason: str = ""
+    step_cache: str = "off"  # what skips work between steps, with its parameters ("fbc:0.05"), or "off"
+    step_cache_reason: str = ""  # which diffusers cache config runs, or why none does
     quantization: str = "none"
     quantization_reason: str = ""
     compile: str = "none"

@@ -19,12 +19,21 @@ Examples (run by hand on a GPU machine, never by pytest):
   python benchmarks/flux_bench.py --variants aoti:none,aoti:fp8,aoti:fp8:p1 --full-pipeline
   python benchmarks/flux_bench.py --blocks 1,2 --t5-layers 2 --variants aoti:fp8 --fp8-granularity tensor \
       --inductor coordinate_descent_tuning=false --stack-dump 30
+  python benchmarks/flux_bench.py --presets square=1024x1024 --full-pipeline --latent-error \
+      --variants aoti:blocks,aoti:fbc,aoti:fbc=0.12,aoti:taylorseer,eager:fbc   # step caching, whole images
   CUDA_VISIBLE_DEVICES= python benchmarks/flux_bench.py --tiny --device cpu --variants eager:int8   # smoke test
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
 none|fp8|int8|int4, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets,
-"pertensor" = fp8 scales per tensor, "autotune" = Inductor's max_autotune_gemm, and any other word
-is the attention backend (sdpa or a diffusers backend name). Low-VRAM layouts: benchmarks/lowvram_bench.py.
+"pertensor" = fp8 scales per tensor, "autotune" = Inductor's max_autotune_gemm, "shared" = regional programs
+with one instance per block list (as spaces installs them; aot.programs gives each block its own), "graphs" =
+also time one step captured in a CUDA graph, fbc[=THRESHOLD] or
+taylorseer[=INTERVAL] = STEP_CACHE=fbc[:THRESHOLD] or taylorseer[:INTERVAL] (aot/step_cache.py), and any other
+word is the attention backend (sdpa or a diffusers backend name). Low-VRAM layouts: benchmarks/lowvram_bench.py.
+A step cache acts across the steps of an image, so its variants skip the one-step timing: measure them with
+--full-pipeline (s/image, and "full": the transformer calls that ran every block) and --latent-error (the final
+latents' drift from eager without a cache; with random weights only a proxy for quality, and FBC's skips depend
+on the weights too; the uncached aoti row shows what compiling alone drifts).
 """
 from __future__ import annotations
 
@@ -61,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimization  # noqa: E402
-from aot import quantize  # noqa: E402
+from aot import quantize, step_cache  # noqa: E402
 from aot.families import family_named  # noqa: E402
 from aot.model import build_tiny, load_model  # noqa: E402
 from aot.programs import capture_inputs, release_export_memory  # noqa: E402
@@ -208,20 +217,48 @@ def time_step(transformer, args, kwargs, device: str, warmup: int, iters: int):
     return statistics.median(s.ms() for s in spans), out.clone()
 
 
+def time_graphed_step(transformer, args, kwargs, expected, warmup: int, iters: int) -> dict:
+    """One step captured in a CUDA graph (static inputs), then replayed: does the compiled program capture, how
+    fast is a replay, and does it match the uncaptured step. Runs 3-4 saw capture fail."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(warmup):
+                transformer(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # relaxed: the runner's own event queries do not invalidate the capture (global mode failed, run 16)
+        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode="relaxed"):
+            out = transformer(*args, **kwargs)[0]
+        spans = []
+        for _ in range(iters):
+            span = Span("cuda").start()
+            graph.replay()
+            spans.append(span.stop())
+        torch.cuda.synchronize()
+        err = float((out.float() - expected.float()).norm() / expected.float().norm())
+        return dict(captured=True, ms=round(statistics.median(s.ms() for s in spans), 2), rel_err_vs_uncaptured=err)
+    except Exception as err:  # noqa: BLE001 - a failed capture is the finding
+        return dict(captured=False, error=f"{type(err).__name__}: {str(err)[:300]}")
+
+
 def kernel_breakdown(transformer, step_args, step_kwargs, repeats: int = 3) -> dict:
     """GPU time of one step by kernel family, from the profiler (CUDA activity only, so nothing is counted
     twice): where a step's time goes. Milliseconds per step, plus the largest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             transformer(*step_args, **step_kwargs)
         torch.cuda.synchronize()
     families: dict[str, float] = {}
     kernels = []
+    # host waits on the GPU inside a step (the AOTI runner waiting for its previous call, for one)
+    syncs = {event.key: event.count / repeats for event in prof.key_averages() if "Synchronize" in event.key}
     for event in prof.key_averages():
-        if event.device_time_total <= 0:
-            continue
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.device_time_total <= 0:
+            continue  # a CPU op's device time is its kernels', counted once as kernels
         name, ms = event.key, event.device_time_total / 1000 / repeats
         low = name.lower()
         # Triton first: Inductor names its fused kernels after the ops nearby ("..._cudnn_attention_...")
@@ -233,7 +270,7 @@ def kernel_breakdown(transformer, step_args, step_kwargs, repeats: int = 3) -> d
         kernels.append((ms, event.count // repeats, name[:100]))
     kernels.sort(reverse=True)
     return dict(ms_per_step={k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
-                total_ms=round(sum(families.values()), 2),
+                total_ms=round(sum(families.values()), 2), host_syncs_per_step=syncs,
                 top=[dict(ms=round(ms, 2), calls=calls, kernel=name) for ms, calls, name in kernels[:12]])
 
 
@@ -282,7 +319,7 @@ def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
                 spans[key].clear()
             sync(device)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), step_cache.counting(pipe.transformer) as counts:
                 model(PROMPT, preset, steps if run else 1, generator=torch.Generator("cpu").manual_seed(run))
             sync(device)
             if run:  # run 0 warms the text encoders and the VAE
@@ -290,12 +327,13 @@ def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
                 part["total"] = time.perf_counter() - t0
                 part["other"] = part["total"] - sum(part[key] for key in spans)
                 part["transformer_calls"] = len(spans["transformer"])  # one per step: proves the hooks saw each
+                part["full_calls"] = counts.full if counts else part["transformer_calls"]  # the rest were skipped
                 results.append(part)
     finally:
         for handle in handles:
             handle.remove()
         pipe.vae.__dict__.pop("decode", None)
-    return {key: round(statistics.median(r[key] for r in results), 3) if key != "transformer_calls" else results[0][key]
+    return {key: round(statistics.median(r[key] for r in results), 3) if not key.endswith("_calls") else results[0][key]
             for key in results[0]}
 
 
@@ -304,12 +342,19 @@ def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     variant = dict(spec=spec, mode=defaults.mode, quant=defaults.quant, attention=defaults.attention,
-                   scope=defaults.scope, presets=None, pertensor=False, autotune=False)
+                   scope=defaults.scope, presets=None, pertensor=False, autotune=False, step_cache="",
+                   shared=False, graphs=False)
     for word in filter(None, spec.split(":")):
-        if word == "pertensor":  # fp8 with one scale per tensor instead of the project's per row
+        if word.partition("=")[0] in ("fbc", "taylorseer"):  # STEP_CACHE, its ":" written "=" here
+            variant["step_cache"] = word.replace("=", ":")
+        elif word == "pertensor":  # fp8 with one scale per tensor instead of the project's per row
             variant["pertensor"] = True
         elif word == "autotune":  # Inductor benchmarks Triton GEMM templates against cuBLAS at compile time
             variant["autotune"] = True
+        elif word == "shared":  # regional programs as spaces installs them: one instance per block list
+            variant["shared"] = True
+        elif word == "graphs":  # also try one step captured in a CUDA graph and replayed
+            variant["graphs"] = True
         elif word in ("eager", "aoti"):
             variant["mode"] = word
         elif word in ("none", "fp8", "int8", "int4"):
@@ -336,6 +381,8 @@ def settings_for(variant: dict, presets, args, cache_dir: str) -> Settings:
     }
     if variant["scope"]:
         env["AOT_SCOPE"] = variant["scope"]
+    if variant["step_cache"]:
+        env["STEP_CACHE"] = variant["step_cache"]
     settings = Settings.from_env(env, has_cuda=True)
     if variant["mode"] == "eager":
         # The app refuses fp8 without compiling; the benchmark still measures it, so it skips that check.
@@ -400,9 +447,12 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     report = optimization.optimize_pipeline_(model, settings)
+    if variant["shared"]:
+        share_block_programs_(pipe.transformer)
     setup_s = time.perf_counter() - t0
     result = dict(variant=variant["spec"], mode=variant["mode"], quant=report.quantization, attention=report.attention,
-                  compile=report.compile, scope=report.compile_scope, presets_compiled=[p.name for p in model.presets],
+                  step_cache=report.step_cache, compile=report.compile, scope=report.compile_scope,
+                  presets_compiled=[p.name for p in model.presets],
                   setup_s=round(setup_s, 1), compile_s=report.compile_seconds, programs=report.programs,
                   compile_source=report.compile_source, cache_keys=report.cache_keys, fallbacks=report.fallbacks,
                   steps={})
@@ -410,7 +460,8 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
         result["peak_gib_setup"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         result["resident_gib"] = round(torch.cuda.memory_allocated() / GiB, 2)
     result["fell_back"] = ((variant["mode"] == "aoti" and report.compile != "aoti") or report.quantization != variant["quant"]
-                           or (variant["attention"] != "auto" and report.attention != variant["attention"]))
+                           or (variant["attention"] != "auto" and report.attention != variant["attention"])
+                           or (variant["step_cache"] != "" and report.step_cache == "off"))
     emit("setup", **result)
     if device == "cuda":  # from here on: serving only (compiling's transient memory is over)
         torch.cuda.reset_peak_memory_stats()
@@ -425,7 +476,8 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
                                      optimize_plus_image_s=round(setup_s + time.perf_counter() - t1, 2),
                                      since_process_start_s=round(time.perf_counter() - PROCESS_START, 1))
         emit("first_image", variant=variant["spec"], **result["first_image"])
-    for preset in model.presets:
+    # one step out of an image's context means nothing to a step cache (and its hooks refuse a call outside one)
+    for preset in model.presets if report.step_cache == "off" else ():
         step_args, step_kwargs = inputs[preset.name]
         ms, out = time_step(pipe.transformer, step_args, step_kwargs, device, args.warmup, args.iters)
         ref_ms, ref_out = reference[preset.name]
@@ -433,6 +485,9 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
         result["steps"][preset.name] = dict(ms=round(ms, 2), speedup=round(ref_ms / ms, 3), rel_err=round(err, 5),
                                             finite=bool(torch.isfinite(out).all()))
         emit("step", variant=variant["spec"], preset=preset.name, **result["steps"][preset.name])
+        if variant["graphs"] and preset == first and device == "cuda":
+            result["graphs"] = time_graphed_step(pipe.transformer, step_args, step_kwargs, out, args.warmup, args.iters)
+            emit("graphs", variant=variant["spec"], preset=preset.name, **result["graphs"])
         if args.profile and preset == first and device == "cuda":
             result["profile"] = kernel_breakdown(pipe.transformer, step_args, step_kwargs)
             emit("profile", variant=variant["spec"], preset=preset.name, **result["profile"])
@@ -447,6 +502,18 @@ def _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, re
         result["peak_gib_serving"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         result["peak_gib"] = max(result["peak_gib_serving"], result["peak_gib_setup"])
     return result
+
+
+def share_block_programs_(transformer: torch.nn.Module) -> None:
+    """Undoes aot.programs' instance per block: every block of a list calls one loaded instance of its package
+    and rebinds its weights before each call, as `spaces.aoti_load_from_package_dir` leaves them (the
+    comparison for RESULTS.md run 16)."""
+    shared = {}
+    for module in transformer.modules():
+        dispatch = module.__dict__.get("forward")
+        for _, program, _ in getattr(dispatch, "programs", ()):
+            if hasattr(program, "model") and module is not transformer:
+                program.model = shared.setdefault(str(program.model.archive_file), program.model)
 
 
 def fresh_transformer_(pipe, device, dtype, fingerprint: float) -> None:
@@ -482,10 +549,14 @@ def print_table(eager: dict, results: list[dict], steps: int) -> None:
     pipelines = [(n, p) for n, p in pipelines if p]
     if pipelines:
         print(f"\nwhole image ({steps} steps), seconds:")
-        print(f"{'variant':<26} {'total':>7} {'text enc':>8} {'transformer':>11} {'vae dec':>8} {'other':>7} {'calls':>6}")
+        print(f"{'variant':<26} {'total':>7} {'text enc':>8} {'transformer':>11} {'vae dec':>8} {'other':>7} {'calls':>6} "
+              f"{'full':>5} {'drift':>9}")
+        drifts = {r["variant"]: r.get("latent_rel_err") for r in results}  # --latent-error: vs the reference
         for name, p in pipelines:
+            drift = "" if drifts.get(name) is None else f"{drifts[name]:.2e}"
             print(f"{name:<26} {p['total']:>7.2f} {p['text_encoders']:>8.2f} {p['transformer']:>11.2f} "
-                  f"{p['vae_decode']:>8.2f} {p['other']:>7.2f} {p['transformer_calls']:>6}")
+                  f"{p['vae_decode']:>8.2f} {p['other']:>7.2f} {p['transformer_calls']:>6} {p.get('full_calls', ''):>5} "
+                  f"{drift:>9}")
     print()
 
 
@@ -552,7 +623,8 @@ def main() -> None:
     variants = [parse_variant(s, args) for s in (args.variants.split(",") if args.variants else [""])]
     for variant in variants:  # --fp8-granularity tensor: as if every variant said "pertensor"
         variant["pertensor"] = variant["pertensor"] or args.fp8_granularity == "tensor"
-    variants = [v for v in variants if (v["mode"], v["quant"], v["attention"]) != ("eager", "none", "sdpa")]
+    variants = [v for v in variants
+                if (v["mode"], v["quant"], v["attention"], v["step_cache"]) != ("eager", "none", "sdpa", "")]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="flux-bench-aot-")
 
     pipe, params = build_pipeline(device, dtype, args.tiny, args.blocks, args.clip_layers, args.t5_layers)

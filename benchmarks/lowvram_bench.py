@@ -7,17 +7,26 @@ and `optimization.optimize_pipeline_`, which plans the memory, caps the process 
 
 A variant is comma-free words joined by ":": `ref` (no low-VRAM mode and no memory cap: the resident bf16
 reference), `int8`, `int4`, `none`, `fp8` or `auto` (QUANTIZATION; `auto` also sets LOW_VRAM=auto, so the
-product chooses the layout), `stream` (LOW_VRAM=stream, else LOW_VRAM=on),
-`aoti` (compile; else eager), `blocks` or `model` (AOT_SCOPE).
+product chooses the layout and the weight format), `stream` (LOW_VRAM=stream: every block streamed; else
+LOW_VRAM=on: the planner streams the fewest blocks that fit, often none), `aoti` (compile; else eager), `blocks` or
+`model` (AOT_SCOPE; streamed blocks always compile regionally), `NNgib` (this variant's VRAM_LIMIT_GIB, in place of
+--vram-limit). Streamed blocks go through a ring of device buffers (aot/streaming.py), compiled or eager.
 
-For each: median ms of one transformer step (CUDA events), a whole image with `--steps` steps (text
-encoders / transformer / VAE), peak GPU memory while serving and while preparing, the relative L2 error of
-one step and of the final latents against the first variant (the eager bf16 reference: put `ref` first).
-The step's inputs are the transformer's real call, recorded once by the product's `capture_inputs` in the
-first variant and reused by every other. One RESULT line per variant, a table, then one JSON document on
-the last line.
+For each: the layout the plan chose (weight format, blocks resident / streamed), median ms of one transformer step
+(CUDA events), a whole image with `--steps` steps (text encoders / transformer / VAE), the blocks copied in per
+step and how many of those were late (made when the block was called, not one block ahead), peak GPU memory while
+serving and while preparing, the relative L2 error of one step and of the final latents against the first variant
+(the eager bf16 reference: put `ref` first). The step's inputs are the transformer's real call, recorded once by the
+product's `capture_inputs` in the first variant and reused by every other. ENV gives the pinned host-to-GPU copy
+rate measured here (the planner assumes 54 GB/s, aot/memory.py). One RESULT line per variant, a table, then one JSON
+document on the last line.
 
-  python benchmarks/lowvram_bench.py --vram-limit 24 --variants ref,ref:aoti:blocks,int8:aoti:blocks,int4:stream
+AoT variants leave their weights allocated after their pipeline is deleted (RESULTS.md run 7), and that counts
+against the next variant's cap: run one capped AoT variant per process, right after `ref`.
+
+  python benchmarks/lowvram_bench.py --vram-limit 10 --variants ref,auto:aoti   # fp8, most blocks streamed, compiled
+  python benchmarks/lowvram_bench.py --vram-limit 24 --variants ref,none:aoti:blocks   # bf16, a few blocks streamed
+  python benchmarks/lowvram_bench.py --vram-limit 24 --variants ref,int8,int4:stream,none:stream   # eager layouts
   python benchmarks/lowvram_bench.py --tiny --device cpu --variants ref,int8,int4:stream   # smoke test
 """
 from __future__ import annotations
@@ -45,6 +54,7 @@ log = logging.getLogger("lowvram-bench")
 
 def settings_for(words: set[str], args, cache_dir: str) -> Settings:
     quant = next((w for w in words if w in ("auto", "none", "fp8", "int8", "int4")), "none")
+    limit = next((w.removesuffix("gib") for w in words if w.endswith("gib")), str(args.vram_limit))
     env = {"MODEL_ID": flux_bench.MODEL_ID, "PRESETS": f"square={args.size}x{args.size}", "QUANTIZATION": quant,
            "COMPILE": "aoti" if "aoti" in words else "none", "AOT_CACHE_DIR": cache_dir, "ATTENTION": "sdpa",
            "AOT_SCOPE": "model" if "model" in words else "blocks"}
@@ -52,7 +62,7 @@ def settings_for(words: set[str], args, cache_dir: str) -> Settings:
         env["LOW_VRAM"] = "off"
     else:
         low_vram = "stream" if "stream" in words else "auto" if "auto" in words else "on"
-        env.update(LOW_VRAM=low_vram, VRAM_LIMIT_GIB=str(args.vram_limit))
+        env.update(LOW_VRAM=low_vram, VRAM_LIMIT_GIB=limit)
     return Settings.from_env(env, has_cuda=args.device == "cuda")
 
 
@@ -84,7 +94,13 @@ def measure(spec: str, master, args, cache_dir: str, reference: dict) -> dict:
     ms, out = flux_bench.time_step(model.pipe.transformer, step_args, step_kwargs, device, args.warmup, args.iters)
     result["ms_per_step"] = round(ms, 1)
     out = out.float().cpu()
+    stream = getattr(model.pipe.transformer, "block_stream", None)  # aot/streaming.py, when blocks stream
+    if stream:
+        stream.loads = stream.late_loads = 0
     latents = flux_bench.final_latents(model, preset, args.steps).cpu()
+    if stream:
+        result["copies_per_step"] = round(stream.loads / args.steps, 1)
+        result["late_per_step"] = round(stream.late_loads / args.steps, 1)
     if "step" not in reference:  # the first variant is the eager bf16 reference
         reference.update(step=out, latents=latents, spec=spec)
     result["step_rel_err"] = float((out - reference["step"]).norm() / reference["step"].norm())
@@ -98,6 +114,22 @@ def measure(spec: str, master, args, cache_dir: str, reference: dict) -> dict:
         torch.cuda.empty_cache()
         result["left_allocated_gib"] = round(torch.cuda.memory_allocated() / GiB, 2)
     return result
+
+
+def copy_rate_gb_s(device: str) -> float | None:
+    """Pinned host-to-GPU copy rate, GB/s: what a streamed step's copies run at (median of 5 copies of 1 GiB)."""
+    if device != "cuda":
+        return None
+    host = torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(GiB, dtype=torch.uint8, device="cuda")
+    spans = []
+    for _ in range(5):
+        span = flux_bench.Span(device).start()
+        target.copy_(host, non_blocking=True)
+        spans.append(span.stop())
+        torch.cuda.synchronize()
+    del host, target
+    return round(GiB / 1e6 / sorted(s.ms() for s in spans)[2], 1)
 
 
 def main() -> int:
@@ -125,7 +157,8 @@ def main() -> int:
     log.info("pipeline built and moved to host memory in %.1f s", time.perf_counter() - t0)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="lowvram-aot-")
     env = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, params_b=params,
-               gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", vram_limit_gib=args.vram_limit)
+               gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", vram_limit_gib=args.vram_limit,
+               copy_gb_s=copy_rate_gb_s(args.device))
     print("ENV " + json.dumps(env), flush=True)
     reference: dict = {}
     results = []
@@ -140,13 +173,17 @@ def main() -> int:
                 torch.cuda.empty_cache()
         results.append(result)
         print("RESULT " + json.dumps(result), flush=True)
-    print(f"\n{'variant':<22} {'ms/step':>8} {'s/image':>8} {'serve GiB':>9} {'prep GiB':>8} {'step err':>9} "
-          f"{'latent err':>10} {'prep s':>7}")
+    print(f"\n{'variant':<24} {'layout':<22} {'ms/step':>8} {'s/image':>8} {'copies':>7} {'late':>5} {'serve GiB':>9} "
+          f"{'prep GiB':>8} {'step err':>9} {'latent err':>10} {'prep s':>7}")
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<22} ERROR {r['error'][:100]}")
+            print(f"{r['variant']:<24} ERROR {r['error'][:100]}")
             continue
-        print(f"{r['variant']:<22} {r['ms_per_step']:>8} {r['image']['total']:>8} {r.get('peak_serving_gib', '-'):>9} "
+        memory = r["memory"]
+        layout = (f"{r['quantization']} {memory['blocks'] - memory['streamed_blocks']}+{memory['streamed_blocks']}s"
+                  if memory["low_vram"] else "resident")
+        print(f"{r['variant']:<24} {layout:<22} {r['ms_per_step']:>8} {r['image']['total']:>8} "
+              f"{r.get('copies_per_step', 0):>7} {r.get('late_per_step', 0):>5} {r.get('peak_serving_gib', '-'):>9} "
               f"{r.get('peak_prepare_gib', '-'):>8} {r['step_rel_err']:>9.2e} {r['latent_rel_err']:>10.2e} {r['prepare_s']:>7}")
     print(json.dumps(dict(env=env, results=results)), flush=True)
     return 0

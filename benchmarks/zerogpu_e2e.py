@@ -28,11 +28,16 @@ requests for that slice: in ZeroGPU mode its main process sees spaces' emulated 
 
 Ends with a table of faults (what the user saw, whether the next request was served) and ONE JSON line.
 
-On the GPU machine, about 6-8 minutes on an H100 (carry [".whl", ".whl-gradio"]):
+On the GPU machine, about 6 minutes on an H100 (RESULTS.md run 15). Carry the AoT wheels of shared/GPU.md
+(diffusers, torchao, spaces, pydantic and their small dependencies: the image's own transformers, tokenizers
+and safetensors serve) in .whl-core and the gradio ones in .whl-gradio, under the 64 MiB a call carries:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-      .whl/*.whl .whl-gradio/*.whl && export PYTHONPATH=/tmp/site || exit; \\
+      .whl-core/*.whl .whl-gradio/*.whl && export PYTHONPATH=/tmp/site || exit; \\
     export CXX=/usr/bin/g++ HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1; python3 benchmarks/zerogpu_e2e.py --out $OUT
+
+FLUX.1-dev's full depth, regional (6 minutes): AOT_SCOPE=blocks ... --layers 19,38 --phases cold,warm
+--presets square=1024x1024 --budget 400.
 
 On a CPU machine `--model-id tiny --presets square=64x64,landscape=80x48` runs the same script with the tiny
 model: there every GPU task fails at CUDA init in its worker, so only the answers given before GPU work are real.

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+import torch
 from PIL import Image
 
 from aot.model import load_pipeline
-from conftest import ROOT, SESSION_DIR
+from conftest import ROOT, SESSION_DIR, tiny_model
 from settings import MAX_SEED, Settings
 
 GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5,
@@ -173,16 +174,35 @@ def test_gpu_duration_scales_with_the_family_step_cost(app, monkeypatch):
     import dataclasses
 
     monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024)})
-    base = app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - 10  # less the fixed 10 s
+    base = app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - app.FIXED_SECONDS
     monkeypatch.setattr(app, "FAMILY", dataclasses.replace(app.FAMILY, step_cost=3.0))
-    assert app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - 10 in (3 * base, 3 * base + 1, 3 * base + 2)
+    assert app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - app.FIXED_SECONDS in range(3 * base - 2, 3 * base + 1)
 
 
 def test_gpu_duration_grows_with_steps_and_resolution_and_covers_a_first_load(app, monkeypatch):
     monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024), (1216, 1216)})
     assert app.gpu_seconds("p", 1024, 1024, 0, 4, 3.5) < app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5)
     assert app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) < app.gpu_seconds("p", 1216, 1216, 0, 28, 3.5)
-    assert app.gpu_seconds("p", 832, 1216, 0, 28, 3.5) >= app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) + 85  # not served yet
+    served = app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5)
+    # a shape this worker has not run: its program loads first
+    assert app.gpu_seconds("p", 832, 1216, 0, 28, 3.5) >= served + app.PROGRAM_LOAD_SECONDS
+    # a new worker (nothing served yet) also copies the weights to the GPU first, at 1 s per GiB
+    monkeypatch.setattr(app, "SERVED_SHAPES", set())
+    monkeypatch.setattr(app, "WEIGHT_GIB", 20.0)
+    assert app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) >= served + app.PROGRAM_LOAD_SECONDS + 4 + 20
+
+
+def test_a_new_worker_is_sized_by_the_weights_as_stored():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from aot.memory import _stored_bytes, resident_bytes
+
+    pipe = tiny_model().pipe
+    plain = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                for t in [*m.parameters(), *m.buffers()])
+    assert resident_bytes(pipe) == plain > 0
+    weight = torch.zeros(16, 8, dtype=torch.bfloat16)
+    assert _stored_bytes(TwoTensor(weight, weight.clone())) == 2 * 16 * 8 * 2  # a wrapper: the tensors inside
 
 
 def test_unloadable_model_id_stops_with_one_clear_message():

@@ -1,15 +1,20 @@
-"""The app in a real browser: headless Chromium, driven through Playwright, against the compiled tiny model, at a
-laptop's 1280x800 and a phone's 390 px. The result must be in view without scrolling, seeds must do what the
-controls say, examples must follow the chosen resolution, and the console must stay silent.
+"""The app in a real browser: headless Chromium, driven through Playwright, at a laptop's 1280x800 and a phone's
+390 px, against the compiled tiny model and, for the examples' pictures and the README's screenshots, the demo model
+(what `python app.py` serves). The result must be in view without scrolling, seeds must do what the controls say,
+examples must show what they make and follow the chosen resolution, and the console must stay silent.
 
 Needs Debian's `chromium` (Playwright cannot download its own browsers here); `.ci/run` installs it.
 Screenshots go to test-artifacts/; with UPDATE_SCREENSHOTS=1 the two README ones also go to assets/screenshots/.
 """
+import dataclasses
 import hashlib
+import importlib.util
+import io
 import os
+from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 from playwright.sync_api import expect
 
 from conftest import ROOT
@@ -52,17 +57,34 @@ def browser(client, app):
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def demo_app():
+    """app.py as `python app.py` starts with no MODEL_ID: the demo model, eager (compiling it would add 80 s), served
+    beside the tiny app in this process. Loads in about a second."""
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MODEL_ID")
+        env.setenv("COMPILE", "none")
+        spec = importlib.util.spec_from_file_location("app_demo", ROOT / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    assert module.SETTINGS.model_id == "demo", module.SETTINGS
+    module.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True, css=module.CSS)
+    yield module
+    module.demo.close()
+
+
 @pytest.fixture
 def open_page(browser, app):
-    """Opens the app at a viewport size; at the end, asserts the console had no warning or error."""
+    """Opens an app (the tiny one unless told) at a viewport size; at the end, asserts the console had no warning
+    or error."""
     pages = []
 
-    def open_at(viewport: dict):
+    def open_at(viewport: dict, served=app):
         page = browser.new_page(viewport=viewport)
         page.console = []
         page.on("console", lambda msg: msg.type in ("warning", "error") and page.console.append(f"{msg.type}: {msg.text}"))
         page.on("pageerror", lambda err: page.console.append(f"uncaught: {err}"))
-        page.goto(app.demo.local_url)
+        page.goto(served.demo.local_url)
         page.locator("#prompt textarea").wait_for()
         pages.append(page)
         return page
@@ -81,10 +103,11 @@ def _generate(page, start) -> dict:
     image = page.locator("#image img")
     expect(image).to_be_visible()
     expect(page.locator("#used-seed input")).to_be_visible()
-    src = image.get_attribute("src")
+    png = page.request.get(image.get_attribute("src")).body()
     return {
         "size": tuple(image.evaluate("img => [img.naturalWidth, img.naturalHeight]")),
-        "sha256": hashlib.sha256(page.request.get(src).body()).hexdigest(),
+        "png": png,
+        "sha256": hashlib.sha256(png).hexdigest(),
         "seed": page.locator("#used-seed input").input_value(),
         "details": page.locator("#details textarea").input_value(),
         "progress_shown_on": page.evaluate("[...window.progress.shown]"),
@@ -103,14 +126,29 @@ def _in_view(box: dict, viewport: dict) -> bool:
 
 def _screenshot(page, name: str, readme: bool = False) -> None:
     page.screenshot(path=ARTIFACTS / name)
-    if readme and os.environ.get("UPDATE_SCREENSHOTS") == "1":  # a small palette PNG for the README
+    # Kept as RGB: the demo's flat drawings make a small PNG (40-80 KB), and a palette changed their colours
+    if readme and os.environ.get("UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         with Image.open(ARTIFACTS / name) as shot:
-            shot.convert("RGB").quantize(colors=64).save(SCREENSHOTS / name, optimize=True)
+            shot.convert("RGB").save(SCREENSHOTS / name, optimize=True)
 
 
-def test_desktop_shows_every_preset_in_view_with_seed_and_details_beside_it(open_page):
+def _pictures_loaded(page) -> list[int]:
+    """Waits for every example picture to load; returns their natural widths."""
+    page.wait_for_function("[...document.querySelectorAll('#examples img')].every(img => img.complete)")
+    return page.locator("#examples img").evaluate_all("imgs => imgs.map(img => img.naturalWidth)")
+
+
+def _most_apart(png: bytes, path: str) -> int:
+    """The largest difference of any pixel's channel between two images, 0 to 255."""
+    with Image.open(io.BytesIO(png)) as made, Image.open(path) as shipped:
+        return max(high for _, high in ImageChops.difference(made.convert("RGB"), shipped.convert("RGB")).getextrema())
+
+
+def test_desktop_shows_every_preset_in_view_with_seed_and_details_beside_it(open_page, app):
     page = open_page(DESKTOP)
+    expect(page.locator("#examples")).to_contain_text(app.EXAMPLES[0])
+    expect(page.locator("#examples img")).to_have_count(0)  # the tiny model ships no pictures: examples as text
     assert page.locator("#used-seed").count() == 0 and page.locator("#details").count() == 0  # nothing before an image
     page.locator("#prompt textarea").fill("a lighthouse at dusk")
     first = _generate(page, lambda: page.locator("#prompt textarea").press("Enter"))
@@ -130,7 +168,7 @@ def test_desktop_shows_every_preset_in_view_with_seed_and_details_beside_it(open
         assert seed["y"] >= image["y"] + image["height"] and details["y"] == seed["y"]  # right under the image
         assert _box(page, "#prompt")["x"] + _box(page, "#prompt")["width"] <= image["x"]  # controls beside it
         if label.startswith("portrait"):
-            _screenshot(page, "desktop-1280x800.png", readme=True)
+            _screenshot(page, "tiny-desktop-1280x800.png")
 
 
 def test_seed_controls_do_what_they_say(open_page):
@@ -159,22 +197,57 @@ def test_seed_controls_do_what_they_say(open_page):
     assert seed_box.input_value() == "4242"
 
 
-def test_an_example_follows_the_chosen_resolution_and_is_shown_again_from_the_record(open_page, app, monkeypatch):
-    monkeypatch.setattr(app, "EXAMPLE_RESULTS", {})  # as a fresh start: none made yet
-    page = open_page(DESKTOP)
-    pick = lambda: page.locator("#examples").get_by_text(app.EXAMPLES[1]).click()
+def test_only_the_demo_model_at_its_own_presets_shows_the_shipped_pictures(app, demo_app, monkeypatch):
+    assert app._thumbnails() == [None] * len(app.EXAMPLES)
+    pictures = demo_app._thumbnails()
+    assert len(pictures) == len(demo_app.EXAMPLES) and all(Path(path).is_file() for path in pictures)
+    monkeypatch.setattr(demo_app, "SETTINGS", dataclasses.replace(demo_app.SETTINGS, presets_text="square=64x64"))
+    assert demo_app._thumbnails() == [None] * len(demo_app.EXAMPLES)  # drawn at 128x128, not what it makes here
+
+
+def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page, demo_app, monkeypatch):
+    monkeypatch.setattr(demo_app, "EXAMPLE_RESULTS", {})  # as a fresh start: none made yet
+    page = open_page(DESKTOP, demo_app)
+    shipped = demo_app._thumbnails()
+    pictures, rows = page.locator("#examples img"), page.locator("#examples tbody tr")
+    expect(pictures).to_have_count(len(shipped))
+    assert _pictures_loaded(page) == [128] * len(shipped)
+    for i, path in enumerate(shipped):  # each beside its prompt, as shipped
+        expect(rows.nth(i)).to_contain_text(demo_app.EXAMPLES[i])
+        expect(rows.nth(i).locator("img")).to_be_visible()
+        assert page.request.get(rows.nth(i).locator("img").get_attribute("src")).body() == Path(path).read_bytes()
+
+    pick = lambda: pictures.nth(2).click()
     square = _generate(page, pick)
-    assert page.locator("#prompt textarea").input_value() == app.EXAMPLES[1]
-    assert square["size"] == (64, 64) and square["seed"] == "0" and square["progress_shown_on"] == ["image"]
+    assert page.locator("#prompt textarea").input_value() == demo_app.EXAMPLES[2]
+    assert square["size"] == (128, 128) and square["seed"] == "0" and square["progress_shown_on"] == ["image"]
+    assert _most_apart(square["png"], shipped[2]) <= 4  # its picture is what it makes (4: rounding on another CPU)
 
-    page.locator("#resolution").get_by_label("portrait 48x80").check()  # a preset change: not the square image
+    page.locator("#resolution").get_by_label("portrait 96x160").check()  # a preset change: not the square image
     portrait = _generate(page, pick)
-    assert portrait["size"] == (48, 80) and not portrait["details"].endswith("example shown again")
+    assert portrait["size"] == (96, 160) and not portrait["details"].endswith("example shown again")
+    page.evaluate("window.scrollTo(0, 0)")
+    for selector in ("#prompt", "#image img", "#used-seed", "#details"):
+        assert _in_view(_box(page, selector), DESKTOP), selector
+    _screenshot(page, "desktop-1280x800.png", readme=True)
 
-    page.locator("#resolution").get_by_label("square 64x64").check()
+    page.locator("#resolution").get_by_label("square 128x128").check()
     again = _generate(page, pick)
     assert again["sha256"] == square["sha256"] and again["details"] == square["details"] + ", example shown again"
-    _screenshot(page, "example-again.png")
+
+
+def test_phone_shows_the_example_pictures_and_a_picked_one_right_under_generate(open_page, demo_app):
+    page = open_page(PHONE, demo_app)
+    assert _pictures_loaded(page) == [128] * len(demo_app.EXAMPLES)
+    page.locator("#resolution").get_by_label("portrait 96x160").check()
+    picture = page.locator("#examples img").nth(3)
+    picture.scroll_into_view_if_needed()
+    assert _in_view(picture.bounding_box(), PHONE)
+    shown = _generate(page, picture.click)
+    assert shown["size"] == (96, 160) and page.locator("#prompt textarea").input_value() == demo_app.EXAMPLES[3]
+    page.evaluate("window.scrollTo(0, 0)")
+    assert _in_view(_box(page, "#image img"), PHONE) and _box(page, "#generate")["y"] < _box(page, "#image")["y"]
+    _screenshot(page, "phone-390.png", readme=True)
 
 
 def test_phone_puts_prompt_generate_and_result_first_under_a_one_line_banner(open_page):
@@ -189,7 +262,7 @@ def test_phone_puts_prompt_generate_and_result_first_under_a_one_line_banner(ope
     assert order == sorted(order), order  # prompt, Generate, result, then the settings
     image = _box(page, "#image img")
     assert _in_view(image, PHONE) and image["width"] >= 250, image
-    _screenshot(page, "phone-390.png", readme=True)
+    _screenshot(page, "tiny-phone-390.png")
 
     page.locator("#status-banner").get_by_text("AoT compiled").click()
     details = page.locator("#status-details")

@@ -29,6 +29,10 @@ def test_every_forward_is_a_compiled_program(fixture, request):
     else:  # every block of both repeated classes, and nothing else
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         assert sorted(map(id, dispatchers)) == sorted(id(b.forward) for b in blocks)
+        # each block has its own loaded instance of its list's package, bound to its weights once
+        instances = [program.model for d in dispatchers for _, program, _ in d.programs]
+        assert len({id(m) for m in instances}) == len(instances) == 2 * len(blocks)
+        assert len({str(m.archive_file) for m in instances}) == 4  # 2 block classes x 2 program shapes
     # portrait and landscape have the same token count, so they share one program
     assert compiled.report.programs == [{"image_tokens": 15, "resolutions": ["48x80", "80x48"]},
                                         {"image_tokens": 16, "resolutions": ["64x64"]}]
