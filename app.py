@@ -56,15 +56,17 @@ def _example_prompts() -> list[str]:
 
 
 EXAMPLES = _example_prompts()
-# The demo model's examples as picking one draws them at its own first preset (128x128), default seed and steps:
+# The demo model's examples as picking one draws them at its own first preset, default seed and steps:
 # `python assets/evaluate_demo.py --examples assets/examples --no-figures` remakes them, tests/test_browser.py checks
 # them. No other model ships pictures, and none is drawn at start-up (a real model's would be slow): text only.
 DEMO_THUMBNAILS = Path(__file__).parent / "assets" / "examples"
 
 
 def _thumbnails() -> list[str | None]:
-    """Each example's picture, or None: only the demo model at its own presets draws what the shipped ones show."""
-    shipped = SETTINGS.model_id == DEMO_MODEL_ID and not SETTINGS.presets_text
+    """Each example's picture, or None: only the demo model at its own presets, unquantized and with no step cache,
+    draws what the shipped ones show."""
+    shipped = (SETTINGS.model_id == DEMO_MODEL_ID and not SETTINGS.presets_text and REPORT.quantization == "none"
+               and REPORT.step_cache == "off")
     return [str(DEMO_THUMBNAILS / f"example-{i}.png") if shipped else None for i in range(1, len(EXAMPLES) + 1)]
 
 
@@ -140,7 +142,9 @@ FIXED_SECONDS = 3  # text encoders, VAE and hand-over: 0.12 s measured (FLUX.1-d
 # A new GPU worker (the first request, or the next after a failed task) first copies the weights to the GPU:
 # 2.9 s measured for 1.2 GiB of them and 8.5 s for 11.1 GiB, about 2.2 s + 0.57 s/GiB; asked at about twice that.
 WORKER_START_SECONDS, WORKER_SECONDS_PER_GIB = 4, 1.0
-PROGRAM_LOAD_SECONDS = 5  # a compiled program's first call in a worker: 0.1-1.7 s measured
+# A shape's first call in a worker loads its programs: 0.1-1.7 s measured (run 15); with an instance per block
+# (aot/programs.py, since run 16) a regional first call, 57 loads, took 1.7-2.8 s outside ZeroGPU (runs 16-17)
+PROGRAM_LOAD_SECONDS = 5
 # The step times are an H100's (132 SMs). ZeroGPU's default GPU, an H200 MIG 3g.71gb slice, has 60 SMs, so a
 # compute-bound step (FLUX's GEMMs and attention, RESULTS.md run 11) takes up to 132/60 = 2.2x as long there.
 H100_SMS = 132

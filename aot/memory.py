@@ -233,6 +233,12 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
     to host (how the tests run it)."""
     if quantization != "auto":  # the same startup error as without low-VRAM mode (fp8 on Ampere)
         choose_quantization(quantization, device, capability)
+    if spaces.config.Config.zero_gpu and requested in ("on", "stream"):
+        # its main process has no CUDA to pin or stream with, and its GPU worker is forked from it; the
+        # slice's 69.5 GiB hold FLUX.1-dev whole
+        report.fallback("memory", f"LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU to "
+                                  "stream to); everything resident")
+        requested = "off"
     budget = None  # ZeroGPU's main process sees no real GPU: nothing to plan for
     if device == "cuda" and not spaces.config.Config.zero_gpu:
         total = torch.cuda.get_device_properties(0).total_memory

@@ -3,7 +3,7 @@ copied, one block ahead, into a fixed ring of device buffers that the block's ow
 
 Why not diffusers' group offloading (it still streams the text encoders, aot/memory.py): it makes new device tensors
 on every onload. A compiled block program binds its block's tensors, so it would have to be handed the fresh copies on
-every call, and a regional AOTI program that was kept every weight set alive (12.7 GiB after 52 block calls);
+every call, and a regional AOTI program handed them kept every weight set alive (12.7 GiB after 52 block calls);
 torchao's tensor subclasses did not survive the offloading either (benchmarks/RESULTS.md, run 7). Here a streamed
 block's parameters are the same tensor objects for its whole life: views of slot j % 2 of its group's ring (j counts
 the streamed blocks of the group: blocks of one class and layout). The programs are installed after this layout

@@ -108,8 +108,8 @@ def test_request_text_reaches_no_file_path_or_shell(client, app):
 def test_app_code_has_no_file_or_shell_sink():
     """Request handling stays in memory but for its PNG, which Gradio's own cache function writes under a slugged
     name (tested above): app.py imports nothing that runs shells or unpickles, calls no open/eval/exec, and touches
-    the file system (pathlib) only in `_example_prompts`, once at startup. A change that needs more should come
-    with a test like the one above."""
+    the file system (pathlib) only at startup: in `_example_prompts` and where the example pictures lie
+    (`DEMO_THUMBNAILS`). A change that needs more should come with a test like the one above."""
     tree = ast.parse((ROOT / "app.py").read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -120,7 +120,10 @@ def test_app_code_has_no_file_or_shell_sink():
     assert not imported & {"os", "subprocess", "shutil", "tempfile", "pickle", "shlex", "glob"}
     called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert not called & {"open", "eval", "exec", "compile", "__import__"}
-    [startup] = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "_example_prompts"]
+    startup = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "_example_prompts"
+               or isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["DEMO_THUMBNAILS"]]
+    assert len(startup) == 2
     paths_anywhere = [node for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id == "Path"]
-    paths_at_startup = [node for node in ast.walk(startup) if isinstance(node, ast.Name) and node.id == "Path"]
-    assert paths_anywhere == paths_at_startup and paths_at_startup
+    paths_at_startup = [node for part in startup for node in ast.walk(part)
+                        if isinstance(node, ast.Name) and node.id == "Path"]
+    assert sorted(map(id, paths_anywhere)) == sorted(map(id, paths_at_startup)) and paths_at_startup

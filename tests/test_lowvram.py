@@ -352,3 +352,19 @@ def test_streamed_blocks_stay_compiled_and_read_the_ring():
 def test_low_vram_refuses_fp8_where_it_cannot_run_like_the_normal_path():
     with pytest.raises(ValueError, match="compute capability >= 8.9"):
         optimization.optimize_pipeline_(tiny_model(), settings_for(low_vram="on", quantization="fp8"))
+
+
+@pytest.mark.parametrize("requested", ["on", "stream"])
+def test_forced_low_vram_is_refused_on_zerogpu_as_a_fallback(monkeypatch, requested):
+    import spaces
+
+    from aot.memory import plan_memory
+    from aot.report import Report
+
+    # ZeroGPU's main process has no CUDA to pin or stream with: the request falls back to everything resident
+    monkeypatch.setattr(spaces.config.Config, "zero_gpu", True)
+    report = Report(device="cpu", dtype="float32")
+    plan = plan_memory(tiny_model().pipe, requested, "auto", None, 16, "cpu", None, True, report)
+    assert not plan.low_vram and not plan.stream
+    assert report.fallbacks == [f"memory: LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU "
+                                "to stream to); everything resident"]
