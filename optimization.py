@@ -32,7 +32,7 @@ from aot.cache import (cache_key, compile_into_cache, entry_files, fetch_from_hu
                        upload_to_hub)
 from aot.decisions import choose_attention, choose_compile, choose_quantization
 from aot.families import Text
-from aot.memory import place_pipeline_, plan_memory
+from aot.memory import MemoryPlan, place_pipeline_, plan_memory
 from aot.model import Model, load_model
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
                           release_export_memory, restore_eager_, trust_host_isa_)
@@ -95,7 +95,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     report.text = _text_handling(model)
     report.decide("step_cache", step_cache.choose(settings.step_cache, model))
 
-    # 3-4. Compile or load, install, warm up.
+    # 3-4. Compile or load, install, warm up; 5. the step cache around what runs.
     if report.compile == "none":
         if report.attention != "sdpa":  # a backend can install fine and still fail to run on this device
             try:
@@ -104,8 +104,16 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
                 _use_sdpa(transformer, report, f"{report.attention} failed a test run ({type(err).__name__}: {err})")
         if ranks:
             ranks.enable_(model, report)
-        step_cache.enable_(transformer, report)
-        return report
+    else:
+        _compile_or_serve_eager(model, settings, report, plan, device)
+    step_cache.enable_(transformer, report)
+    return report
+
+
+def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, plan: MemoryPlan, device: str) -> None:
+    """Steps 3-4 when compiling: every program compiled or loaded and installed, or, if that fails, eager with
+    the reason reported."""
+    transformer = model.pipe.transformer
     own_tensors_(transformer)
     if device == "cuda":
         trust_host_isa_()
@@ -113,17 +121,17 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     # a bumped option), about 40% of a compile (benchmarks/RESULTS.md run 13)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(settings.cache_dir) / "inductor"))
     report.compile_scope = settings.aot_scope
-    if family.regional_only and settings.aot_scope == "model":
+    needs_blocks = [  # what a whole-model program cannot do; the first that applies is reported
+        (model.family.regional_only, f"regional programs for {model.family.name}: {model.family.regional_only}"),
+        (plan.stream, ("regional programs for streamed blocks: their weights are copied in before each block's "
+                       "call (aot/streaming.py), which a whole-model program never makes")),
+        (report.step_cache != "off", (f"regional programs for STEP_CACHE={report.step_cache}: it skips blocks, and "
+                                      "a whole-model program has none")),
+    ]
+    why = next((why for needed, why in needs_blocks if needed), None)
+    if why and report.compile_scope == "model":
         report.compile_scope = "blocks"
-        report.fallback("compile scope", f"regional programs for {family.name}: {family.regional_only}")
-    if plan.stream and report.compile_scope == "model":
-        report.compile_scope = "blocks"
-        report.fallback("compile scope", "regional programs for streamed blocks: their weights are copied in before "
-                                         "each block's call (aot/streaming.py), which a whole-model program never makes")
-    if report.step_cache != "off" and report.compile_scope == "model":
-        report.compile_scope = "blocks"
-        report.fallback("compile scope", f"regional programs for STEP_CACHE={report.step_cache}: it skips blocks, "
-                                         "and a whole-model program has none")
+        report.fallback("compile scope", why)
     start = time.perf_counter()
     while True:
         try:
@@ -137,13 +145,10 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
                 _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
                 continue
             _serve_eager(model, report, reason, plan.low_vram)
-            step_cache.enable_(transformer, report)
-            return report
+            return
     report.compile_seconds = round(time.perf_counter() - start, 1)
     log.info("AoT %s: %s in %.1f s (cache keys %s), programs: %s; start-up: %s", report.compile_scope,
              report.compile_source, report.compile_seconds, report.cache_keys, report.programs, report.startup)
-    step_cache.enable_(transformer, report)
-    return report
 
 
 @contextlib.contextmanager

@@ -5,12 +5,12 @@ from dataclasses import asdict, dataclass
 
 import spaces
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.decisions import choose_quantization, fp8_runs
+from aot.model import repeated_block_lists
 from aot.quantize import GROUP_SIZE, _quantizable, quantize_
 from aot.report import Report
-from aot.streaming import RING_SLOTS, BlockStream
+from aot.streaming import RING_SLOTS, BlockStream, tensor_parts
 
 GiB = 2**30
 ACTIVATION_BYTES_PER_TOKEN = 3 * GiB // 4096  # FLUX at 1024x1024: ~2.4 GiB above the weights (RESULTS.md)
@@ -139,9 +139,8 @@ def _bytes(tensors) -> int:
 
 def _stored_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds; for a wrapper subclass (torchao's fp8 weights), those of the tensors inside it."""
-    if is_traceable_wrapper_subclass(tensor):
-        return sum(_stored_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
-    return tensor.numel() * tensor.element_size()
+    parts = tensor_parts(tensor)
+    return tensor.numel() * tensor.element_size() if parts[0] is tensor else sum(map(_stored_bytes, parts))
 
 
 def resident_bytes(pipe) -> int:
@@ -171,11 +170,10 @@ def _block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
 
 
 def transformer_blocks(transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
-    """The lists of blocks that may stream: those of the classes diffusers calls repeated (`_repeated_blocks`,
-    what regional compilation compiles), else every outermost list. Their order is the call order FLUX's has."""
-    repeated = getattr(transformer, "_repeated_blocks", ())
-    lists = _block_lists(transformer)
-    return {name: blocks for name, blocks in lists.items() if type(blocks[0]).__name__ in repeated} or lists
+    """The lists of blocks that may stream: the repeated blocks regional compilation compiles, else (a transformer
+    that declares none, served eagerly) every outermost list. In declaration order; the streaming hooks learn the
+    order of the calls."""
+    return repeated_block_lists(transformer) or _block_lists(transformer)
 
 
 def _shape(module: torch.nn.Module) -> tuple:
@@ -257,13 +255,13 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
     return plan
 
 
-def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = ()) -> BlockStream | None:
+def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = ()) -> None:
     """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes. The transformer is
     quantized one block at a time on `device` (fast, and never more than a block beyond the plan), each streamed
-    block then moved to host memory behind its ring slot (aot/streaming.py). Returns the streamed blocks, if any."""
+    block then moved to host memory behind its ring slot (aot/streaming.py): `transformer.block_stream`."""
     if not plan.low_vram:
         pipe.to(device)
-        return None
+        return
     for name, module in pipe.components.items():
         if name.startswith("text_encoder") and module is not None:
             _stream_text_encoder_(module, device)
@@ -285,4 +283,3 @@ def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, .
               keep_bf16=(*keep_bf16, *(f"{name}." for name in lists)))
     transformer.to(device)
     transformer.block_stream = stream  # where the rings and copy counts can be looked at (tests, benchmarks)
-    return stream

@@ -58,6 +58,15 @@ def build_tiny(family: Family):
     return pipe.to(torch.float32)
 
 
+def repeated_block_lists(transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """The transformer's lists of repeated blocks, by attribute name: its ModuleList children of the classes
+    diffusers declares repeated (`_repeated_blocks`). Regional compilation builds one program per list, and
+    low-VRAM mode streams blocks from these lists, so the blocks that stream are blocks that compile."""
+    repeated = getattr(transformer, "_repeated_blocks", ())
+    return {name: module for name, module in transformer.named_children()
+            if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in repeated}
+
+
 def family_of(pipe) -> Family:
     name = type(pipe).__name__
     for family in FAMILIES:

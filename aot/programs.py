@@ -18,7 +18,7 @@ import torch.fx.experimental.proxy_tensor
 from torch.utils._pytree import tree_flatten
 
 from aot.families import Text
-from aot.model import Model
+from aot.model import Model, repeated_block_lists
 from settings import Preset
 
 log = logging.getLogger("aot-space")
@@ -136,9 +136,7 @@ def compile_targets(transformer: torch.nn.Module, scope: str) -> dict[str, torch
     """
     if scope == "model":
         return {"": transformer}
-    repeated = getattr(transformer, "_repeated_blocks", ())
-    targets = {name: module[0] for name, module in transformer.named_children()
-               if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in repeated}
+    targets = {name: blocks[0] for name, blocks in repeated_block_lists(transformer).items()}
     if not targets:
         raise ValueError(f"{type(transformer).__name__} declares no repeated blocks; use AOT_SCOPE=model")
     return targets

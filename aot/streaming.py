@@ -37,6 +37,13 @@ class Slot:
     free: torch.cuda.Event | None = None  # on a GPU: recorded on the compute stream when its holder has run
 
 
+def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a wrapper subclass (torchao's fp8 weight: data and scale) is made of; else the tensor."""
+    if is_traceable_wrapper_subclass(tensor):
+        return [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+    return [tensor]
+
+
 @dataclass
 class _Weight:
     """One parameter or buffer of a block; a tensor subclass (torchao's fp8 weight) as the plain tensors inside it."""
@@ -48,12 +55,9 @@ class _Weight:
 
     @property
     def parts(self) -> list[torch.Tensor]:
-        if is_traceable_wrapper_subclass(self.tensor):
-            names, _ = self.tensor.__tensor_flatten__()
-            parts = [getattr(self.tensor, name) for name in names]
-            assert not any(is_traceable_wrapper_subclass(p) for p in parts), f"nested tensor subclass: {self.name}"
-            return parts
-        return [self.tensor]
+        parts = tensor_parts(self.tensor)
+        assert not any(is_traceable_wrapper_subclass(p) for p in parts), f"nested tensor subclass: {self.name}"
+        return parts
 
     def rebuilt(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The weight again, made of `parts` (slot buffers) instead of its own tensors."""
