@@ -16,7 +16,7 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import parallel, step_cache
+from aot import parallel, prompts, step_cache
 from aot.families import Guidance
 from aot.memory import resident_bytes
 from aot.model import load_model
@@ -30,6 +30,9 @@ RANKS = parallel.join(SETTINGS)  # None in one process; one of several ranks: RE
 MODEL = load_model(SETTINGS)
 DEFAULTS, FAMILY = MODEL.defaults, MODEL.family
 REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS)
+PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache)  # repeated prompts skip the text encoders
+# Every image's prompt encodings, for /status: added up here, since on ZeroGPU the cache lives in the GPU worker
+ENCODINGS = prompts.Encodings()
 PRESETS = {preset.name: preset for preset in MODEL.presets}
 USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
 TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
@@ -80,6 +83,7 @@ def status() -> dict:
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "guidance_kind": DEFAULTS.guidance_kind.value,
                      "max_prompt_tokens": DEFAULTS.max_sequence_length, "seed": DEFAULT_SEED, "randomize_seed": False},
         **REPORT.as_dict(),
+        "prompt_cache": {"size": SETTINGS.prompt_cache, **ENCODINGS.as_dict()},
     }
 
 
@@ -182,9 +186,11 @@ def _answered_before_gpu_work(err: Exception) -> bool:
 
 def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = ""):
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with step_cache.counting(MODEL.pipe.transformer) as counts:
+    with step_cache.counting(MODEL.pipe.transformer) as counts, PROMPT_CACHE.counting() as encodings:
         image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator).images[0]
-    if counts is not None:  # travels with the image: on ZeroGPU this runs in the GPU worker, another process
+    # both travel with the image: on ZeroGPU this runs in the GPU worker, another process
+    image.info["encodings"] = encodings
+    if counts is not None:
         image.info["step_cache"] = str(counts)
     return image
 
@@ -238,11 +244,13 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
     seconds = time.perf_counter() - start
     skipped = image.info.pop("step_cache", None)  # what the step cache skipped (_image), not kept in the PNG
+    encodings = image.info.pop("encodings")
+    ENCODINGS.add_(encodings)
     SERVED_SHAPES.add((preset.width, preset.height))
     image.info.update(prompt=prompt, seed=str(seed))  # kept in the PNG as text
     # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
     path = save_pil_to_cache(image, get_upload_folder(), name=f"{_slug(prompt)}-seed{seed}", format="png")
-    details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s"
+    details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s, {encodings}"
     if skipped:
         details += f", {skipped}"
     if notes:

@@ -4,7 +4,8 @@ the weights, for every model family in `aot/families/`.
 `optimize_pipeline_(model, settings)` is the whole recipe, one step after another:
   1. choose compilation, then plan the GPU memory: the whole pipeline on the GPU, or (low-VRAM mode) the
      transformer quantized to fit and the text encoders, and if need be its blocks, streamed from host memory;
-  2. choose the attention backend and the quantization from the hardware, and quantize in place;
+  2. choose the attention backend and the quantization from the hardware, and quantize in place (a transformer
+     stored quantized, a pre-quantized checkpoint, is served as stored);
   3. for each preset shape, record the transformer's real inputs with `spaces.aoti_capture`, `torch.export`
      it and compile it with AOTInductor, inside `@spaces.GPU(duration=1500)`: either the whole transformer or,
      regionally, one program per repeated block class;
@@ -36,7 +37,7 @@ from aot.memory import MemoryPlan, place_pipeline_, plan_memory
 from aot.model import Model, load_model
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
                           release_export_memory, restore_eager_, trust_host_isa_)
-from aot.quantize import dequantize_, quantize_
+from aot.quantize import dequantize_, quantize_, stored_decision, stored_quantization
 from aot.report import Decision, Report
 from settings import Preset, Settings
 
@@ -66,9 +67,14 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     if settings.dynamic_shapes and family.dynamic_spec is None:
         raise ValueError(f"DYNAMIC_SHAPES=1 is not supported for the {family.name} family; unset it")
 
+    # A pre-quantized checkpoint's weights are served as stored: checked against QUANTIZATION first, planned for as
+    # loaded ("none": nothing to quantize), never quantized again.
+    stored = stored_quantization(transformer)
+    stored_choice = stored and stored_decision(stored, settings.quantization, device, capability)
+
     # 1. Compilation, and the memory layout (which depends on it: fp8 only pays when compiled).
     compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, device)) == "aoti"
-    plan = plan_memory(pipe, settings.low_vram, settings.quantization, settings.vram_limit_gib,
+    plan = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization, settings.vram_limit_gib,
                        model.max_image_tokens, device, capability, compiled, report)
     report.startup["model_load_s"] = model.load_seconds
     with _timed(report, "place_s"):
@@ -81,7 +87,9 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
             transformer.set_attention_backend(report.attention)
         except Exception as err:  # noqa: BLE001 - a missing kernel or package: any failure means "use SDPA"
             _use_sdpa(transformer, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
-    if plan.low_vram:  # already quantized while placing
+    if stored:
+        report.decide("quantization", stored_choice)
+    elif plan.low_vram:  # already quantized while placing
         report.decide("quantization", Decision(plan.quantization, "low-VRAM mode"))
     else:
         choose = parallel.choose_quantization if ranks else choose_quantization

@@ -38,6 +38,10 @@ PARALLEL_CHOICES = ("auto", "off", "ulysses", "ring")
 # STEP_CACHE: diffusers' First Block Cache or TaylorSeer around the block programs (aot/step_cache.py, README
 # "Step caching"), each with its one parameter: "fbc:THRESHOLD", "taylorseer:INTERVAL"
 STEP_CACHE_CHOICES = ("off", "fbc", "taylorseer")
+# PROMPT_CACHE: the prompts whose embeddings are kept (aot/prompts.py, README "Prompt cache"); 0 keeps none. 16 holds
+# the examples, the blank negative prompt of a true-CFG family and a dozen visitors' current prompts, in at most
+# 16 x 15 MiB of GPU memory (FLUX.2 [dev]'s 512 x 15360 bf16 embeddings; FLUX.1's take 4 MiB, Qwen-Image's <= 3.5)
+PROMPT_CACHE_DEFAULT = 16
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class Settings:
     world_size: int = 1  # ranks in this launch: WORLD_SIZE, set by the launcher
     hub_upload: str | None = None  # "owner/name": upload what this start compiled there (a token with write access)
     step_cache: StepCache = StepCache()  # STEP_CACHE: diffusers' cache hooks, off by default
+    prompt_cache: int = PROMPT_CACHE_DEFAULT  # PROMPT_CACHE: prompts whose embeddings are kept; 0 keeps none
 
     @property
     def tiny_family(self) -> str | None:
@@ -220,6 +225,7 @@ class Settings:
             parallel=_choice(env, "PARALLEL", PARALLEL_CHOICES, "auto"),
             world_size=_whole(env, "WORLD_SIZE", 1),
             step_cache=parse_step_cache(env.get("STEP_CACHE", "")),
+            prompt_cache=_whole(env, "PROMPT_CACHE", PROMPT_CACHE_DEFAULT),
         )
         settings.check()
         return settings
@@ -250,6 +256,9 @@ class Settings:
             raise ValueError(f"STEP_CACHE={self.step_cache} with {self.world_size} ranks (WORLD_SIZE): First Block Cache "
                              "would decide to skip on each rank's share of the image alone, and neither cache is tested "
                              "under context parallelism; set STEP_CACHE=off, or run one process")
+        if self.prompt_cache < 0:
+            raise ValueError(f"PROMPT_CACHE={self.prompt_cache}: give a whole number of prompts, e.g. "
+                             f"{PROMPT_CACHE_DEFAULT}, or 0 to keep none")
         if self.queue_size < 1:
             raise ValueError(f"QUEUE_SIZE={self.queue_size}: give a whole number of at least 1, e.g. 32")
         if self.world_size != 1 or self.parallel in ("ulysses", "ring"):

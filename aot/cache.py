@@ -34,7 +34,9 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
 
         arch = f"cpu-{platform.machine()}-{pick_vec_isa()}"
     # The model's own settings only: diffusers' bookkeeping entries ("_use_default_values", a list whose order
-    # follows the process's string hashing, and "_name_or_path") changed the key on every restart
+    # follows the process's string hashing, and "_name_or_path") changed the key on every restart. A pre-quantized
+    # transformer's config holds its torchao `quantization_config`: programs over weights stored in one torchao format
+    # are not those over another, nor those over weights quantized at startup ("fp8" against "fp8 (pre-quantized)")
     config = json.dumps({k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}, sort_keys=True,
                         default=str)
     # the programs address weights by name and shape: fused projections or another layout are other programs

@@ -82,10 +82,25 @@ def _first_line(err: Exception) -> str:
     return (str(err).splitlines() or [""])[0].replace(" Please check out the root cause in the stacktrace above.", "")
 
 
+def _stored_quantization(source: str, revision: str | None) -> dict:
+    """The `quantization_config` the transformer's checkpoint was saved with ({} for plain weights), read before
+    loading it: it decides the dtype, and a format this template does not serve stops startup before the download."""
+    from diffusers import DiffusionPipeline
+
+    library, name = DiffusionPipeline.load_config(source, revision=revision).get("transformer") or (None, None)
+    if library != "diffusers":
+        return {}  # no diffusers transformer: `family_of` says which pipelines are served
+    import diffusers
+
+    return getattr(diffusers, name).load_config(source, subfolder="transformer", revision=revision).get(
+        "quantization_config") or {}
+
+
 def load_pipeline(settings: Settings):
-    """The pipeline named by MODEL_ID, in host memory: bf16 when a GPU will run it, fp32 on CPU.
-    `optimization.optimize_pipeline_` puts it on the GPU (whole, or in low-VRAM mode part by part).
-    A model that cannot be loaded stops startup with one message that says which setting to change."""
+    """The pipeline named by MODEL_ID, in host memory: bf16 when a GPU will run it or its transformer is stored
+    quantized by torchao, else fp32. `optimization.optimize_pipeline_` puts it on the GPU (whole, or in low-VRAM
+    mode part by part). A model that cannot be loaded stops startup with one message that says which setting to
+    change."""
     if settings.tiny_family:
         log.warning("Running the built-in tiny random-weight %s pipeline (%s). Its images are noise. "
                     "Set MODEL_ID (e.g. %s) to serve a real model.", settings.tiny_family, settings.demo_model_reason,
@@ -103,9 +118,22 @@ def load_pipeline(settings: Settings):
                     "%s. Set MODEL_ID (e.g. %s) to serve a real model.", settings.demo_model_reason, DEMO_MODEL_DIR,
                     DEFAULT_MODEL_ID)
         source = DEMO_MODEL_DIR
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
-        return DiffusionPipeline.from_pretrained(source, revision=settings.revision, dtype=dtype)
+        method = _stored_quantization(source, settings.revision).get("quant_method")
+        if method not in (None, "torchao"):
+            raise SystemExit(
+                f"MODEL_ID={settings.model_id!r} holds a transformer quantized with {method}. This template serves "
+                "pre-quantized transformers saved by torchao only (README: Pre-quantized checkpoints); other formats "
+                f"are not installed or tested here. Point MODEL_ID at the unquantized model (e.g. {DEFAULT_MODEL_ID}) "
+                "and set QUANTIZATION=fp8, int8 or int4 to quantize it at startup.")
+        # A torchao checkpoint is made from bf16 weights (its fp8 per-row format takes nothing else, diffusers warns
+        # against other dtypes for its int formats) and its weights compute in that dtype: the whole pipeline takes
+        # it, even on a CPU, since the pipeline feeds the transformer in its text encoders' dtype.
+        dtype = torch.bfloat16 if torch.cuda.is_available() or method else torch.float32
+        pipe = DiffusionPipeline.from_pretrained(source, revision=settings.revision, dtype=dtype)
+        if method:  # diffusers makes stored weights Parameters that require grad: AOTInductor unwraps an int8 one
+            pipe.transformer.requires_grad_(False)  # into int8 data that requires grad, which torch refuses
+        return pipe
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
         raise SystemExit(
             f"Could not load MODEL_ID={settings.model_id!r}"

@@ -1,11 +1,67 @@
 """Weight formats for the transformer's Linear layers: torchao's fp8, and the template's int8/int4 weight-only
-layers (plain tensors, so export, streaming and CPU all work)."""
+layers (plain tensors, so export, streaming and CPU all work); and a transformer whose checkpoint stores them
+quantized already (torchao-serialized), served as stored."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from aot.decisions import fp8_runs
+from aot.report import Decision
+
 GROUP_SIZE = 128  # int4: inputs per scale
+# torchao's weight tensor classes by name prefix, as the QUANTIZATION value of the same bits
+STORED_MODES = {"Float8": "fp8", "Int8": "int8", "Int4": "int4"}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The transformer's Linear weights as a pre-quantized checkpoint stores them: torchao tensor subclasses."""
+
+    mode: str  # the QUANTIZATION value of the same format ("fp8", "int8", "int4"), else torchao's tensor class
+    tensor: str  # torchao's tensor class, e.g. "Float8Tensor"
+    config: str  # the torchao config it was made with, from the checkpoint's quantization_config
+    layers: int  # Linear layers stored quantized
+    linears: int  # Linear layers in all
+
+    @property
+    def value(self) -> str:
+        """The report's `quantization`: not a QUANTIZATION value, so neither the cache key nor a check mistakes it
+        for weights this start quantized."""
+        return f"{self.mode} (pre-quantized)"
+
+
+def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
+    """How the transformer's Linear weights arrived, before anything here quantizes them: None if plain."""
+    linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    stored = [m.weight for m in linears if is_traceable_wrapper_subclass(m.weight)]
+    if not stored:
+        return None
+    name = type(stored[0]).__name__
+    mode = next((mode for prefix, mode in STORED_MODES.items() if name.startswith(prefix)), name)
+    config = transformer.config.get("quantization_config")  # diffusers' TorchAoConfig, as loaded
+    made_with = type(config.quant_type).__name__ if config is not None else "an unknown config"
+    return Stored(mode, name, made_with, len(stored), len(linears))
+
+
+def stored_decision(stored: Stored, requested: str, device: str, capability: tuple[int, int] | None) -> Decision:
+    """The weights are served as stored; QUANTIZATION=auto, or the stored format, agrees. Any other value stops
+    startup rather than falling back: quantizing quantized weights again rounds twice, dequantizing them takes the
+    memory the checkpoint was picked to save, and serving them as stored ignores the setting; none is what was asked."""
+    if requested not in ("auto", stored.mode):
+        raise ValueError(f"QUANTIZATION={requested} conflicts with MODEL_ID's transformer, which is stored quantized "
+                         f"({stored.mode}: torchao {stored.tensor}, from {stored.config}) and is served as stored. Set "
+                         f"QUANTIZATION=auto or {stored.mode}, or point MODEL_ID at the unquantized model to quantize "
+                         "it at startup.")
+    if stored.mode == "fp8" and device == "cuda" and not fp8_runs(device, capability):
+        raise ValueError(f"MODEL_ID's transformer is stored in fp8, which needs compute capability >= 8.9 on a GPU; "
+                         f"this is {capability}. Point MODEL_ID at the unquantized model (QUANTIZATION=int8 quantizes "
+                         "it at startup).")
+    return Decision(stored.value, f"stored so by the checkpoint (torchao {stored.tensor}, from {stored.config}, "
+                                  f"{stored.layers} of {stored.linears} Linear layers): served as stored, not "
+                                  "quantized again")
 
 
 class WeightOnlyLinear(torch.nn.Module):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageChops
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 
 from conftest import ROOT
@@ -133,9 +134,17 @@ def _screenshot(page, name: str, readme: bool = False) -> None:
             shot.convert("RGB").save(SCREENSHOTS / name, optimize=True)
 
 
-def _pictures_loaded(page) -> list[int]:
-    """Waits for every example picture to load; returns their natural widths."""
-    page.wait_for_function("[...document.querySelectorAll('#examples img')].every(img => img.complete)")
+def _pictures_loaded(page, count: int) -> list[int]:
+    """Waits (up to 30 s) for `count` example pictures to have loaded; returns their natural widths, 0 for one that
+    did not. They are brought into view first: the browser may defer an image below the fold, and a deferred image
+    counts as `complete` with no pixels (as on a 390 px phone in CI)."""
+    page.locator("#examples").scroll_into_view_if_needed()
+    try:
+        page.wait_for_function("n => { const imgs = [...document.querySelectorAll('#examples img')];"
+                               " return imgs.length === n && imgs.every(img => img.complete && img.naturalWidth > 0); }",
+                               arg=count, timeout=30_000)
+    except PlaywrightTimeoutError:
+        pass  # the widths returned say which picture is missing
     return page.locator("#examples img").evaluate_all("imgs => imgs.map(img => img.naturalWidth)")
 
 
@@ -211,7 +220,7 @@ def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page
     shipped = demo_app._thumbnails()
     pictures, rows = page.locator("#examples img"), page.locator("#examples tbody tr")
     expect(pictures).to_have_count(len(shipped))
-    assert _pictures_loaded(page) == [128] * len(shipped)
+    assert _pictures_loaded(page, len(shipped)) == [128] * len(shipped)
     for i, path in enumerate(shipped):  # each beside its prompt, as shipped
         expect(rows.nth(i)).to_contain_text(demo_app.EXAMPLES[i])
         expect(rows.nth(i).locator("img")).to_be_visible()
@@ -238,7 +247,7 @@ def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page
 
 def test_phone_shows_the_example_pictures_and_a_picked_one_right_under_generate(open_page, demo_app):
     page = open_page(PHONE, demo_app)
-    assert _pictures_loaded(page) == [128] * len(demo_app.EXAMPLES)
+    assert _pictures_loaded(page, len(demo_app.EXAMPLES)) == [128] * len(demo_app.EXAMPLES)
     page.locator("#resolution").get_by_label("portrait 96x160").check()
     picture = page.locator("#examples img").nth(3)
     picture.scroll_into_view_if_needed()

@@ -1,0 +1,127 @@
+"""The prompt cache (PROMPT_CACHE): a repeated prompt's embeddings come from memory instead of the text encoders,
+and each encoding that does run is timed.
+
+The text encoders run once per prompt, and once more for the negative prompt under true CFG (Qwen-Image, FLUX.2
+[klein] base), and they are large: T5-XXL for FLUX.1, a 24B Mistral for FLUX.2 [dev], a 7B Qwen2.5-VL for Qwen-Image.
+Prompts repeat: a visitor re-rolls seeds on one prompt, the examples are picked again, and the blank negative prompt
+of a true-CFG family is the same in every request.
+
+One memo serves every family: each pipeline encodes through its own `encode_prompt(prompt, ..., device, ...,
+max_sequence_length)`, which takes the text and plain values and returns tensors (Z-Image: lists of them), and
+`__call__` reaches it as `self.encode_prompt`, so an instance attribute of that name takes its place. The key is
+every argument's value, defaults included; a call given embeddings (a tensor argument) encodes nothing and passes
+through. Only text encoding is touched: the transformer, compiled or not, gets the same tensors either way.
+
+Entries stay where the encoder put them (the GPU) and are copied on the way in and out: no pipeline here writes its
+embeddings in place (diffusers 0.42), but an entry must not depend on that, and a copy of a few MiB costs
+microseconds on a GPU. The memo is per process: on ZeroGPU the pipeline runs in the forked GPU worker, so the
+entries live there, as long as that worker does (a replaced worker starts empty), and each image's `Encodings`
+travel back with the image for the details and `/status`.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_map
+
+# What a key may hold: anything else (a tensor) means the caller gave embeddings
+PLAIN = (str, int, float, bool, type(None), torch.device)
+
+
+@dataclass
+class Encodings:
+    """Prompt encodings: those the text encoders ran (misses) with their seconds, and those the cache answered
+    (hits). One image's, or every image's added up; `entries` is what the cache held after the last of them."""
+
+    misses: int = 0
+    seconds: float = 0.0
+    hits: int = 0
+    entries: int = 0
+
+    def add_(self, other: Encodings) -> None:
+        self.misses, self.seconds, self.hits = (self.misses + other.misses, self.seconds + other.seconds,
+                                                self.hits + other.hits)
+        self.entries = other.entries
+
+    def __str__(self) -> str:
+        """One image's, for its details."""
+        if not self.misses:
+            return "prompt embeddings from the cache"
+        cached = f", {self.hits} of {self.hits + self.misses} from the cache" if self.hits else ""
+        return f"text encoding {self.seconds:.2f} s{cached}"
+
+    def as_dict(self) -> dict:
+        """Every image's, for /status: seconds per prompt is the text encoders' mean over the prompts they ran."""
+        return {"entries": self.entries, "hits": self.hits, "misses": self.misses,
+                "seconds_per_prompt": round(self.seconds / self.misses, 3) if self.misses else None}
+
+
+def _key(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_key, value))
+    if isinstance(value, PLAIN):
+        return value
+    raise TypeError(f"{type(value).__name__} is not a plain value")
+
+
+def _copy(result):
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, result)
+
+
+class PromptCache:
+    """A least-recently-used memo of `encode` (a pipeline's `encode_prompt`) holding at most `size` results; 0 keeps
+    none, and still times every encoding."""
+
+    def __init__(self, encode, size: int):
+        self.encode, self.size = encode, size
+        self.signature = inspect.signature(encode)
+        self.entries: OrderedDict[tuple, object] = OrderedDict()
+        self.encodings = Encodings()  # the current image's (counting)
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        try:
+            key = _key(tuple(bound.arguments.items()))
+        except TypeError:  # embeddings given: nothing to encode, nothing to key by
+            return self.encode(*args, **kwargs)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.encodings.hits += 1
+            return _copy(self.entries[key])
+        # The clock reads what the encoders did, not what was queued before them or left queued after
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = self.encode(*args, **kwargs)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.encodings.misses += 1
+        self.encodings.seconds += time.perf_counter() - start
+        if self.size:
+            self.entries[key] = _copy(result)
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return result
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[Encodings]:
+        """One image's encodings. A fresh record each time: a call that failed part-way leaves nothing behind."""
+        self.encodings = Encodings()
+        try:
+            yield self.encodings
+        finally:
+            self.encodings.entries = len(self.entries)
+
+
+def cache_prompts_(pipe, size: int) -> PromptCache:
+    """Puts a PromptCache of `size` entries in front of `pipe.encode_prompt`, on this instance."""
+    cache = PromptCache(pipe.encode_prompt, size)
+    pipe.encode_prompt = cache
+    return cache
