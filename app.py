@@ -30,7 +30,8 @@ RANKS = parallel.join(SETTINGS)  # None in one process; one of several ranks: RE
 MODEL = load_model(SETTINGS)
 DEFAULTS, FAMILY = MODEL.defaults, MODEL.family
 REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS)
-PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache)  # repeated prompts skip the text encoders
+# repeated prompts skip the text encoders; in host memory under a low-VRAM layout, whose plan does not count them
+PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache, host=REPORT.memory.get("low_vram", False))
 # Every image's prompt encodings, for /status: added up here, since on ZeroGPU the cache lives in the GPU worker
 ENCODINGS = prompts.Encodings()
 PRESETS = {preset.name: preset for preset in MODEL.presets}

@@ -37,7 +37,7 @@ from aot.memory import MemoryPlan, place_pipeline_, plan_memory
 from aot.model import Model, load_model
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
                           release_export_memory, restore_eager_, trust_host_isa_)
-from aot.quantize import dequantize_, quantize_, stored_decision, stored_quantization
+from aot.quantize import Stored, dequantize_, quantize_, stored_decision, stored_quantization
 from aot.report import Decision, Report
 from settings import Preset, Settings
 
@@ -70,7 +70,8 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     # A pre-quantized checkpoint's weights are served as stored: checked against QUANTIZATION first, planned for as
     # loaded ("none": nothing to quantize), never quantized again.
     stored = stored_quantization(transformer)
-    stored_choice = stored and stored_decision(stored, settings.quantization, device, capability)
+    if stored:
+        stored_choice = stored_decision(stored, settings.quantization, device, capability)
 
     # 1. Compilation, and the memory layout (which depends on it: fp8 only pays when compiled).
     compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, device)) == "aoti"
@@ -112,13 +113,16 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
                 _use_sdpa(transformer, report, f"{report.attention} failed a test run ({type(err).__name__}: {err})")
         if ranks:
             ranks.enable_(model, report)
+        if stored:
+            _eager_fp8(model, report, plan.low_vram, stored)
     else:
-        _compile_or_serve_eager(model, settings, report, plan, device)
+        _compile_or_serve_eager(model, settings, report, plan, device, stored)
     step_cache.enable_(transformer, report)
     return report
 
 
-def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, plan: MemoryPlan, device: str) -> None:
+def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, plan: MemoryPlan, device: str,
+                            stored: Stored | None) -> None:
     """Steps 3-4 when compiling: every program compiled or loaded and installed, or, if that fails, eager with
     the reason reported."""
     transformer = model.pipe.transformer
@@ -152,7 +156,9 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
             if report.attention != "sdpa":  # e.g. a hub kernel that torch.export cannot trace: retry once
                 _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
                 continue
-            _serve_eager(model, report, reason, plan.low_vram)
+            report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
+            report.compile, report.compile_source = "none", ""
+            _eager_fp8(model, report, plan.low_vram, stored)
             return
     report.compile_seconds = round(time.perf_counter() - start, 1)
     log.info("AoT %s: %s in %.1f s (cache keys %s), programs: %s; start-up: %s", report.compile_scope,
@@ -184,16 +190,18 @@ def _use_sdpa(transformer: torch.nn.Module, report: Report, reason: str) -> None
     report.attention = "sdpa"
 
 
-def _serve_eager(model: Model, report: Report, reason: str, low_vram: bool) -> None:
-    report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
-    report.compile, report.compile_source = "none", ""
-    if report.quantization == "fp8" and not low_vram:  # unfused eager fp8: 3x slower than bf16
+def _eager_fp8(model: Model, report: Report, low_vram: bool, stored: Stored | None) -> None:
+    """fp8 weights that no program runs: unfused eager fp8 is about 3x slower than bf16 (RESULTS.md), so they are
+    undone where there are bf16 weights to go back to and room for them, else kept and said so."""
+    if (stored.mode if stored else report.quantization) != "fp8":
+        return
+    if stored or low_vram:
+        why = "the checkpoint stores no bf16 weights" if stored else "bf16 weights would not fit"
+        report.fallback("quantization", f"fp8 kept without compilation (about 3x slower than bf16): {why}")
+    else:
         dequantize_(model.pipe.transformer)
         report.fallback("quantization", "fp8 undone: without compilation it is slower than bf16")
         report.quantization = "none"
-    elif report.quantization == "fp8":
-        report.fallback("quantization", "fp8 kept without compilation (about 3x slower than bf16): "
-                                        "bf16 weights would not fit")
 
 
 def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple, list[Preset]]:

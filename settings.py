@@ -39,8 +39,7 @@ PARALLEL_CHOICES = ("auto", "off", "ulysses", "ring")
 # "Step caching"), each with its one parameter: "fbc:THRESHOLD", "taylorseer:INTERVAL"
 STEP_CACHE_CHOICES = ("off", "fbc", "taylorseer")
 # PROMPT_CACHE: the prompts whose embeddings are kept (aot/prompts.py, README "Prompt cache"); 0 keeps none. 16 holds
-# the examples, the blank negative prompt of a true-CFG family and a dozen visitors' current prompts, in at most
-# 16 x 15 MiB of GPU memory (FLUX.2 [dev]'s 512 x 15360 bf16 embeddings; FLUX.1's take 4 MiB, Qwen-Image's <= 3.5)
+# the examples, the blank negative prompt of a true-CFG family and a dozen visitors' current prompts
 PROMPT_CACHE_DEFAULT = 16
 
 

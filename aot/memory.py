@@ -251,7 +251,22 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
     report.memory = {**asdict(plan), "layout": plan.layout}
     if plan.low_vram:
         report.fallback("memory", f"low-VRAM mode ({plan.reason}): {plan.layout}")
+        if budget and device == "cuda":
+            _expandable_segments(report)
     return plan
+
+
+def _expandable_segments(report: Report) -> None:
+    """Lets the CUDA allocator map memory into a segment as it grows instead of carving fixed segments. Placing a
+    layout quantizes block after block; under a 24 GiB cap FLUX.2 [dev] ran out of memory there with 4.4 GiB
+    reserved but free inside fixed segments (RESULTS.md run 18), which the allocator's own retry cannot return.
+    Not yet re-run on the GPU."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    try:
+        setter("expandable_segments:True")
+    except Exception as err:  # noqa: BLE001 - a private API: any failure only means fixed segments, which is said
+        report.fallback("memory", f"expandable allocator segments unavailable ({type(err).__name__}: {err}): the "
+                                  "layout may run out of memory while placing, to fragmentation")
 
 
 def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = ()) -> None:
@@ -277,8 +292,6 @@ def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, .
             stream.add_(block)
         else:
             block.to(device)
-        if device == "cuda":  # give back what quantizing left cached: under a 24 GiB cap, placing FLUX.2 [dev] ran out
-            torch.cuda.empty_cache()  # with 19.2 GiB allocated and 4.4 GiB reserved but free (RESULTS.md run 18)
     # the rest (embedders, norms, output layers), leaving the blocks alone: fp8 would quantize their Linears again
     quantize_(transformer, mode, work_device=device, result_device=device,
               keep_bf16=(*keep_bf16, *(f"{name}." for name in lists)))

@@ -85,14 +85,13 @@ def _first_line(err: Exception) -> str:
 def _stored_quantization(source: str, revision: str | None) -> dict:
     """The `quantization_config` the transformer's checkpoint was saved with ({} for plain weights), read before
     loading it: it decides the dtype, and a format this template does not serve stops startup before the download."""
-    from diffusers import DiffusionPipeline
-
-    library, name = DiffusionPipeline.load_config(source, revision=revision).get("transformer") or (None, None)
-    if library != "diffusers":
-        return {}  # no diffusers transformer: `family_of` says which pipelines are served
     import diffusers
 
-    return getattr(diffusers, name).load_config(source, subfolder="transformer", revision=revision).get(
+    library, name = diffusers.DiffusionPipeline.load_config(source, revision=revision).get("transformer") or (None, None)
+    transformer_class = getattr(diffusers, name, None) if library == "diffusers" else None
+    if transformer_class is None:
+        return {}  # no transformer this diffusers has: loading, or `family_of`, says what is wrong
+    return transformer_class.load_config(source, subfolder="transformer", revision=revision).get(
         "quantization_config") or {}
 
 

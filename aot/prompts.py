@@ -12,10 +12,9 @@ max_sequence_length)`, which takes the text and plain values and returns tensors
 every argument's value, defaults included; a call given embeddings (a tensor argument) encodes nothing and passes
 through. Only text encoding is touched: the transformer, compiled or not, gets the same tensors either way.
 
-Entries stay where the encoder put them (the GPU) and are copied on the way in and out: no pipeline here writes its
-embeddings in place (diffusers 0.42), but an entry must not depend on that, and a copy of a few MiB costs
-microseconds on a GPU. The memo is per process: on ZeroGPU the pipeline runs in the forked GPU worker, so the
-entries live there, as long as that worker does (a replaced worker starts empty), and each image's `Encodings`
+Entries are copies, on the way in and out: no pipeline here writes its embeddings in place (diffusers 0.42), but an
+entry must not depend on that. They stay on the GPU, or in host memory under a low-VRAM layout, whose plan does not
+count them. The memo is per process: on ZeroGPU it lives in the forked GPU worker, and each image's `Encodings`
 travel back with the image for the details and `/status`.
 """
 from __future__ import annotations
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 # What a key may hold: anything else (a tensor) means the caller gave embeddings
 PLAIN = (str, int, float, bool, type(None), torch.device)
@@ -45,14 +44,15 @@ class Encodings:
     entries: int = 0
 
     def add_(self, other: Encodings) -> None:
-        self.misses, self.seconds, self.hits = (self.misses + other.misses, self.seconds + other.seconds,
-                                                self.hits + other.hits)
+        self.misses += other.misses
+        self.seconds += other.seconds
+        self.hits += other.hits
         self.entries = other.entries
 
     def __str__(self) -> str:
         """One image's, for its details."""
         if not self.misses:
-            return "prompt embeddings from the cache"
+            return "prompt embeddings from the cache" if self.hits else "no prompt encoded"
         cached = f", {self.hits} of {self.hits + self.misses} from the cache" if self.hits else ""
         return f"text encoding {self.seconds:.2f} s{cached}"
 
@@ -70,16 +70,18 @@ def _key(value):
     raise TypeError(f"{type(value).__name__} is not a plain value")
 
 
-def _copy(result):
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, result)
+def _copy(result, device=None):
+    """The result with every tensor copied (to `device`, if given)."""
+    return tree_map(lambda x: x.to(device or x.device, copy=True) if isinstance(x, torch.Tensor) else x, result)
 
 
 class PromptCache:
     """A least-recently-used memo of `encode` (a pipeline's `encode_prompt`) holding at most `size` results; 0 keeps
-    none, and still times every encoding."""
+    none, and still times every encoding. `host`: keep the entries in host memory, copied to the encoder's device on
+    a hit."""
 
-    def __init__(self, encode, size: int):
-        self.encode, self.size = encode, size
+    def __init__(self, encode, size: int, host: bool = False):
+        self.encode, self.size, self.host = encode, size, host
         self.signature = inspect.signature(encode)
         self.entries: OrderedDict[tuple, object] = OrderedDict()
         self.encodings = Encodings()  # the current image's (counting)
@@ -87,14 +89,17 @@ class PromptCache:
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        if any(isinstance(value, torch.Tensor) for name, value in bound.arguments.items() if "embeds" in name):
+            return self.encode(*args, **kwargs)  # embeddings given: nothing is encoded
         try:
             key = _key(tuple(bound.arguments.items()))
-        except TypeError:  # embeddings given: nothing to encode, nothing to key by
-            return self.encode(*args, **kwargs)
+        except TypeError:  # an argument that is no plain value: encoded and timed, not kept
+            key = None
         if key in self.entries:
             self.entries.move_to_end(key)
             self.encodings.hits += 1
-            return _copy(self.entries[key])
+            device, stored = self.entries[key]
+            return _copy(stored, device)
         # The clock reads what the encoders did, not what was queued before them or left queued after
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
@@ -104,8 +109,11 @@ class PromptCache:
             torch.cuda.synchronize()
         self.encodings.misses += 1
         self.encodings.seconds += time.perf_counter() - start
-        if self.size:
-            self.entries[key] = _copy(result)
+        if self.size and key is not None:
+            device = None  # in host memory, an entry keeps where it goes back to: the encoder's device
+            if self.host:
+                device = next((x.device for x in tree_leaves(result) if isinstance(x, torch.Tensor)), None)
+            self.entries[key] = (device, _copy(result, "cpu" if self.host else None))
             if len(self.entries) > self.size:
                 self.entries.popitem(last=False)
         return result
@@ -120,8 +128,9 @@ class PromptCache:
             self.encodings.entries = len(self.entries)
 
 
-def cache_prompts_(pipe, size: int) -> PromptCache:
-    """Puts a PromptCache of `size` entries in front of `pipe.encode_prompt`, on this instance."""
-    cache = PromptCache(pipe.encode_prompt, size)
+def cache_prompts_(pipe, size: int, host: bool = False) -> PromptCache:
+    """Puts a PromptCache of `size` entries (in host memory if `host`) in front of `pipe.encode_prompt`, on this
+    instance."""
+    cache = PromptCache(pipe.encode_prompt, size, host)
     pipe.encode_prompt = cache
     return cache

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.decisions import fp8_runs
 from aot.report import Decision
+from aot.streaming import tensor_parts
 
 GROUP_SIZE = 128  # int4: inputs per scale
 # torchao's weight tensor classes by name prefix, as the QUANTIZATION value of the same bits
@@ -33,6 +34,12 @@ class Stored:
         return f"{self.mode} (pre-quantized)"
 
 
+def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a tensor subclass, however deeply nested."""
+    parts = tensor_parts(tensor)
+    return parts if parts[0] is tensor else [leaf for part in parts for leaf in _leaves(part)]
+
+
 def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
     """How the transformer's Linear weights arrived, before anything here quantizes them: None if plain."""
     linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
@@ -40,7 +47,11 @@ def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
     if not stored:
         return None
     name = type(stored[0]).__name__
-    mode = next((mode for prefix, mode in STORED_MODES.items() if name.startswith(prefix)), name)
+    # by class name, else by what it holds: torchao's older AffineQuantizedTensor stores fp8 and ints alike
+    mode = next((mode for prefix, mode in STORED_MODES.items() if name.startswith(prefix)), None)
+    if mode is None:
+        dtypes = {str(leaf.dtype) for leaf in _leaves(stored[0])}
+        mode = "fp8" if any(dtype.startswith("torch.float8") for dtype in dtypes) else name
     config = transformer.config.get("quantization_config")  # diffusers' TorchAoConfig, as loaded
     made_with = type(config.quant_type).__name__ if config is not None else "an unknown config"
     return Stored(mode, name, made_with, len(stored), len(linears))

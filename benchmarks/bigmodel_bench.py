@@ -5,9 +5,10 @@ Layouts:
   resident  fp8 + AoT (regional), no memory cap: the big-card reference
   capped    the template's LOW_VRAM=auto under VRAM_LIMIT_GIB (--vram-limit): it plans, quantizes, streams the
             blocks that do not fit through its rings (aot/streaming.py) and compiles regionally
-  bnb4      diffusers' 4-bit recipe: every Linear of the transformer as a bitsandbytes NF4 `Linear4bit` (bf16
-            compute, no double quantization: `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16)`), eager, under the same cap
+  bnb4      diffusers' 4-bit recipe as its settings make it (`BitsAndBytesConfig(load_in_4bit=True,
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)`: NF4, bf16 compute, no double
+            quantization), applied here to every Linear of the transformer, without diffusers' list of modules it
+            leaves alone; eager; quantized on the GPU with no cap, then served under the same cap
 
 The pipeline around the transformer is the family's tiny one, widened to the real text width (family_bench.py), so
 text encoding costs nothing here. One process per layout, because a compiled variant's weights stay allocated after
@@ -25,7 +26,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +36,7 @@ import torch
 
 import optimization
 from aot.families import family_named
-from aot.model import build_tiny, load_model
+from aot.model import load_model
 from aot.programs import capture_inputs
 from settings import Settings
 
@@ -46,11 +46,7 @@ log = logging.getLogger("bigmodel-bench")
 
 def build(name: str, device: str):
     """The family's tiny pipeline around its real-size transformer, bf16 on `device`, the same weights every time."""
-    family = family_named(name)
-    pipe = build_tiny(family).to(device, torch.bfloat16)
-    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(getattr(pipe, "tokenizer", None), "tokenizer", None)):
-        if tokenizer is not None and hasattr(tokenizer, "model_max_length") and family.text.value == "fixed":
-            tokenizer.model_max_length = max(tokenizer.model_max_length, family_bench.TEXT_TOKENS)
+    pipe = family_bench.tiny_pipeline(family_named(name), device)
     if device != "cuda":  # the smoke test keeps the tiny transformer, which reads the tiny encoders as they are
         return pipe
     torch.manual_seed(0)
@@ -64,8 +60,8 @@ def build(name: str, device: str):
 
 
 def to_bnb4_(transformer: torch.nn.Module) -> int:
-    """Every Linear as bitsandbytes NF4 with bf16 compute, quantized where its weight lies (diffusers' recipe,
-    module for module). Returns how many layers."""
+    """Every Linear as bitsandbytes NF4 with bf16 compute, quantized where its weight lies. Returns how many
+    layers."""
     import bitsandbytes as bnb
 
     names = [n for n, m in transformer.named_modules() if type(m) is torch.nn.Linear]
@@ -191,5 +187,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     raise SystemExit(main())

@@ -70,6 +70,15 @@ def widen_text_(pipe, real_transformer) -> None:
     pipe.encode_prompt = lambda *args, **kwargs: widen(encode(*args, **kwargs))
 
 
+def tiny_pipeline(family, device: str):
+    """The family's tiny pipeline in bf16, its tokenizer as long as the real one where the family pads prompts."""
+    pipe = build_tiny(family).to(device, torch.bfloat16)
+    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(getattr(pipe, "tokenizer", None), "tokenizer", None)):
+        if tokenizer is not None and hasattr(tokenizer, "model_max_length") and family.text.value == "fixed":
+            tokenizer.model_max_length = max(tokenizer.model_max_length, TEXT_TOKENS)
+    return pipe
+
+
 def real_transformer(pipe, name: str):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -96,10 +105,7 @@ def rel_err(a, b) -> float:
 def bench(name: str, scope: str, cache_dir: str) -> dict:
     family = family_named(name)
     t0 = time.perf_counter()
-    pipe = build_tiny(family).to("cuda", torch.bfloat16)
-    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(getattr(pipe, "tokenizer", None), "tokenizer", None)):
-        if tokenizer is not None and hasattr(tokenizer, "model_max_length") and family.text.value == "fixed":
-            tokenizer.model_max_length = max(tokenizer.model_max_length, TEXT_TOKENS)
+    pipe = tiny_pipeline(family, "cuda")
     transformer = real_transformer(pipe, name)
     widen_text_(pipe, transformer)
     if hasattr(pipe.vae, "bn"):  # FLUX.2 de-normalizes latents with the VAE's statistics: size them for the real ones

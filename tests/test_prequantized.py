@@ -147,7 +147,9 @@ def test_low_vram_streams_the_stored_weights_without_quantizing_them(checkpoint)
     report = optimization.optimize_pipeline_(model, settings_for(low_vram="stream", **settings))
     assert report.quantization == "fp8 (pre-quantized)" and report.memory["streamed_blocks"] == 2
     assert report.fallbacks == ["memory: low-VRAM mode (LOW_VRAM=stream): weights as loaded, all 2 blocks streamed, "
-                                "text encoders streamed; needs about 1.0 GiB"]
+                                "text encoders streamed; needs about 1.0 GiB",
+                                "quantization: fp8 kept without compilation (about 3x slower than bf16): the checkpoint "
+                                "stores no bf16 weights"]  # COMPILE=none here
     weights = _linear_weights(model.pipe.transformer)
     assert all(type(w).__name__ == "Float8Tensor" for w in weights.values())
     outside = [name for name in weights if not name.startswith(("transformer_blocks.", "single_transformer_blocks."))]

@@ -4,6 +4,7 @@ another negative prompt, runs them again; the least recently used entry is evict
 cannot change an entry. Then the app: each image's details give the text encoders' seconds or say the prompt came
 from the cache, and /status adds them up."""
 import importlib.util
+import pickle
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_size_0_keeps_nothing_and_still_times_each_encoding_and_given_embeddings
     assert (encodings.misses, encodings.hits, encodings.entries) == (2, 0, 0) and encoders.take() == 4  # CLIP, T5
     with cache.counting() as given, torch.inference_mode():
         model.pipe.encode_prompt(prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-    assert (given.misses, given.hits) == (0, 0) and encoders.take() == 0
+    assert (given.misses, given.hits) == (0, 0) and encoders.take() == 0 and str(given) == "no prompt encoded"
 
 
 @pytest.mark.parametrize("value, message", [("-1", "PROMPT_CACHE=-1"), ("many", "PROMPT_CACHE='many'")])
@@ -158,6 +159,9 @@ def test_the_app_details_give_the_encoding_seconds_or_the_cache_and_status_adds_
     assert ", 1 of 2 from the cache" in negative_details
     with Image.open(first) as one, Image.open(again) as other:
         assert one.tobytes() == other.tobytes()
+    # on ZeroGPU `_image` runs in the GPU worker, and its image (the record in its info) comes back pickled
+    image = pickle.loads(pickle.dumps(app._image(PROMPT, 64, 64, 3, 1, app.DEFAULTS.guidance)))
+    assert str(image.info["encodings"]) == "prompt embeddings from the cache"
     counts = app.status()["prompt_cache"]
     assert {key: counts[key] for key in ("size", "entries", "hits", "misses")} == {
         "size": PROMPT_CACHE_DEFAULT, "entries": 3, "hits": 3, "misses": 3}  # prompt, blank, NEGATIVE
