@@ -261,8 +261,9 @@ def _expandable_segments(report: Report) -> None:
     layout quantizes block after block; under a 24 GiB cap FLUX.2 [dev] ran out of memory there with 4.4 GiB
     reserved but free inside fixed segments (RESULTS.md run 18), which the allocator's own retry cannot return.
     Not yet re-run on the GPU."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     try:
+        setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch.cuda.s is deprecated in 2.14
+                  or torch.cuda.memory._set_allocator_settings)
         setter("expandable_segments:True")
     except Exception as err:  # noqa: BLE001 - a private API: any failure only means fixed segments, which is said
         report.fallback("memory", f"expandable allocator segments unavailable ({type(err).__name__}: {err}): the "

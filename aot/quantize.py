@@ -53,7 +53,9 @@ def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
         dtypes = {str(leaf.dtype) for leaf in _leaves(stored[0])}
         mode = "fp8" if any(dtype.startswith("torch.float8") for dtype in dtypes) else name
     config = transformer.config.get("quantization_config")  # diffusers' TorchAoConfig, as loaded
-    made_with = type(config.quant_type).__name__ if config is not None else "an unknown config"
+    quant_type = getattr(config, "quant_type", None)  # a torchao config, or its short name in older checkpoints
+    made_with = (quant_type if isinstance(quant_type, str) else type(quant_type).__name__ if config is not None
+                 else "an unknown config")
     return Stored(mode, name, made_with, len(stored), len(linears))
 
 
