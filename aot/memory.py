@@ -262,7 +262,7 @@ def _expandable_segments(report: Report) -> None:
     reserved but free inside fixed segments (RESULTS.md run 18), which the allocator's own retry cannot return.
     Not yet re-run on the GPU."""
     try:
-        setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch.cuda.s is deprecated in 2.14
+        setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch.cuda's is deprecated in 2.14
                   or torch.cuda.memory._set_allocator_settings)
         setter("expandable_segments:True")
     except Exception as err:  # noqa: BLE001 - a private API: any failure only means fixed segments, which is said
