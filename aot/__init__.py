@@ -4,8 +4,12 @@
 - `model.py`: loading a pipeline (or building a tiny one) and calling it the family's way;
 - `decisions.py`: attention, quantization and compilation chosen from the hardware;
 - `memory.py`: whether the pipeline fits the GPU, and the low-VRAM layout when it does not;
-- `quantize.py`: fp8 (torchao) and the template's int8/int4 weight-only layers;
+- `quantize.py`: fp8 (torchao), the template's int8/int4 weight-only layers, and pre-quantized checkpoints;
+- `streaming.py`: streamed blocks' weights copied through fixed rings of GPU buffers (low-VRAM mode);
 - `programs.py`: capture, export, AOT-compile, install, and the shape dispatcher;
 - `cache.py`: the keyed artifact cache and the pinned Hub download;
+- `step_cache.py`: STEP_CACHE, diffusers' cache hooks around the block programs;
+- `prompts.py`: PROMPT_CACHE, repeated prompts' embeddings and the text encoders' seconds;
+- `parallel.py`: several ranks, one image split across them (context parallelism);
 - `report.py`: what was done and what fell back, for the UI and `/status`.
 """
