@@ -71,7 +71,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     # loaded ("none": nothing to quantize), never quantized again.
     stored = stored_quantization(transformer)
     if stored:
-        stored_choice = stored_decision(stored, settings.quantization, device, capability)
+        report.decide("quantization", stored_decision(stored, settings.quantization, device, capability))
 
     # 1. Compilation, and the memory layout (which depends on it: fp8 only pays when compiled).
     compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, device)) == "aoti"
@@ -89,7 +89,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
         except Exception as err:  # noqa: BLE001 - a missing kernel or package: any failure means "use SDPA"
             _use_sdpa(transformer, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
     if stored:
-        report.decide("quantization", stored_choice)
+        pass  # decided above, before planning: nothing to quantize
     elif plan.low_vram:  # already quantized while placing
         report.decide("quantization", Decision(plan.quantization, "low-VRAM mode"))
     else:

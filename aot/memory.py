@@ -11,7 +11,7 @@ from aot.decisions import choose_quantization, fp8_runs
 from aot.model import repeated_block_lists
 from aot.quantize import GROUP_SIZE, _quantizable, quantize_
 from aot.report import Report
-from aot.streaming import RING_SLOTS, BlockStream, tensor_parts
+from aot.streaming import RING_SLOTS, BlockStream, tensor_leaves
 
 GiB = 2**30
 ACTIVATION_BYTES_PER_TOKEN = 3 * GiB // 4096  # FLUX at 1024x1024: ~2.4 GiB above the weights (RESULTS.md)
@@ -136,8 +136,7 @@ def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, 
 
 def _stored_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds; for a wrapper subclass (torchao's fp8 weights), those of the tensors inside it."""
-    parts = tensor_parts(tensor)
-    return tensor.numel() * tensor.element_size() if parts[0] is tensor else sum(map(_stored_bytes, parts))
+    return sum(leaf.numel() * leaf.element_size() for leaf in tensor_leaves(tensor))
 
 
 def resident_bytes(pipe) -> int:

@@ -89,8 +89,8 @@ class PromptCache:
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        if any(isinstance(value, torch.Tensor) for name, value in bound.arguments.items() if "embeds" in name):
-            return self.encode(*args, **kwargs)  # embeddings given: nothing is encoded
+        if any(isinstance(x, torch.Tensor) for x in tree_leaves(list(bound.arguments.values()))):
+            return self.encode(*args, **kwargs)  # embeddings given (a tensor, or Z-Image's list): nothing is encoded
         try:
             key = _key(tuple(bound.arguments.items()))
         except TypeError:  # an argument that is no plain value: encoded and timed, not kept

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.decisions import fp8_runs
 from aot.report import Decision
-from aot.streaming import tensor_parts
+from aot.streaming import tensor_leaves
 
 GROUP_SIZE = 128  # int4: inputs per scale
 # torchao's weight tensor classes by name prefix, as the QUANTIZATION value of the same bits
@@ -34,12 +34,6 @@ class Stored:
         return f"{self.mode} (pre-quantized)"
 
 
-def _leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors inside a tensor subclass, however deeply nested."""
-    parts = tensor_parts(tensor)
-    return parts if parts[0] is tensor else [leaf for part in parts for leaf in _leaves(part)]
-
-
 def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
     """How the transformer's Linear weights arrived, before anything here quantizes them: None if plain."""
     linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
@@ -50,11 +44,11 @@ def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
     # by class name, else by what it holds: torchao's older AffineQuantizedTensor stores fp8 and ints alike
     mode = next((mode for prefix, mode in STORED_MODES.items() if name.startswith(prefix)), None)
     if mode is None:
-        dtypes = {str(leaf.dtype) for leaf in _leaves(stored[0])}
+        dtypes = {str(leaf.dtype) for leaf in tensor_leaves(stored[0])}
         mode = "fp8" if any(dtype.startswith("torch.float8") for dtype in dtypes) else name
     config = transformer.config.get("quantization_config")  # diffusers' TorchAoConfig, as loaded
     quant_type = getattr(config, "quant_type", None)  # a torchao config, or its short name in older checkpoints
-    made_with = (quant_type if isinstance(quant_type, str) else type(quant_type).__name__ if config is not None
+    made_with = (quant_type if isinstance(quant_type, str) else type(quant_type).__name__ if quant_type is not None
                  else "an unknown config")
     return Stored(mode, name, made_with, len(stored), len(linears))
 

@@ -44,6 +44,12 @@ def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor]
 
 
+def tensor_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a tensor subclass, however deeply nested (torchao's older types nest); else the tensor."""
+    parts = tensor_parts(tensor)
+    return parts if parts[0] is tensor else [leaf for part in parts for leaf in tensor_leaves(part)]
+
+
 @dataclass
 class _Weight:
     """One parameter or buffer of a block; a tensor subclass (torchao's fp8 weight) as the plain tensors inside it."""
