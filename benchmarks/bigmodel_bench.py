@@ -15,8 +15,9 @@ text encoding costs nothing here. One process per layout, because a compiled var
 it is deleted (RESULTS.md run 7), which would count against the next one's cap. Every process builds the same
 weights (seeded) and records the same inputs, so their errors against bf16 compare. Each writes a JSON document
 (--out) with the step's median ms, a whole image at the family's default steps (or --image-steps), peak GiB while
-serving, the relative error of one step against eager bf16, and the final latents (--latents) for comparing
-layouts across processes.
+serving, the relative error of one step against eager bf16, and the final latents after --error-steps steps
+(--latents) for comparing layouts across processes, against eager bf16's (--bf16-latents, saved by any one process
+before its layout).
 
     CXX=/usr/bin/g++ python benchmarks/bigmodel_bench.py --family flux2 --layout capped --vram-limit 24 --out c.json
 """
@@ -103,6 +104,10 @@ def measure(args, result: dict) -> dict:
              eager_ms, preset.name, build_s)
     save(family=args.family, layout=args.layout, params_b=round(params / 1e9, 2), preset=preset.name,
          eager_bf16_ms=round(eager_ms, 1), build_s=round(build_s, 1), vram_limit_gib=None)
+    if args.bf16_latents:  # the reference every layout's final latents are compared with (same seeded weights)
+        t0 = time.perf_counter()
+        torch.save(flux_bench.final_latents(model, preset, args.error_steps).cpu(), args.bf16_latents)
+        save(bf16_final_latents_s=round(time.perf_counter() - t0, 2))
 
     t0 = time.perf_counter()
     if args.layout == "bnb4":
@@ -113,7 +118,7 @@ def measure(args, result: dict) -> dict:
         env = {**base, "COMPILE": "aoti" if device == "cuda" else args.compile}
         if args.layout == "capped":
             pipe.to("cpu")  # where a model larger than the card starts: host memory
-            env.update(LOW_VRAM="auto", QUANTIZATION="auto", VRAM_LIMIT_GIB=str(args.vram_limit))
+            env.update(LOW_VRAM=args.low_vram, QUANTIZATION="auto", VRAM_LIMIT_GIB=str(args.vram_limit))
         else:
             env.update(LOW_VRAM="off", QUANTIZATION="fp8" if device == "cuda" else "int8")
         gc.collect()
@@ -145,11 +150,11 @@ def measure(args, result: dict) -> dict:
     if stream:
         stream.loads = stream.late_loads = 0
     t0 = time.perf_counter()
-    latents = flux_bench.final_latents(model, preset, steps)
-    save(final_latents_s=round(time.perf_counter() - t0, 2))
+    latents = flux_bench.final_latents(model, preset, args.error_steps)
+    save(final_latents_s=round(time.perf_counter() - t0, 2), error_steps=args.error_steps)
     if stream:
-        save(copies_per_call=round(stream.loads / (steps * calls), 1),
-             late_per_call=round(stream.late_loads / (steps * calls), 1))
+        save(copies_per_call=round(stream.loads / (args.error_steps * calls), 1),
+             late_per_call=round(stream.late_loads / (args.error_steps * calls), 1))
     if args.latents:
         torch.save(latents.cpu(), args.latents)
     save(image=flux_bench.time_pipeline(model, preset, steps, device, 1), steps=steps, calls_per_step=calls)
@@ -165,6 +170,12 @@ def main() -> int:
     parser.add_argument("--vram-limit", type=float, default=24.0, help="GiB the simulated card has (capped, bnb4)")
     parser.add_argument("--preset", default="", help="PRESETS; default: the family's first native resolution")
     parser.add_argument("--image-steps", type=int, default=0, help="steps of the timed image; default: the family's")
+    parser.add_argument("--error-steps", type=int, default=20, help="steps of the run whose final latents are kept")
+    parser.add_argument("--bf16-latents", default="",
+                        help="first save eager bf16's final latents here (--error-steps), the reference for all layouts")
+    parser.add_argument("--low-vram", default="auto", choices=("auto", "on", "stream"),
+                        help="LOW_VRAM of the capped layout; 'on' plans as the real pipeline would, whose text encoder "
+                             "alone outgrows a 70 GiB cap (the tiny one here fits anywhere)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out", default="", help="also write the JSON here")
     parser.add_argument("--latents", default="", help="save the final latents here (torch.save)")

@@ -25,7 +25,8 @@ Examples (run by hand on a GPU machine, never by pytest):
 
 A variant is MODE[:QUANT][:ATTENTION][:SCOPE][:pN], fields in any order: MODE eager|aoti, QUANT
 none|fp8|int8|int4, SCOPE blocks|model (AOT_SCOPE), pN = compile only the first N presets,
-"pertensor" = fp8 scales per tensor, "autotune" = Inductor's max_autotune_gemm, "shared" = regional programs
+"pertensor" = fp8 scales per tensor, "autotune" = Inductor's max_autotune_gemm, "epilogue" = Inductor's
+epilogue_fusion on (the recipe has it off), "shared" = regional programs
 with one instance per block list (as spaces installs them; aot.programs gives each block its own), "graphs" =
 also time one step captured in a CUDA graph, fbc[=THRESHOLD] or
 taylorseer[=INTERVAL] = STEP_CACHE=fbc[:THRESHOLD] or taylorseer[:INTERVAL] (aot/step_cache.py), and any other
@@ -343,7 +344,7 @@ def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
 def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
     variant = dict(spec=spec, mode=defaults.mode, quant=defaults.quant, attention=defaults.attention,
                    scope=defaults.scope, presets=None, pertensor=False, autotune=False, step_cache="",
-                   shared=False, graphs=False)
+                   shared=False, graphs=False, epilogue=False)
     for word in filter(None, spec.split(":")):
         if word.partition("=")[0] in ("fbc", "taylorseer"):  # STEP_CACHE, its ":" written "=" here
             variant["step_cache"] = word.replace("=", ":")
@@ -351,6 +352,8 @@ def parse_variant(spec: str, defaults: argparse.Namespace) -> dict:
             variant["pertensor"] = True
         elif word == "autotune":  # Inductor benchmarks Triton GEMM templates against cuBLAS at compile time
             variant["autotune"] = True
+        elif word == "epilogue":  # Inductor may fuse pointwise work into the kernel before it (issue 15)
+            variant["epilogue"] = True
         elif word == "shared":  # regional programs as spaces installs them: one instance per block list
             variant["shared"] = True
         elif word == "graphs":  # also try one step captured in a CUDA graph and replayed
@@ -434,6 +437,8 @@ def measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, ref
     if variant["autotune"]:
         optimization.INDUCTOR_CONFIGS = {**optimization.INDUCTOR_CONFIGS, "max_autotune_gemm": True,
                                          "max_autotune_gemm_backends": "ATEN,TRITON"}
+    if variant["epilogue"]:  # the cache key holds the Inductor options: its own programs
+        optimization.INDUCTOR_CONFIGS = {**optimization.INDUCTOR_CONFIGS, "epilogue_fusion": True}
     try:
         return _measure_variant(pipe, variant, presets, args, device, cache_dir, inputs, reference)
     finally:

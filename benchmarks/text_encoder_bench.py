@@ -1,0 +1,155 @@
+"""Seconds per prompt of a big model's real-size text encoder (random weights), through the pipeline's own
+`encode_prompt`, on the GPU (issue 21, item 2):
+
+  resident   the encoder whole on the GPU, bf16
+  streamed   as low-VRAM mode places it (aot/memory.py: diffusers' group offloading, one block at a time from pinned
+             host memory, on a side stream), with the GPU memory it needed
+  cached     the same prompt again through the template's prompt cache (aot/prompts.py): nothing is encoded
+
+FLUX.2 [dev] reads Mistral Small 3.1 (24B; its Pixtral vision tower is built too, unused for text), Qwen-Image reads
+Qwen2.5-VL 7B. The sizes below are those of the released configs as we read them. The pipeline is the family's tiny
+one (its tokenizer, chat template and prompt handling) with the real-size encoder in place of the tiny one.
+
+    python benchmarks/text_encoder_bench.py --family flux2 --out te.json
+    python benchmarks/text_encoder_bench.py --family qwen-image --device cpu --shrink 64   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import flux_bench  # first: it fixes CXX before torch is imported, and puts the project on sys.path
+import family_bench
+import torch
+
+from aot.families import family_named
+from aot.memory import _stream_text_encoder_
+from aot.prompts import cache_prompts_
+
+GiB = 2**30
+log = logging.getLogger("text-encoder-bench")
+
+REAL_TEXT = {
+    "flux2": dict(  # Mistral Small 3.1 24B
+        text_config=dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=131072),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           head_dim=64)),
+    "qwen-image": dict(  # Qwen2.5-VL 7B
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31])),
+}
+WIDTHS = ("hidden_size", "intermediate_size", "vocab_size", "out_hidden_size")
+PROMPT = ("A long, detailed prompt as people write them for these models: a lighthouse on a basalt cliff at dusk, "
+          "waves breaking below in long white lines, a fishing boat with a red hull heading home, gulls over the "
+          "water, the lamp just lit and throwing a pale beam through light rain, painted in the manner of a "
+          "nineteenth-century seascape with visible brush strokes and a warm glaze over the sky.")
+
+
+def real_text_encoder(tiny, family: str, shrink: int, device: str):
+    """The tiny encoder's class with the real sizes (widths divided by `shrink`: a smoke test), random bf16 weights
+    made on `device`."""
+    config = tiny.config.to_dict()
+    config["text_config"].pop("layer_types", None)  # per layer, as many as the tiny one has: rebuilt from the count
+    for part, sizes in REAL_TEXT[family].items():
+        for key, value in sizes.items():
+            config[part][key] = value // shrink if key in WIDTHS and shrink > 1 else value
+    if family == "qwen-image":  # the multimodal rope's sections split half the head dim: 16/24/24 of 64
+        head = config["text_config"]["hidden_size"] // config["text_config"]["num_attention_heads"]
+        sections = [head // 8, 3 * head // 16, 3 * head // 16]
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(config["text_config"].get(key), dict):
+                config["text_config"][key]["mrope_section"] = sections
+    config = type(tiny.config).from_dict(config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        encoder = type(tiny)._from_config(config, dtype=torch.bfloat16)
+    return encoder.eval().requires_grad_(False)
+
+
+def time_encode(pipe, device: str, repeats: int) -> tuple[float, list[float]]:
+    """Median seconds of encode_prompt after one warm-up, and every timed run."""
+    runs = []
+    for run in range(repeats + 1):
+        flux_bench.sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe.encode_prompt(PROMPT, device=torch.device(device))
+        flux_bench.sync(device)
+        if run:
+            runs.append(round(time.perf_counter() - t0, 3))
+    return statistics.median(runs), runs
+
+
+def measure(args, result: dict) -> None:
+    def save(**values):
+        result.update(values)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
+    device = args.device
+    family = family_named(args.family)
+    pipe = family_bench.tiny_pipeline(family, device)
+    t0 = time.perf_counter()
+    encoder = real_text_encoder(pipe.text_encoder, args.family, args.shrink, device)
+    pipe.register_modules(text_encoder=encoder)
+    params = sum(p.numel() for p in encoder.parameters())
+    save(params_b=round(params / 1e9, 2), build_s=round(time.perf_counter() - t0, 1),
+         prompt_tokens=family.prompt_tokens(pipe, PROMPT) if family.prompt_tokens else None)
+    log.info("%s text encoder: %.2fB parameters", args.family, params / 1e9)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    median, runs = time_encode(pipe, device, args.repeats)
+    save(resident_s=round(median, 3), resident_runs=runs)
+    if device == "cuda":
+        save(resident_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
+
+    t0 = time.perf_counter()
+    encoder.to("cpu")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    _stream_text_encoder_(encoder, device)  # what place_pipeline_ does with a text encoder in low-VRAM mode
+    save(stream_setup_s=round(time.perf_counter() - t0, 1))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    median, runs = time_encode(pipe, device, args.repeats)
+    save(streamed_s=round(median, 3), streamed_runs=runs)
+    if device == "cuda":
+        save(streamed_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
+
+    cache = cache_prompts_(pipe, 16, host=True)
+    time_encode(pipe, device, 1)  # a miss, then a hit
+    save(cached_hits=cache.encodings.hits, cached_misses=cache.encodings.misses,
+         cached_s=round(time_encode(pipe, device, 3)[0], 4))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="flux2", choices=tuple(REAL_TEXT))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shrink", type=int, default=1, help="divide the widths by this (a smoke test on a CPU)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = {"family": args.family, "shrink": args.shrink}
+    try:
+        measure(args, result)
+    except Exception as err:  # noqa: BLE001 - the JSON says what failed, beside what was measured before
+        log.exception("%s failed", args.family)
+        result["error"] = f"{type(err).__name__}: {err}"[:800]
+    result.update(torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
