@@ -45,7 +45,7 @@ class Footprint:
     blocks: dict[str, tuple[int, ...]]  # each repeated block's weights, in call order: what can stream
     block_groups: tuple[int, ...]  # blocks with one number share a layout, so one ring of device buffers
     text_encoders: int  # all of them
-    largest_text_block: int
+    largest_text_group: int  # the most bytes one streamed text-encoder group (a layer's own weights) holds
     other: int  # the VAE and anything else: always resident
     activations: int
     image_tokens: int
@@ -61,7 +61,7 @@ class Footprint:
             members = [self.blocks[mode][i] for i in chosen if self.block_groups[i] == group]
             ring += min(RING_SLOTS, len(members)) * max(members)
         weights = self.transformer[mode] - self.streamed_bytes(mode, streamed) + ring
-        return weights + 2 * self.largest_text_block + self.other + self.activations + SLACK_BYTES
+        return weights + 2 * self.largest_text_group + self.other + self.activations + SLACK_BYTES
 
     def streamed_bytes(self, mode: str, streamed: int) -> int:
         """What a step copies in."""
@@ -139,6 +139,11 @@ def _stored_bytes(tensor: torch.Tensor) -> int:
     return sum(leaf.numel() * leaf.element_size() for leaf in tensor_leaves(tensor))
 
 
+def _own_bytes(module: torch.nn.Module) -> int:
+    """The bytes of the module's own weights and buffers, not its children's: what one leaf-level group streams."""
+    return sum(map(_stored_bytes, [*module.parameters(recurse=False), *module.buffers(recurse=False)]))
+
+
 def resident_bytes(pipe) -> int:
     """The bytes of every weight and buffer of the pipeline's modules, as they are stored now."""
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
@@ -184,13 +189,12 @@ def measure_footprint(pipe, max_image_tokens: int) -> Footprint:
     blocks = [block for blocks in transformer_blocks(transformer).values() for block in blocks]
     shapes = list(dict.fromkeys(map(_shape, blocks)))  # blocks of one class and shape quantize alike: one ring
     texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
-    text_blocks = [block for text in texts for blocks in _block_lists(text).values() for block in blocks]
     return Footprint(
         transformer={mode: _weight_bytes(transformer, mode) for mode in modes},
         blocks={mode: tuple(_weight_bytes(b, mode) for b in blocks) for mode in modes},
         block_groups=tuple(shapes.index(_shape(b)) for b in blocks),
         text_encoders=sum(_weight_bytes(t, "none") for t in texts),
-        largest_text_block=max((_weight_bytes(b, "none") for b in text_blocks), default=0),
+        largest_text_group=max((_own_bytes(m) for text in texts for m in text.modules()), default=0),
         other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()
                   if isinstance(m, torch.nn.Module) and name != "transformer" and m not in texts),
         activations=ACTIVATION_BYTES_PER_TOKEN * max_image_tokens,
@@ -199,27 +203,21 @@ def measure_footprint(pipe, max_image_tokens: int) -> Footprint:
 
 
 def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
-    """diffusers' group offloading: each block's weights live in pinned host memory and are copied in on a
-    side CUDA stream while the previous block computes, then dropped. Fine for text encoders, which run eagerly once
-    per prompt; not for compiled blocks (aot/streaming.py says why). It is applied to the module that holds the
-    block list (T5's `encoder`, CLIP's `text_model.encoder`: its nested mode breaks with streams in diffusers 0.42);
-    whatever lies outside those stays resident."""
+    """diffusers' group offloading, leaf by leaf: each layer's weights (a Linear, an embedding, a norm) live in pinned
+    host memory and are copied in on a side CUDA stream while the layer before computes, then dropped; the order is
+    learnt on the first call. Fine for text encoders, which run eagerly once per prompt; not for compiled blocks
+    (aot/streaming.py says why). Leaves, not blocks: a block-level group loads what lies outside the blocks only when
+    the module that holds them runs, and multimodal encoders (Mistral 3, Qwen2.5-VL) call their input embedding from
+    outside it (RESULTS.md run 19: a device mismatch on FLUX.2 [dev]). At most two leaves are on the GPU at once."""
     from diffusers.hooks import apply_group_offloading
 
-    holders = [module.get_submodule(name.rpartition(".")[0]) for name in _block_lists(module)]
     on_gpu = device == "cuda"
-    streamed = set()
-    for holder in dict.fromkeys(holders):
-        if on_gpu:  # pin in place, one tensor at a time: diffusers would otherwise pin a second full copy
-            for tensor in [*holder.parameters(), *holder.buffers()]:
-                if not tensor.is_pinned():
-                    tensor.data = tensor.data.pin_memory()
-        apply_group_offloading(holder, onload_device=torch.device(device), offload_type="block_level",
-                               num_blocks_per_group=1, use_stream=on_gpu, record_stream=on_gpu)
-        streamed.update(map(id, [*holder.parameters(), *holder.buffers()]))
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in streamed:
-            tensor.data = tensor.data.to(device)
+    if on_gpu:  # pin in place, one tensor at a time: diffusers would otherwise pin a second full copy
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if not tensor.is_pinned():
+                tensor.data = tensor.data.pin_memory()
+    apply_group_offloading(module, onload_device=torch.device(device), offload_type="leaf_level",
+                           use_stream=on_gpu, record_stream=on_gpu)
 
 
 def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float | None, max_image_tokens: int,

@@ -7,7 +7,7 @@
   cached     the same prompt again through the template's prompt cache (aot/prompts.py): nothing is encoded
 
 FLUX.2 [dev] reads Mistral Small 3.1 (24B; its Pixtral vision tower is built too, unused for text), Qwen-Image reads
-Qwen2.5-VL 7B. The sizes below are those of the released configs as we read them. The pipeline is the family's tiny
+Qwen2.5-VL 7B, FLUX.1 [dev] T5-XXL's encoder (4.76B) beside a CLIP-L kept tiny. The sizes below are those of the released configs as we read them. The pipeline is the family's tiny
 one (its tokenizer, chat template and prompt handling) with the real-size encoder in place of the tiny one.
 
     python benchmarks/text_encoder_bench.py --family flux2 --out te.json
@@ -33,19 +33,21 @@ from aot.prompts import cache_prompts_
 GiB = 2**30
 log = logging.getLogger("text-encoder-bench")
 
-REAL_TEXT = {
-    "flux2": dict(  # Mistral Small 3.1 24B
+REAL_TEXT = {  # family: (the pipeline's component, {config part (None: the top level): sizes})
+    "flux2": ("text_encoder", dict(  # Mistral Small 3.1 24B
         text_config=dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, vocab_size=131072),
         vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           head_dim=64)),
-    "qwen-image": dict(  # Qwen2.5-VL 7B
+                           head_dim=64))),
+    "qwen-image": ("text_encoder", dict(  # Qwen2.5-VL 7B
         text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=152064),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           fullatt_block_indexes=[7, 15, 23, 31])),
+                           fullatt_block_indexes=[7, 15, 23, 31]))),
+    "flux": ("text_encoder_2", {None: dict(  # FLUX.1's T5-XXL encoder, 4.76B (its CLIP-L, 0.12B, stays tiny)
+        d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128)}),
 }
-WIDTHS = ("hidden_size", "intermediate_size", "vocab_size", "out_hidden_size")
+WIDTHS = ("hidden_size", "intermediate_size", "vocab_size", "out_hidden_size", "d_model", "d_ff")
 PROMPT = ("A long, detailed prompt as people write them for these models: a lighthouse on a basalt cliff at dusk, "
           "waves breaking below in long white lines, a fishing boat with a red hull heading home, gulls over the "
           "water, the lamp just lit and throwing a pale beam through light rain, painted in the manner of a "
@@ -56,10 +58,11 @@ def real_text_encoder(tiny, family: str, shrink: int, device: str):
     """The tiny encoder's class with the real sizes (widths divided by `shrink`: a smoke test), random bf16 weights
     made on `device`."""
     config = tiny.config.to_dict()
-    config["text_config"].pop("layer_types", None)  # per layer, as many as the tiny one has: rebuilt from the count
-    for part, sizes in REAL_TEXT[family].items():
+    for part, sizes in REAL_TEXT[family][1].items():
+        section = config if part is None else config[part]
+        section.pop("layer_types", None)  # per layer, as many as the tiny one has: rebuilt from the count
         for key, value in sizes.items():
-            config[part][key] = value // shrink if key in WIDTHS and shrink > 1 else value
+            section[key] = value // shrink if key in WIDTHS and shrink > 1 else value
     if family == "qwen-image":  # the multimodal rope's sections split half the head dim: 16/24/24 of 64
         head = config["text_config"]["hidden_size"] // config["text_config"]["num_attention_heads"]
         sections = [head // 8, 3 * head // 16, 3 * head // 16]
@@ -97,8 +100,9 @@ def measure(args, result: dict) -> None:
     family = family_named(args.family)
     pipe = family_bench.tiny_pipeline(family, device)
     t0 = time.perf_counter()
-    encoder = real_text_encoder(pipe.text_encoder, args.family, args.shrink, device)
-    pipe.register_modules(text_encoder=encoder)
+    component = REAL_TEXT[args.family][0]
+    encoder = real_text_encoder(getattr(pipe, component), args.family, args.shrink, device)
+    pipe.register_modules(**{component: encoder})
     params = sum(p.numel() for p in encoder.parameters())
     save(params_b=round(params / 1e9, 2), build_s=round(time.perf_counter() - t0, 1),
          prompt_tokens=family.prompt_tokens(pipe, PROMPT) if family.prompt_tokens else None)

@@ -8,7 +8,8 @@ import torch
 
 import optimization
 from aot.families import FAMILIES
-from aot.memory import GiB, MemoryPlan, choose_memory_plan, measure_footprint, place_pipeline_, streamed_blocks
+from aot.memory import (GiB, MemoryPlan, _own_bytes, choose_memory_plan, measure_footprint, place_pipeline_,
+                        streamed_blocks, transformer_blocks)
 from aot.model import Model, load_model
 from aot.programs import capture_inputs
 from aot.quantize import GROUP_SIZE, WeightOnlyLinear, quantize_
@@ -251,7 +252,7 @@ def test_a_mixed_layout_streams_some_blocks_through_one_ring_per_block_class(mon
     """int8, eager, 6 of 8 blocks streamed: streamed blocks' tensors are views of their ring's slots (block j and
     j + 2 of a ring share storage), the transformer holds the rings and the resident blocks, not every block, and
     the result is bit for bit the same weights resident. Each step copies each streamed block once, ahead of its
-    call; the text encoders still stream through diffusers' group offloading, once per prompt."""
+    call; the text encoders still stream through diffusers' group offloading, each layer once per prompt."""
     from diffusers.hooks.group_offloading import ModuleGroup
 
     onloads = []
@@ -281,10 +282,30 @@ def test_a_mixed_layout_streams_some_blocks_through_one_ring_per_block_class(mon
     onloads.clear()
     latents = _latents(model)
     assert torch.equal(latents, _latents(resident))
-    assert sum(leader is model.pipe.text_encoder_2.encoder.block[0] for leader in onloads) == 1
+    first_projection = model.pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q  # one leaf-level group
+    assert sum(leader is first_projection for leader in onloads) == 1
     stream.loads = stream.late_loads = 0
     _latents(model)
     assert (stream.loads, stream.late_loads) == (3 * COPIED, 0)
+
+
+def test_each_text_encoder_layer_loads_its_own_weights_when_called():
+    """FLUX.2 [dev]'s Mistral 3 and Qwen-Image's Qwen2.5-VL call their input embedding from the model around the
+    language model, before it runs. Groups per block loaded it only when the language model ran: a device mismatch on
+    the GPU (RESULTS.md run 19), invisible on a CPU, where both devices are one. So every module that owns weights
+    must be its own group, loaded by its own call, whoever calls it."""
+    from diffusers.hooks import HookRegistry
+
+    for name in ("flux2", "qwen-image", "flux"):
+        pipe = tiny_model(model_id=f"tiny-{name}", quantization="none").pipe
+        blocks = sum(map(len, transformer_blocks(pipe.transformer).values()))
+        place_pipeline_(pipe, MemoryPlan(True, "none", blocks=blocks, streamed_blocks=0), "cpu")
+        texts = [m for key, m in pipe.components.items() if key.startswith("text_encoder") and m is not None]
+        owners = [m for text in texts for m in text.modules() if _own_bytes(m)]
+        leaders = [HookRegistry.check_if_exists_or_initialize(m).get_hook("group_offloading") for m in owners]
+        assert all(hook is not None and hook.group.onload_leader is m for hook, m in zip(leaders, owners)), name
+        embedding = texts[-1].get_input_embeddings()
+        assert embedding in owners, name
 
 
 def test_every_family_streams_its_blocks():
