@@ -76,7 +76,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     # 1. Compilation, and the memory layout (which depends on it: fp8 only pays when compiled).
     compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, device)) == "aoti"
     plan = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization, settings.vram_limit_gib,
-                       model.max_image_tokens, device, capability, compiled, report)
+                       model.max_image_tokens, device, capability, compiled, report, family.keep_bf16)
     report.startup["model_load_s"] = model.load_seconds
     with _timed(report, "place_s"):
         place_pipeline_(pipe, plan, device, family.keep_bf16)

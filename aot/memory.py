@@ -150,14 +150,16 @@ def resident_bytes(pipe) -> int:
     return sum(_stored_bytes(t) for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
-def _weight_bytes(module: torch.nn.Module, mode: str) -> int:
-    """The module's weights after quantizing its Linear layers to `mode`, without quantizing anything. Weights
-    stored quantized already (a pre-quantized checkpoint) count as stored: nothing quantizes them again."""
+def _weight_bytes(module: torch.nn.Module, mode: str, keep_bf16: tuple[str, ...] = ()) -> int:
+    """The module's weights after quantizing its Linear layers to `mode`, without quantizing anything; fp8 leaves the
+    layers named in `keep_bf16` as they are, as quantize_ does. Weights stored quantized already (a pre-quantized
+    checkpoint) count as stored: nothing quantizes them again."""
     per_weight = {"none": None, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE}[mode]
     total = sum(map(_stored_bytes, module.buffers()))
-    for sub in module.modules():
+    for path, sub in module.named_modules():
+        kept = mode == "fp8" and any(part in path for part in keep_bf16)
         for name, p in sub.named_parameters(recurse=False):
-            quantized = (per_weight is not None and name == "weight" and _quantizable(sub, mode)
+            quantized = (per_weight is not None and name == "weight" and _quantizable(sub, mode) and not kept
                          and not is_traceable_wrapper_subclass(p))
             total += int(p.numel() * per_weight + 4 * sub.out_features) if quantized else _stored_bytes(p)
     return total
@@ -183,15 +185,16 @@ def _shape(module: torch.nn.Module) -> tuple:
     return (type(module).__name__, *((name, tuple(t.shape), t.dtype) for name, t in module.state_dict().items()))
 
 
-def measure_footprint(pipe, max_image_tokens: int) -> Footprint:
+def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = ()) -> Footprint:
+    """`keep_bf16`: the family's layers that fp8 leaves in bf16 (Qwen-Image's text stream: a third of its weights)."""
     modes = ("none", "fp8", "int8", "int4")
     transformer = pipe.transformer
     blocks = [block for blocks in transformer_blocks(transformer).values() for block in blocks]
     shapes = list(dict.fromkeys(map(_shape, blocks)))  # blocks of one class and shape quantize alike: one ring
     texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
     return Footprint(
-        transformer={mode: _weight_bytes(transformer, mode) for mode in modes},
-        blocks={mode: tuple(_weight_bytes(b, mode) for b in blocks) for mode in modes},
+        transformer={mode: _weight_bytes(transformer, mode, keep_bf16) for mode in modes},
+        blocks={mode: tuple(_weight_bytes(b, mode, keep_bf16) for b in blocks) for mode in modes},
         block_groups=tuple(shapes.index(_shape(b)) for b in blocks),
         text_encoders=sum(_weight_bytes(t, "none") for t in texts),
         largest_text_group=max((_own_bytes(m) for text in texts for m in text.modules()), default=0),
@@ -221,7 +224,7 @@ def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
 
 
 def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float | None, max_image_tokens: int,
-                device: str, capability, compiled: bool, report: Report) -> MemoryPlan:
+                device: str, capability, compiled: bool, report: Report, keep_bf16: tuple[str, ...] = ()) -> MemoryPlan:
     """Chooses the layout for LOW_VRAM=`requested`, applies `vram_limit_gib` as a hard cap on this process, and
     reports the choice. On a CPU the limit is planned for but caps nothing: the chosen layout runs there too, host
     to host (how the tests run it)."""
@@ -243,8 +246,8 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
     elif device != "cuda" and vram_limit_gib:
         budget = int(vram_limit_gib * GiB)
     fp8_ok = fp8_runs(device, capability) and compiled
-    plan = choose_memory_plan(requested, quantization, measure_footprint(pipe, max_image_tokens), budget, fp8_ok,
-                              compiled)
+    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16)
+    plan = choose_memory_plan(requested, quantization, footprint, budget, fp8_ok, compiled)
     report.memory = {**asdict(plan), "layout": plan.layout}
     if plan.low_vram:
         report.fallback("memory", f"low-VRAM mode ({plan.reason}): {plan.layout}")

@@ -61,6 +61,24 @@ def test_footprint_matches_flux_dev(flux_dev_footprint):
     assert 2.7 < fp.need("int8", streamed=57) / GiB < 7
 
 
+def test_the_plan_counts_the_layers_fp8_leaves_in_bf16(monkeypatch):
+    """Qwen-Image keeps its text stream's projections in bf16 under fp8, a third of its weights: a plan that counted
+    them as fp8 ran out of memory placing the real model under a 24 GiB cap (RESULTS.md run 19)."""
+    import torchao.quantization.quant_api as quant_api
+
+    from aot.memory import resident_bytes
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)  # fp8 is made on GPUs only
+    model = tiny_model(model_id="tiny-qwen-image", quantization="none")
+    model.pipe.transformer.to(torch.bfloat16)  # as served on a GPU
+    keep = model.family.keep_bf16
+    planned = measure_footprint(model.pipe, model.max_image_tokens, keep).transformer["fp8"]
+    naive = measure_footprint(model.pipe, model.max_image_tokens).transformer["fp8"]
+    before = resident_bytes(model.pipe) - sum(t.numel() * t.element_size() for t in model.pipe.transformer.state_dict().values())
+    quantize_(model.pipe.transformer, "fp8", keep_bf16=keep)
+    assert planned == resident_bytes(model.pipe) - before > naive
+
+
 def test_streamed_blocks_are_spread_over_the_call_order():
     assert streamed_blocks(8, 0) == [] and streamed_blocks(8, 8) == list(range(8))
     assert streamed_blocks(8, 4) == [1, 3, 5, 7]
