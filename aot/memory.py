@@ -211,7 +211,9 @@ def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
     learnt on the first call. Fine for text encoders, which run eagerly once per prompt; not for compiled blocks
     (aot/streaming.py says why). Leaves, not blocks: a block-level group loads what lies outside the blocks only when
     the module that holds them runs, and multimodal encoders (Mistral 3, Qwen2.5-VL) call their input embedding from
-    outside it (RESULTS.md run 19: a device mismatch on FLUX.2 [dev]). At most two leaves are on the GPU at once."""
+    outside it (RESULTS.md run 19: a device mismatch on FLUX.2 [dev]). At most two leaves are on the GPU at once.
+    diffusers warns once per encoder about layers its first call did not run (a vision tower; T5's `shared`, a
+    second module beside `encoder.embed_tokens`): they load themselves if they ever run."""
     from diffusers.hooks import apply_group_offloading
 
     on_gpu = device == "cuda"

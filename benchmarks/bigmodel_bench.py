@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 import flux_bench  # first: it fixes CXX before torch is imported, and puts the project on sys.path
 import family_bench
@@ -80,15 +78,9 @@ def to_bnb4_(transformer: torch.nn.Module) -> int:
     return len(names)
 
 
-def measure(args, result: dict) -> dict:
-    """Fills `result` as it goes (and rewrites --out after each stage), so a later failure keeps what was measured."""
+def measure(args, result: dict, save) -> dict:
+    """Fills `result` through `save` as it goes (flux_bench.run_recorded), so a later failure keeps what was measured."""
     device = args.device
-
-    def save(**values):
-        result.update(values)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-
     t0 = time.perf_counter()
     pipe = build(args.family, device)
     base = {"MODEL_ID": f"tiny-{args.family}", "AOT_SCOPE": "blocks", "AOT_CACHE_DIR": tempfile.mkdtemp(prefix="aot-big-"),
@@ -184,18 +176,8 @@ def main() -> int:
     parser.add_argument("--compile", default="none", help="COMPILE on the CPU smoke test")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = {"family": args.family, "layout": args.layout}
-    try:
-        measure(args, result)
-    except Exception as err:  # noqa: BLE001 - the JSON says what failed, beside what was measured before
-        log.exception("%s %s failed", args.family, args.layout)
-        result["error"] = f"{type(err).__name__}: {err}"[:800]
-    result.update(torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return 0 if "error" not in result else 1
-
+    return flux_bench.run_recorded(measure, args, {"family": args.family, "layout": args.layout},
+                                   f"{args.family} {args.layout}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -338,6 +338,25 @@ def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
             for key in results[0]}
 
 
+def run_recorded(measure, args, result: dict, what: str) -> int:
+    """Runs `measure(args, result, save)` for the one-process benchmarks (bigmodel_bench, text_encoder_bench): `save`
+    adds figures to `result` and rewrites --out at once, so a late failure keeps what was measured before it, and
+    the JSON then says what failed. Prints the JSON last; 1 if it failed."""
+    def save(**values):
+        result.update(values)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
+    try:
+        measure(args, result, save)
+    except Exception as err:  # noqa: BLE001 - the JSON says what failed, beside what was measured before
+        log.exception("%s failed", what)
+        result["error"] = f"{type(err).__name__}: {err}"[:800]
+    save(torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+    print(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # Variants.
 # ---------------------------------------------------------------------------------------------------

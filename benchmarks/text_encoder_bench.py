@@ -2,8 +2,8 @@
 `encode_prompt`, on the GPU (issue 21, item 2):
 
   resident   the encoder whole on the GPU, bf16
-  streamed   as low-VRAM mode places it (aot/memory.py: diffusers' group offloading, one block at a time from pinned
-             host memory, on a side stream), with the GPU memory it needed
+  streamed   as low-VRAM mode places it (aot/memory.py: diffusers' group offloading, layer by layer from pinned host
+             memory, on a side stream), with the GPU memory it needed
   cached     the same prompt again through the template's prompt cache (aot/prompts.py): nothing is encoded
 
 FLUX.2 [dev] reads Mistral Small 3.1 (24B; its Pixtral vision tower is built too, unused for text), Qwen-Image reads
@@ -16,11 +16,9 @@ one (its tokenizer, chat template and prompt handling) with the real-size encode
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 
 import flux_bench  # first: it fixes CXX before torch is imported, and puts the project on sys.path
 import family_bench
@@ -34,18 +32,21 @@ GiB = 2**30
 log = logging.getLogger("text-encoder-bench")
 
 REAL_TEXT = {  # family: (the pipeline's component, {config part (None: the top level): sizes})
-    "flux2": ("text_encoder", dict(  # Mistral Small 3.1 24B
-        text_config=dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32,
+    "flux2": ("text_encoder", {  # Mistral Small 3.1 24B
+        None: dict(tie_word_embeddings=False),  # its own output head, as released (the tiny one ties it)
+        "text_config": dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128, vocab_size=131072),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           head_dim=64))),
-    "qwen-image": ("text_encoder", dict(  # Qwen2.5-VL 7B
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        "vision_config": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              head_dim=64)}),
+    "qwen-image": ("text_encoder", {  # Qwen2.5-VL 7B
+        None: dict(tie_word_embeddings=False),
+        "text_config": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=152064),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           fullatt_block_indexes=[7, 15, 23, 31]))),
+        "vision_config": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                              fullatt_block_indexes=[7, 15, 23, 31])}),
     "flux": ("text_encoder_2", {None: dict(  # FLUX.1's T5-XXL encoder, 4.76B (its CLIP-L, 0.12B, stays tiny)
-        d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128)}),
+        d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, vocab_size=32128,
+        feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new")}),
 }
 WIDTHS = ("hidden_size", "intermediate_size", "vocab_size", "out_hidden_size", "d_model", "d_ff")
 PROMPT = ("A long, detailed prompt as people write them for these models: a lighthouse on a basalt cliff at dusk, "
@@ -90,13 +91,17 @@ def time_encode(pipe, device: str, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(runs), runs
 
 
-def measure(args, result: dict) -> None:
-    def save(**values):
-        result.update(values)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-
+def measure(args, result: dict, save) -> None:
     device = args.device
+
+    def timed(name: str) -> None:  # seconds per prompt, each run, and the GPU memory it took
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        median, runs = time_encode(pipe, device, args.repeats)
+        save(**{f"{name}_s": round(median, 3), f"{name}_runs": runs})
+        if device == "cuda":
+            save(**{f"{name}_peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)})
+
     family = family_named(args.family)
     pipe = family_bench.tiny_pipeline(family, device)
     t0 = time.perf_counter()
@@ -107,12 +112,7 @@ def measure(args, result: dict) -> None:
     save(params_b=round(params / 1e9, 2), build_s=round(time.perf_counter() - t0, 1),
          prompt_tokens=family.prompt_tokens(pipe, PROMPT) if family.prompt_tokens else None)
     log.info("%s text encoder: %.2fB parameters", args.family, params / 1e9)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    median, runs = time_encode(pipe, device, args.repeats)
-    save(resident_s=round(median, 3), resident_runs=runs)
-    if device == "cuda":
-        save(resident_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
+    timed("resident")
 
     t0 = time.perf_counter()
     encoder.to("cpu")
@@ -120,12 +120,7 @@ def measure(args, result: dict) -> None:
         torch.cuda.empty_cache()
     _stream_text_encoder_(encoder, device)  # what place_pipeline_ does with a text encoder in low-VRAM mode
     save(stream_setup_s=round(time.perf_counter() - t0, 1))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    median, runs = time_encode(pipe, device, args.repeats)
-    save(streamed_s=round(median, 3), streamed_runs=runs)
-    if device == "cuda":
-        save(streamed_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
+    timed("streamed")
 
     cache = cache_prompts_(pipe, 16, host=True)
     time_encode(pipe, device, 1)  # a miss, then a hit
@@ -142,18 +137,7 @@ def main() -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = {"family": args.family, "shrink": args.shrink}
-    try:
-        measure(args, result)
-    except Exception as err:  # noqa: BLE001 - the JSON says what failed, beside what was measured before
-        log.exception("%s failed", args.family)
-        result["error"] = f"{type(err).__name__}: {err}"[:800]
-    result.update(torch=torch.__version__, gpu=torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-    return 0 if "error" not in result else 1
-
+    return flux_bench.run_recorded(measure, args, {"family": args.family, "shrink": args.shrink}, args.family)
 
 if __name__ == "__main__":
     raise SystemExit(main())
