@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.decisions import choose_quantization, fp8_runs
 from aot.model import repeated_block_lists
-from aot.quantize import GROUP_SIZE, _quantizable, quantize_
+from aot.quantize import GROUP_SIZE, _quantizable, kept_in_bf16, quantize_
 from aot.report import Report
 from aot.streaming import RING_SLOTS, BlockStream, tensor_leaves
 
@@ -156,9 +156,13 @@ def _weight_bytes(module: torch.nn.Module, mode: str, keep_bf16: tuple[str, ...]
     checkpoint) count as stored: nothing quantizes them again."""
     per_weight = {"none": None, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE}[mode]
     total = sum(map(_stored_bytes, module.buffers()))
+    seen = set()  # a weight two modules share (T5's embedding, under two names) is stored once
     for path, sub in module.named_modules():
-        kept = mode == "fp8" and any(part in path for part in keep_bf16)
+        kept = mode == "fp8" and kept_in_bf16(path, keep_bf16)
         for name, p in sub.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             quantized = (per_weight is not None and name == "weight" and _quantizable(sub, mode) and not kept
                          and not is_traceable_wrapper_subclass(p))
             total += int(p.numel() * per_weight + 4 * sub.out_features) if quantized else _stored_bytes(p)
@@ -211,7 +215,8 @@ def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
     learnt on the first call. Fine for text encoders, which run eagerly once per prompt; not for compiled blocks
     (aot/streaming.py says why). Leaves, not blocks: a block-level group loads what lies outside the blocks only when
     the module that holds them runs, and multimodal encoders (Mistral 3, Qwen2.5-VL) call their input embedding from
-    outside it (RESULTS.md run 19: a device mismatch on FLUX.2 [dev]). At most two leaves are on the GPU at once.
+    outside it (RESULTS.md run 19: a device mismatch on FLUX.2 [dev]). About two layers' weights are on the GPU at
+    once: the one computing and the next one, copied in ahead.
     diffusers warns once per encoder about layers its first call did not run (a vision tower; T5's `shared`, a
     second module beside `encoder.embed_tokens`): they load themselves if they ever run."""
     from diffusers.hooks import apply_group_offloading

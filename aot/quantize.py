@@ -110,6 +110,12 @@ class WeightOnlyLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight(), self.bias)
 
 
+def kept_in_bf16(path: str, keep_bf16: tuple[str, ...]) -> bool:
+    """Whether fp8 leaves the layer at `path` (relative to any module above it) in bf16: a family's `keep_bf16` names
+    pieces of layer names, so they match the same from a block or from the whole transformer."""
+    return any(part in path for part in keep_bf16)
+
+
 def _quantizable(linear: torch.nn.Module, mode: str) -> bool:
     return type(linear) is torch.nn.Linear and (mode != "int4" or linear.in_features % GROUP_SIZE == 0)
 
@@ -127,8 +133,10 @@ def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None =
 
         # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-        chosen = lambda module, name: (isinstance(module, torch.nn.Linear)  # noqa: E731
-                                       and not any(part in name for part in keep_bf16))
+
+        def chosen(module, name):
+            return isinstance(module, torch.nn.Linear) and not kept_in_bf16(name, keep_bf16)
+
         torchao_quantize_(transformer, config, filter_fn=chosen, device=work_device)
         return
     # by name, so no list keeps the replaced bf16 layers (on the work device) alive until the end

@@ -79,7 +79,7 @@ def to_bnb4_(transformer: torch.nn.Module) -> int:
 
 
 def measure(args, result: dict, save) -> dict:
-    """Fills `result` through `save` as it goes (flux_bench.run_recorded), so a later failure keeps what was measured."""
+    """Fills `result` through `save` as it goes (flux_bench.run_recorded): a later failure keeps what was measured."""
     device = args.device
     t0 = time.perf_counter()
     pipe = build(args.family, device)
@@ -164,7 +164,8 @@ def main() -> int:
     parser.add_argument("--image-steps", type=int, default=0, help="steps of the timed image; default: the family's")
     parser.add_argument("--error-steps", type=int, default=20, help="steps of the run whose final latents are kept")
     parser.add_argument("--bf16-latents", default="",
-                        help="first save eager bf16's final latents here (--error-steps), the reference for all layouts")
+                        help="first save eager bf16's final latents here (--error-steps): the reference for every "
+                             "layout")
     parser.add_argument("--low-vram", default="auto", choices=("auto", "on", "stream"),
                         help="LOW_VRAM of the capped layout; 'on' plans as the real pipeline would, whose text encoder "
                              "alone outgrows a 70 GiB cap (the tiny one here fits anywhere)")

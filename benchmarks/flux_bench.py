@@ -424,7 +424,7 @@ def use_fp8_per_tensor() -> None:
 
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), set_inductor_config=False)
         torchao_quantize_(transformer, config, filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
-                          and not any(part in name for part in keep_bf16))
+                          and not quantize.kept_in_bf16(name, keep_bf16))
 
     optimization.quantize_ = quantize_
     log.warning("fp8 granularity overridden for this variant: PerTensor instead of the project's PerRow")

@@ -7,11 +7,12 @@
   cached     the same prompt again through the template's prompt cache (aot/prompts.py): nothing is encoded
 
 FLUX.2 [dev] reads Mistral Small 3.1 (24B; its Pixtral vision tower is built too, unused for text), Qwen-Image reads
-Qwen2.5-VL 7B, FLUX.1 [dev] T5-XXL's encoder (4.76B) beside a CLIP-L kept tiny. The sizes below are those of the released configs as we read them. The pipeline is the family's tiny
-one (its tokenizer, chat template and prompt handling) with the real-size encoder in place of the tiny one.
+Qwen2.5-VL 7B, FLUX.1 [dev] T5-XXL's encoder (4.76B) beside a CLIP-L kept tiny. The sizes below are those of the
+released configs as we read them. The pipeline is the family's tiny one (its tokenizer, chat template and prompt
+handling) with the real-size encoder in place of the tiny one.
 
     python benchmarks/text_encoder_bench.py --family flux2 --out te.json
-    python benchmarks/text_encoder_bench.py --family qwen-image --device cpu --shrink 64   # smoke test
+    python benchmarks/text_encoder_bench.py --family qwen-image --device cpu --shrink 8   # smoke test
 """
 from __future__ import annotations
 
