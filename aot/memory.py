@@ -189,13 +189,18 @@ def _shape(module: torch.nn.Module) -> tuple:
     return (type(module).__name__, *((name, tuple(t.shape), t.dtype) for name, t in module.state_dict().items()))
 
 
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    """The pipeline's text encoders (`text_encoder`, `text_encoder_2`, ...): what low-VRAM mode streams."""
+    return [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+
+
 def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = ()) -> Footprint:
     """`keep_bf16`: the family's layers that fp8 leaves in bf16 (Qwen-Image's text stream: a third of its weights)."""
     modes = ("none", "fp8", "int8", "int4")
     transformer = pipe.transformer
     blocks = [block for blocks in transformer_blocks(transformer).values() for block in blocks]
     shapes = list(dict.fromkeys(map(_shape, blocks)))  # blocks of one class and shape quantize alike: one ring
-    texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+    texts = text_encoders(pipe)
     return Footprint(
         transformer={mode: _weight_bytes(transformer, mode, keep_bf16) for mode in modes},
         blocks={mode: tuple(_weight_bytes(b, mode, keep_bf16) for b in blocks) for mode in modes},
@@ -267,7 +272,7 @@ def _expandable_segments(report: Report) -> None:
     """Lets the CUDA allocator map memory into a segment as it grows instead of carving fixed segments. Placing a
     layout quantizes block after block; under a 24 GiB cap FLUX.2 [dev] ran out of memory there with 4.4 GiB
     reserved but free inside fixed segments (RESULTS.md run 18), which the allocator's own retry cannot return.
-    Not yet re-run on the GPU."""
+    With it on, the same placement stayed inside the cap (23.24 GiB peak, run 19)."""
     try:
         setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch.cuda's is deprecated in 2.14
                   or torch.cuda.memory._set_allocator_settings)
@@ -284,8 +289,9 @@ def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, .
     if not plan.low_vram:
         pipe.to(device)
         return
+    texts = text_encoders(pipe)
     for name, module in pipe.components.items():
-        if name.startswith("text_encoder") and module is not None:
+        if module in texts:
             _stream_text_encoder_(module, device)
         elif isinstance(module, torch.nn.Module) and name != "transformer":
             module.to(device)

@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 
 import optimization  # noqa: E402
 from aot import quantize, step_cache  # noqa: E402
+from aot.memory import text_encoders  # noqa: E402
 from aot.families import family_named  # noqa: E402
 from aot.model import build_tiny, load_model  # noqa: E402
 from aot.programs import capture_inputs, release_export_memory  # noqa: E402
@@ -300,7 +301,7 @@ def time_pipeline(model, preset, steps: int, device: str, repeats: int) -> dict:
     def post(*_):
         open_spans.pop().stop()
 
-    texts = [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
+    texts = text_encoders(pipe)
     for key, module in [*(("text_encoders", m) for m in texts), ("transformer", pipe.transformer)]:
         handles += [module.register_forward_pre_hook(pre(key)), module.register_forward_hook(post)]
     decode = pipe.vae.decode

@@ -9,7 +9,7 @@ import torch
 import optimization
 from aot.families import FAMILIES
 from aot.memory import (GiB, MemoryPlan, _own_bytes, choose_memory_plan, measure_footprint, place_pipeline_,
-                        streamed_blocks, transformer_blocks)
+                        streamed_blocks, text_encoders, transformer_blocks)
 from aot.model import Model, load_model
 from aot.programs import capture_inputs
 from aot.quantize import GROUP_SIZE, WeightOnlyLinear, quantize_
@@ -318,7 +318,7 @@ def test_each_text_encoder_layer_loads_its_own_weights_when_called():
         pipe = tiny_model(model_id=f"tiny-{name}", quantization="none").pipe
         blocks = sum(map(len, transformer_blocks(pipe.transformer).values()))
         place_pipeline_(pipe, MemoryPlan(True, "none", blocks=blocks, streamed_blocks=0), "cpu")
-        texts = [m for key, m in pipe.components.items() if key.startswith("text_encoder") and m is not None]
+        texts = text_encoders(pipe)
         owners = [m for text in texts for m in text.modules() if _own_bytes(m)]
         leaders = [HookRegistry.check_if_exists_or_initialize(m).get_hook("group_offloading") for m in owners]
         assert all(hook is not None and hook.group.onload_leader is m for hook, m in zip(leaders, owners)), name
