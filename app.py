@@ -16,7 +16,7 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import parallel, prompts, step_cache
+from aot import parallel, prompts, step_cache, zerogpu
 from aot.families import Guidance
 from aot.memory import resident_bytes
 from aot.model import load_model
@@ -74,6 +74,12 @@ def _thumbnails() -> list[str | None]:
     return [str(DEMO_THUMBNAILS / f"example-{i}.png") if shipped else None for i in range(1, len(EXAMPLES) + 1)]
 
 
+def _default_request_seconds() -> int:
+    """The GPU seconds a default request at the first preset gets (after spaces' factor), on a warm worker."""
+    seconds = DURATIONS.task_seconds(MODEL.presets[0], DEFAULTS.steps, _calls(DEFAULTS.guidance), False, False)
+    return DURATIONS.granted(seconds)
+
+
 def status() -> dict:
     """What runs and how it was optimized: fallbacks, and choices expected on this hardware (`notes`).
     Also served as the /status API."""
@@ -84,6 +90,7 @@ def status() -> dict:
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "guidance_kind": DEFAULTS.guidance_kind.value,
                      "max_prompt_tokens": DEFAULTS.max_sequence_length, "seed": DEFAULT_SEED, "randomize_seed": False},
         **REPORT.as_dict(),
+        "durations": {**DURATIONS.as_dict(), "default_request_s": _default_request_seconds()},
         "prompt_cache": {"size": SETTINGS.prompt_cache, **ENCODINGS.as_dict()},
     }
 
@@ -136,53 +143,30 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
         raise gr.Error(f"Guidance must be from 0 to {MAX_GUIDANCE}; got {guidance}.")
     if guidance != DEFAULTS.guidance and not USES_GUIDANCE:
         raise gr.Error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; use {DEFAULTS.guidance}.")
+    too_long = DURATIONS.too_long(MODEL.presets, PRESETS[resolution], steps, _calls(guidance))
+    if too_long:
+        raise gr.Error(f"{too_long}.")
     return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, notes
 
 
-# The ZeroGPU duration of a request (gpu_seconds), fitted to benchmarks/zerogpu_e2e.py's measurements of the GPU
-# time each request used under spaces' ZeroGPU code path on an H100 (benchmarks/RESULTS.md run 15).
-# A FLUX.1-dev step at 1024x1024 on an H100: 98-115 ms compiled, 183 ms eager, asked with a 1.3-1.5x margin.
-STEP_SECONDS = {"aoti": 0.15, "none": 0.25}
-FIXED_SECONDS = 3  # text encoders, VAE and hand-over: 0.12 s measured (FLUX.1-dev-sized transformer)
-# A new GPU worker (the first request, or the next after a failed task) first copies the weights to the GPU:
-# 2.9 s measured for 1.2 GiB of them and 8.5 s for 11.1 GiB, about 2.2 s + 0.57 s/GiB; asked at about twice that.
-WORKER_START_SECONDS, WORKER_SECONDS_PER_GIB = 4, 1.0
-# A shape's first call in a worker loads its programs: 0.1-1.7 s measured (run 15); with an instance per block
-# (aot/programs.py, since run 16) a regional first call, 57 loads, took 1.7-2.8 s outside ZeroGPU (runs 16-17)
-PROGRAM_LOAD_SECONDS = 5
-# The step times are an H100's (132 SMs). ZeroGPU's default GPU, an H200 MIG 3g.71gb slice, has 60 SMs, so a
-# compute-bound step (FLUX's GEMMs and attention, RESULTS.md run 11) takes up to 132/60 = 2.2x as long there.
-H100_SMS = 132
-GPU_SLOWDOWN = max(1.0, H100_SMS / torch.cuda.get_device_properties(0).multi_processor_count) \
-    if torch.cuda.is_available() else 1.0
-WEIGHT_GIB = resident_bytes(MODEL.pipe) / 2**30  # what a new worker copies to the GPU (at most)
+# What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
+# steps and transformer calls, plus a new worker's start and a program's first load (aot/zerogpu.py)
+DURATIONS = zerogpu.durations(REPORT, FAMILY.step_cost, resident_bytes(MODEL.pipe) / 2**30)
+SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's task size, passed to every task
+
+
+def _calls(guidance: float) -> int:
+    return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
 
 
 def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="") -> int:
-    """Seconds of GPU to ask ZeroGPU for. It ends a task at this duration, so it covers the slowest case; asking
-    more spends the visitor's quota (a request asking more than is left is refused before it starts).
-
-    The steps at their H100 times with a margin, scaled by the family's step cost and by the serving GPU's SM
-    deficit (GPU_SLOWDOWN: 2.2 on the MIG slice, which keeps the same margin there; unscaled, Qwen-Image's
-    default request, 50 steps of true CFG at 1328x1328, would ask 35 s for about 44 s of transformer calls on the
-    slice: 200.8 ms each on a whole H200, RESULTS.md run 12, x2.2), plus FIXED_SECONDS, plus a new worker's start
-    and a program's first load when this worker has not run the shape yet."""
-    step_seconds = STEP_SECONDS[REPORT.compile] * FAMILY.step_cost * GPU_SLOWDOWN
-    first = 0.0
-    if not SERVED_SHAPES:
-        first += WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * WEIGHT_GIB
-    if REPORT.compile == "aoti" and (width, height) not in SERVED_SHAPES:
-        first += PROGRAM_LOAD_SECONDS
-    calls = 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
-    return math.ceil(FIXED_SECONDS + first + calls * steps * step_seconds * width * height / 1024**2)
-
-
-def _answered_before_gpu_work(err: Exception) -> bool:
-    """Whether `err` is ZeroGPU's answer to the request for a GPU (quota, no GPU, queue timeout), which leaves the
-    GPU worker as it was. spaces titles those "ZeroGPU ..." and a failed task "ZeroGPU worker error"; any other
-    failure (or title) counts as a replaced worker, which only asks for a first load too many."""
-    title = getattr(err, "title", "") or ""
-    return title.startswith("ZeroGPU") and title != "ZeroGPU worker error"
+    """Seconds of GPU to ask ZeroGPU for, before spaces multiplies them by its factor. ZeroGPU ends a task at its
+    duration, so it covers the slowest case; asking more spends the visitor's quota (a request asking more than is
+    left is refused before it starts). A new worker's start and a program's first load count when this worker has
+    not run the shape yet."""
+    seconds = DURATIONS.task_seconds(PRESETS[f"{width}x{height}"], steps, _calls(guidance), new_worker=not SERVED_SHAPES,
+                                     first_shape=(width, height) not in SERVED_SHAPES)
+    return DURATIONS.requested(seconds)
 
 
 def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = ""):
@@ -196,7 +180,7 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
     return image
 
 
-@spaces.GPU(duration=gpu_seconds)
+@spaces.GPU(duration=gpu_seconds, size=SIZE)
 def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float,
                  negative_prompt: str = ""):
     """The only GPU work per request. Arguments and result are plain, picklable CPU values. On ZeroGPU it runs in
@@ -237,7 +221,7 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
     try:
         image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt)
     except Exception as err:  # noqa: BLE001 - ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
-        if not _answered_before_gpu_work(err):
+        if not zerogpu.answered_before_gpu_work(err):
             SERVED_SHAPES.clear()  # spaces replaces a GPU worker whose task failed; the new one loads every program
         if isinstance(err, gr.Error):
             raise
@@ -292,7 +276,7 @@ def _title() -> str:
 def _status_line() -> str:
     """The banner's one line, most telling first (a phone cuts the end): compiled or not, where, how many
     fallbacks, then the programs; the details open below it."""
-    where = "GPU" if REPORT.device.startswith("cuda") else REPORT.device.upper()
+    where = "GPU" if REPORT.hardware.device == "cuda" else REPORT.hardware.device.upper()
     parts = [f"AoT compiled on {where}" if REPORT.compile == "aoti" else f"Eager (not compiled) on {where}"]
     if REPORT.fallbacks:
         parts.append(f"{len(REPORT.fallbacks)} fallback{'s' if len(REPORT.fallbacks) > 1 else ''}")

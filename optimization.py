@@ -2,17 +2,22 @@
 the weights, for every model family in `aot/families/`.
 
 `optimize_pipeline_(model, settings)` is the whole recipe, one step after another:
-  1. choose compilation, then plan the GPU memory: the whole pipeline on the GPU, or (low-VRAM mode) the
-     transformer quantized to fit and the text encoders, and if need be its blocks, streamed from host memory;
-  2. choose the attention backend and the quantization from the hardware, and quantize in place (a transformer
-     stored quantized, a pre-quantized checkpoint, is served as stored);
-  3. for each preset shape, record the transformer's real inputs with `spaces.aoti_capture`, `torch.export`
-     it and compile it with AOTInductor, inside `@spaces.GPU(duration=1500)`: either the whole transformer or,
-     regionally, one program per repeated block class;
-  4. install the packages with `spaces.aoti_load_from_package_dir` (the programs read the modules' own
-     parameters; each block gets its own instance) behind a dispatcher that picks each call's program from its
-     input shapes;
-  5. with STEP_CACHE, put diffusers' cache hooks around the installed block programs (aot/step_cache.py).
+  1. detect the hardware once (aot/hardware.py; on ZeroGPU, spaces' card and its task sizes); choose compilation
+     and the weight format from it;
+  2. try the guesses on the device itself (aot/probes.py): the fp8 GEMM at per-row, then per-tensor scales, and each
+     fast attention backend, timed against SDPA; a guess that fails falls back to the next, visibly;
+  3. plan the GPU memory: the whole pipeline on the GPU, or (low-VRAM mode) the transformer quantized to fit and
+     the text encoders, and if need be its blocks, streamed from host memory; on ZeroGPU, the task size (half the
+     card, or all of it at twice the quota); then place the pipeline, set the attention backend and quantize in place
+     (a transformer stored quantized, a pre-quantized checkpoint, is served as stored);
+  4. for each preset shape, record the transformer's real inputs with `spaces.aoti_capture`, `torch.export`
+     it and compile it with AOTInductor, on the device: either the whole transformer or, regionally, one program
+     per repeated block class; install the packages with `spaces.aoti_load_from_package_dir` (the programs read the
+     modules' own parameters; each block gets its own instance) behind a dispatcher that picks each call's program
+     from its input shapes;
+  5. time every preset on the device (its first call also loads its programs), which sizes each request's ZeroGPU
+     duration (aot/zerogpu.py);
+  6. with STEP_CACHE, put diffusers' cache hooks around the installed block programs (aot/step_cache.py).
 Every choice that falls back is logged once and listed in the report (the UI's status panel and /status).
 Programs are cached under a key of everything that makes them valid: a restart with the same key loads them.
 """
@@ -23,22 +28,26 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import spaces
 import torch
 
 from aot import parallel, step_cache
 from aot.cache import (cache_key, compile_into_cache, entry_files, fetch_from_hub, key_digest, read_cached,
                        upload_to_hub)
-from aot.decisions import choose_attention, choose_compile, choose_quantization
+from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_quantization, fp8_candidates,
+                           pick_attention, pick_fp8)
 from aot.families import Text
+from aot.hardware import Hardware, detect
 from aot.memory import MemoryPlan, place_pipeline_, plan_memory
 from aot.model import Model, load_model
+from aot.probes import AttentionShape, run_probes
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
                           release_export_memory, restore_eager_, trust_host_isa_)
 from aot.quantize import Stored, dequantize_, quantize_, stored_decision, stored_quantization
 from aot.report import Decision, Report
+from aot.zerogpu import MAX_TASK_SECONDS, PROBE_TASK_SECONDS, STARTUP_TASK_SECONDS, Timing, gpu_task
 from settings import Preset, Settings
 
 __all__ = ["INDUCTOR_CONFIGS", "UnsupportedShape", "optimize_pipeline_"]
@@ -53,81 +62,115 @@ INDUCTOR_CONFIGS = {
     "coordinate_descent_tuning": False,
     "coordinate_descent_check_all_directions": False,
 }
+TIMED_STEPS = 3  # a preset's timing: one call of 1 step and one of this many; the difference is the steps' time
 
 
-def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks | None = None) -> Report:
+def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks | None = None,
+                       hardware: Hardware | None = None) -> Report:
     """Makes `model.pipe.transformer` fast in place. Returns what was done and what fell back, and why.
-    With `ranks` (several ranks, aot/parallel.py) it is split across them by context parallelism, eagerly."""
+    With `ranks` (several ranks, aot/parallel.py) it is split across them by context parallelism, eagerly.
+    `hardware`: detected here unless given."""
     pipe, family = model.pipe, model.family
     transformer = pipe.transformer
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    capability = torch.cuda.get_device_capability() if device == "cuda" else None
-    report = Report(device=f"cuda: {torch.cuda.get_device_name()}, sm_{capability[0]}{capability[1]}" if capability else device,
-                    dtype=str(transformer.dtype).removeprefix("torch."), family=family.name)
+    hardware = hardware or detect()
+    report = Report(device=hardware.label, dtype=str(transformer.dtype).removeprefix("torch."), family=family.name,
+                    hardware=hardware)
     if settings.dynamic_shapes and family.dynamic_spec is None:
         raise ValueError(f"DYNAMIC_SHAPES=1 is not supported for the {family.name} family; unset it")
 
-    # A pre-quantized checkpoint's weights are served as stored: checked against QUANTIZATION first, planned for as
-    # loaded ("none": nothing to quantize), never quantized again.
+    # 1. Compilation, and the weight format (fp8 only pays when compiled). A pre-quantized checkpoint's weights are
+    # served as stored: checked against QUANTIZATION, planned for as loaded, never quantized again.
     stored = stored_quantization(transformer)
-    if stored:
-        report.decide("quantization", stored_decision(stored, settings.quantization, device, capability))
+    compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, hardware)) == "aoti"
+    report.decide("quantization", stored_decision(stored, settings.quantization, hardware) if stored
+                  else choose_quantization(settings.quantization, hardware, compiled))
 
-    # 1. Compilation, and the memory layout (which depends on it: fp8 only pays when compiled).
-    compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, device)) == "aoti"
-    plan = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization, settings.vram_limit_gib,
-                       model.max_image_tokens, device, capability, compiled, report, family.keep_bf16)
+    # 2. The hardware guesses, tried on the device.
+    granularity = _probe(model, settings, hardware, report)
+
+    # 3. The memory plan (on ZeroGPU, the task size), placement, attention, quantization: before compiling, so
+    # every program reads the quantized weights.
+    plan, hardware = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization,
+                                 settings.vram_limit_gib, model.max_image_tokens, hardware, granularity is not None,
+                                 compiled, report, family.keep_bf16, settings.zerogpu_size,
+                                 decided="none" if stored else report.quantization)
+    report.device, report.hardware = hardware.label, hardware
+    if not stored and plan.quantization and plan.quantization != report.quantization:
+        report.decide("quantization", Decision(plan.quantization, f"memory plan: {plan.reason}",
+                                               fell_back=not plan.low_vram))  # low-VRAM mode is reported already
+    report.fp8_granularity = (granularity or "row") if report.quantization == "fp8" else ""
     report.startup["model_load_s"] = model.load_seconds
     with _timed(report, "place_s"):
-        place_pipeline_(pipe, plan, device, family.keep_bf16)
-
-    # 2. Attention and quantization, before compiling, so every program reads the quantized weights.
-    hub_online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes")
-    if report.decide("attention", choose_attention(settings.attention, device, capability, hub_online)) != "sdpa":
+        place_pipeline_(pipe, plan, hardware.device, family.keep_bf16, report.fp8_granularity or "row")
+    if report.attention != SDPA:
         try:
             transformer.set_attention_backend(report.attention)
         except Exception as err:  # noqa: BLE001 - a missing kernel or package: any failure means "use SDPA"
             _use_sdpa(transformer, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
-    if stored:
-        pass  # decided above, before planning: nothing to quantize
-    elif plan.low_vram:  # already quantized while placing
-        report.decide("quantization", Decision(plan.quantization, "low-VRAM mode"))
-    else:
-        choose = parallel.choose_quantization if ranks else choose_quantization
-        report.decide("quantization", choose(settings.quantization, device, capability))
+    if not stored and not plan.low_vram:  # low-VRAM placement quantized block by block already
         try:
             with _timed(report, "quantize_s"):
-                quantize_(transformer, report.quantization, keep_bf16=family.keep_bf16)
+                quantize_(transformer, report.quantization, keep_bf16=family.keep_bf16,
+                          granularity=report.fp8_granularity or "row")
         except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
             report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
-            report.quantization = "none"
+            report.quantization, report.fp8_granularity = "none", ""
     report.text = _text_handling(model)
     report.decide("step_cache", step_cache.choose(settings.step_cache, model))
 
-    # 3-4. Compile or load, install, warm up; 5. the step cache around what runs.
-    if report.compile == "none":
-        if report.attention != "sdpa":  # a backend can install fine and still fail to run on this device
-            try:
-                warm_up(model, [min(model.presets, key=lambda p: p.width * p.height)])
-            except Exception as err:  # noqa: BLE001 - any failure of the chosen kernel means "use SDPA"
-                _use_sdpa(transformer, report, f"{report.attention} failed a test run ({type(err).__name__}: {err})")
+    # 4-5. Compile or load, install, time each preset on the device; 6. the step cache around what runs.
+    if compiled:
+        _compile_or_serve_eager(model, settings, report, plan, hardware, stored)
+    else:
         if ranks:
             ranks.enable_(model, report)
         if stored:
             _eager_fp8(model, report, plan.low_vram, stored)
-    else:
-        _compile_or_serve_eager(model, settings, report, plan, device, stored)
+        _time_eager(model, report, hardware)
     step_cache.enable_(transformer, report)
     return report
 
 
-def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, plan: MemoryPlan, device: str,
+def _probe(model: Model, settings: Settings, hardware: Hardware, report: Report) -> str | None:
+    """Step 2: tries the fp8 scale granularities and the attention backends on the device (a short GPU task on
+    ZeroGPU), and records the decisions. Returns the fp8 granularity that ran, or None where fp8 cannot run."""
+    fp8 = fp8_candidates(report.quantization, hardware)
+    attention, decided = attention_candidates(settings.attention, hardware)
+    if decided is not None:
+        report.decide("attention", decided)
+    if not fp8 and not attention:
+        return None
+    tokens = model.max_image_tokens + model.defaults.max_sequence_length
+    shape = AttentionShape.of(model.pipe.transformer, tokens) if attention else None
+    try:
+        results = gpu_task(run_probes, PROBE_TASK_SECONDS, hardware)(fp8, attention, shape)
+    except Exception as err:  # noqa: BLE001 - no device to try them on: the tables' guesses, untested, and said
+        report.fallback("probes", f"could not run on the device ({type(err).__name__}: {err}); fp8 per-row scales and "
+                                  "SDPA untested")
+        if attention:
+            report.decide("attention", Decision(SDPA, "the probe did not run"))
+        return fp8[0] if fp8 else None
+    report.probes = {kind: {name: vars(probe) for name, probe in found.items()} if isinstance(found, dict) else found
+                     for kind, found in results.items()}
+    if attention:
+        report.decide("attention", pick_attention(attention, results["attention"], fastest=settings.attention == "auto"))
+    if not fp8:
+        return None
+    granularity, failed = pick_fp8(fp8, results["fp8"])
+    for line in failed:
+        report.fallback("quantization", line)
+    if granularity is None:
+        report.decide("quantization", Decision("none", "no fp8 GEMM ran on the device", fell_back=True))
+    return granularity
+
+
+def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, plan: MemoryPlan, hardware: Hardware,
                             stored: Stored | None) -> None:
-    """Steps 3-4 when compiling: every program compiled or loaded and installed, or, if that fails, eager with
-    the reason reported."""
+    """Steps 4-5 when compiling: every program compiled or loaded and installed, and timed, or, if that fails,
+    eager with the reason reported."""
     transformer = model.pipe.transformer
     own_tensors_(transformer)
-    if device == "cuda":
+    if hardware.device == "cuda":
         trust_host_isa_()
     # Inductor's own cache beside the programs: kernels built for one key are reused by the next (another preset,
     # a bumped option), about 40% of a compile (benchmarks/RESULTS.md run 13)
@@ -147,18 +190,19 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
     start = time.perf_counter()
     while True:
         try:
-            compile_or_load_(model, settings, report)
+            compile_or_load_(model, settings, report, hardware)
             break
         except Exception as err:  # noqa: BLE001 - the app must keep serving, and say why
             log.info("AoT compile or load failed; the full error:", exc_info=err)
             restore_eager_(transformer)
             reason = str(err) if isinstance(err, CompileFailed) else f"{type(err).__name__}: {err}"
-            if report.attention != "sdpa":  # e.g. a hub kernel that torch.export cannot trace: retry once
+            if report.attention != SDPA:  # e.g. a hub kernel that torch.export cannot trace: retry once
                 _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
                 continue
             report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
             report.compile, report.compile_source = "none", ""
             _eager_fp8(model, report, plan.low_vram, stored)
+            _time_eager(model, report, hardware)
             return
     report.compile_seconds = round(time.perf_counter() - start, 1)
     log.info("AoT %s: %s in %.1f s (cache keys %s), programs: %s; start-up: %s", report.compile_scope,
@@ -175,7 +219,7 @@ def _timed(report: Report, what: str):
 
 
 class CompileFailed(RuntimeError):
-    """A compile that failed in the GPU worker, with the original error's type and message as its text."""
+    """A compile that failed on the device (on ZeroGPU, in the GPU worker), with the error's type and message."""
 
 
 def _text_handling(model: Model) -> str:
@@ -187,7 +231,7 @@ def _text_handling(model: Model) -> str:
 def _use_sdpa(transformer: torch.nn.Module, report: Report, reason: str) -> None:
     report.fallback("attention", f"{reason}; using sdpa")
     transformer.set_attention_backend("native")
-    report.attention = "sdpa"
+    report.attention = SDPA
 
 
 def _eager_fp8(model: Model, report: Report, low_vram: bool, stored: Stored | None) -> None:
@@ -201,7 +245,7 @@ def _eager_fp8(model: Model, report: Report, low_vram: bool, stored: Stored | No
     else:
         dequantize_(model.pipe.transformer)
         report.fallback("quantization", "fp8 undone: without compilation it is slower than bf16")
-        report.quantization = "none"
+        report.quantization, report.fp8_granularity = "none", ""
 
 
 def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple, list[Preset]]:
@@ -224,15 +268,27 @@ def token_range(model: Model) -> tuple[int, int]:
     return max(2, min(tokens)), 2 * max(tokens)
 
 
-def compile_or_load_(model: Model, settings: Settings, report: Report) -> None:
+@dataclass(frozen=True)
+class DeviceRun:
+    """What one startup task on the device did: each program compiled (seconds), each preset timed. Plain values:
+    on ZeroGPU it comes back from the GPU worker, where an exception would arrive as its class name alone."""
+
+    compile_seconds: dict = field(default_factory=dict)  # program shape -> seconds
+    timings: dict = field(default_factory=dict)  # preset name -> Timing
+    install_seconds: float = 0.0
+    warm_up_seconds: float = 0.0
+    error: str = ""
+
+
+def compile_or_load_(model: Model, settings: Settings, report: Report, hardware: Hardware) -> None:
     """Installs one program per preset shape (or one dynamic-shape program for all): each from its own cache
-    entry (or a pinned Hub repo) if its key matches, else compiled now, on the GPU, into the cache.
-    Adding a preset compiles only the new program."""
+    entry (or a pinned Hub repo) if its key matches, else compiled now, on the device, into the cache; then times
+    every preset there. Adding a preset compiles only the new program."""
     served = token_range(model) if settings.dynamic_shapes else None
     groups = program_groups(model, report.compile_scope, settings.dynamic_shapes)
     entries = {}  # program shape -> (key, entry directory)
     for shape in groups:
-        key = cache_key(model.pipe, model.family.name, settings.model_id, settings.revision, report,
+        key = cache_key(model.pipe, model.family.name, settings.model_id, settings.revision, report, hardware,
                         report.compile_scope, list(served) if served else shape, settings.dynamic_shapes,
                         report.text, INDUCTOR_CONFIGS)
         entries[shape] = (key, Path(settings.cache_dir) / key_digest(key))
@@ -243,6 +299,11 @@ def compile_or_load_(model: Model, settings: Settings, report: Report) -> None:
         with _timed(report, "download_s"):
             fetch_from_hub(settings.hub_repo, [entries[shape][1].name for shape in absent], Path(settings.cache_dir),
                            report)
+            still = [entries[shape][1].name for shape in absent if not entries[shape][1].exists()]
+            if still:  # another architecture's, torch's or CUDA's programs may be there: never these keys'
+                report.fallback("compiled packages", f"{settings.hub_repo} has no entry for {hardware.arch}, torch "
+                                                     f"{torch.__version__}, CUDA {hardware.cuda} ({', '.join(still)}); "
+                                                     "compiling here")
     manifests, startup = {}, {}
     for shape, (key, root) in entries.items():
         start = time.perf_counter()
@@ -251,46 +312,53 @@ def compile_or_load_(model: Model, settings: Settings, report: Report) -> None:
         startup[shape] = {"cache_key": root.name, "resolutions": labels[shape], "source": source,
                           "verify_s": round(time.perf_counter() - start, 2)}
     missing = [shape for shape, manifest in manifests.items() if manifest is None]
-    if missing:
-        # Only picklable values cross into the ZeroGPU worker; the pipeline is reached through the closure.
-        # Only picklable values come back too: on ZeroGPU an exception would reach this process as its class name
-        # alone, so a failure comes back as its message, raised here.
-        @spaces.GPU(duration=1500)
-        def compile_on_gpu(missing: list) -> dict:
-            seconds = {}
+
+    def install() -> None:
+        install_programs_(model.pipe.transformer, [(entries[shape][1], manifests[shape]["signatures"], labels[shape])
+                                                   for shape in groups])
+
+    def on_device() -> DeviceRun:
+        """Compiles what is missing, installs every program, and times each preset (the first call of each program
+        loads it: the .so and its kernels). Only picklable values cross into the ZeroGPU worker and back; the
+        pipeline is reached through the closure."""
+        seconds = {}
+        try:
             for shape in missing:
                 key, root = entries[shape]
                 preset = groups[shape][0]
                 start = time.perf_counter()
-                try:
-                    compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset, served,
-                                                                           out), root, key)
-                except Exception as err:  # noqa: BLE001 - reported by the caller, which serves eager
-                    log.info("compiling %s failed; the full error:", preset.name, exc_info=err)
-                    return {"error": f"{type(err).__name__}: {err}"}
+                compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset, served,
+                                                                       out), root, key)
                 seconds[shape] = round(time.perf_counter() - start, 1)
-            return seconds
+                manifests[shape] = read_cached(root, key)
+            start = time.perf_counter()
+            install()
+            installed = time.perf_counter()
+            timings = time_presets(model, [p for presets in groups.values() for p in presets])
+            return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2))
+        except Exception as err:  # noqa: BLE001 - reported by the caller, which serves eager
+            log.info("compiling, installing or timing the programs failed; the full error:", exc_info=err)
+            return DeviceRun(seconds, error=f"{type(err).__name__}: {err}")
 
-        compiled = compile_on_gpu(missing)
-        if "error" in compiled:
-            raise CompileFailed(compiled["error"])
-        for shape, seconds in compiled.items():
-            startup[shape].update(source="compiled", compile_s=seconds)
+    run = gpu_task(on_device, STARTUP_TASK_SECONDS if missing else MAX_TASK_SECONDS, hardware)()
+    if run.error:
+        raise CompileFailed(run.error)
+    for shape, seconds in run.compile_seconds.items():
+        startup[shape].update(source="compiled", compile_s=seconds)
+    if hardware.zerogpu:  # what the GPU worker installed is gone with it; requests run in forks of this process
         manifests.update({shape: read_cached(entries[shape][1], entries[shape][0]) for shape in missing})
-        if settings.hub_upload:
-            with _timed(report, "upload_s"):
-                upload_to_hub(settings.hub_upload, Path(settings.cache_dir), [entries[s][1].name for s in missing], report)
+        install()
+    if missing and settings.hub_upload:
+        with _timed(report, "upload_s"):
+            upload_to_hub(settings.hub_upload, Path(settings.cache_dir), [entries[s][1].name for s in missing], report)
     report.startup["programs"] = list(startup.values())
+    report.startup.update(install_s=run.install_seconds, warm_up_s=run.warm_up_seconds)
+    report.timings = {name: vars(timing) for name, timing in run.timings.items()}
     report.compile_source = ("loaded from cache" if not missing else "compiled now" if len(missing) == len(entries)
                              else f"{len(missing)} of {len(entries)} programs compiled now, the rest loaded from cache")
-    with _timed(report, "install_s"):
-        install_programs_(model.pipe.transformer, [(entries[shape][1], manifests[shape]["signatures"], labels[shape])
-                                                   for shape in groups])
     tokens = lambda p: model.family.image_tokens(p.width, p.height)  # noqa: E731
     report.programs = [{"image_tokens": f"{served[0]}..{served[1]}" if served else tokens(presets[0]),
                         "resolutions": [p.name for p in presets]} for presets in groups.values()]
-    with _timed(report, "warm_up_s"):  # the first call of each program loads it (the .so and its kernels)
-        warm_up(model, [p for presets in groups.values() for p in (presets if served else presets[:1])])
 
 
 def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) -> dict:
@@ -299,16 +367,55 @@ def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) ->
     return signatures
 
 
-def warm_up(model: Model, presets: list[Preset]) -> None:
-    """Loads every program now rather than on the first request, and checks each gives finite output.
-    Not on ZeroGPU: its main process has no GPU, and programs load in the GPU worker on first use."""
-    if spaces.config.Config.zero_gpu:
-        return
+def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
+    """Each preset's request time on this device. A 1-step call first, which loads its programs and must give
+    finite latents; then whole images of 1 and of TIMED_STEPS steps: the difference is the steps' time, the rest is
+    the text encoders, the VAE and the hand-over."""
+    calls = 2 if model.does_cfg(model.defaults.guidance) else 1
+    timings = {}
     for preset in presets:
         with torch.inference_mode():
             latents = model(CAPTURE_PROMPT, preset, steps=1, output_type="latent").images
-        if not torch.isfinite(latents).all():
-            raise RuntimeError(f"the program for {preset.name} returned non-finite values")
+            if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
+                raise RuntimeError(f"the program for {preset.name} returned non-finite values")
+            one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n)) for n in (1, TIMED_STEPS))
+        call = max(many - one, 0.0) / (TIMED_STEPS - 1) / calls
+        timings[preset.name] = Timing(round(call, 4), round(max(one - calls * call, 0.0), 4))
+    return timings
+
+
+def _seconds(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _time_eager(model: Model, report: Report, hardware: Hardware) -> None:
+    """Step 5 without programs: each preset timed on the device, for the requests' durations; if that fails, they
+    are estimated, and said so."""
+    def on_device() -> DeviceRun:
+        start = time.perf_counter()
+        try:
+            return DeviceRun(timings=time_presets(model, list(model.presets)),
+                             warm_up_seconds=round(time.perf_counter() - start, 2))
+        except Exception as err:  # noqa: BLE001 - reported below
+            log.info("timing the presets failed; the full error:", exc_info=err)
+            return DeviceRun(error=f"{type(err).__name__}: {err}")
+
+    try:
+        run = gpu_task(on_device, MAX_TASK_SECONDS, hardware)()
+    except Exception as err:  # noqa: BLE001 - ZeroGPU's own failure (no GPU, a failed worker): reported below
+        run = DeviceRun(error=f"{type(err).__name__}: {err}")
+    if run.error:
+        report.fallback("durations", f"timing the presets on the device failed ({run.error}); each request asks for "
+                                     "a duration estimated from an H100's step")
+        return
+    report.startup["warm_up_s"] = run.warm_up_seconds
+    report.timings = {name: vars(timing) for name, timing in run.timings.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

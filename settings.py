@@ -35,6 +35,9 @@ AOT_SCOPE_CHOICES = ("blocks", "model")
 ATTENTION_DEFAULT = "auto"
 # Several ranks (WORLD_SIZE > 1, README "Several GPUs"): "auto" splits each image across them with Ulysses.
 PARALLEL_CHOICES = ("auto", "off", "ulysses", "ring")
+# ZEROGPU_SIZE: ZeroGPU's task size on a shared card (aot/zerogpu.py, README "ZeroGPU today"): "large" is half the
+# card, "xlarge" all of it at twice the quota; "auto" takes large when the memory plan fits it
+ZEROGPU_SIZE_CHOICES = ("auto", "large", "xlarge")
 # STEP_CACHE: diffusers' First Block Cache or TaylorSeer around the block programs (aot/step_cache.py, README
 # "Step caching"), each with its one parameter: "fbc:THRESHOLD", "taylorseer:INTERVAL"
 STEP_CACHE_CHOICES = ("off", "fbc", "taylorseer")
@@ -172,6 +175,7 @@ class Settings:
     hub_upload: str | None = None  # "owner/name": upload what this start compiled there (a token with write access)
     step_cache: StepCache = StepCache()  # STEP_CACHE: diffusers' cache hooks, off by default
     prompt_cache: int = PROMPT_CACHE_DEFAULT  # PROMPT_CACHE: prompts whose embeddings are kept; 0 keeps none
+    zerogpu_size: str = "auto"  # ZEROGPU_SIZE: large, xlarge, or auto (large when it fits)
 
     @property
     def tiny_family(self) -> str | None:
@@ -225,6 +229,7 @@ class Settings:
             world_size=_whole(env, "WORLD_SIZE", 1),
             step_cache=parse_step_cache(env.get("STEP_CACHE", "")),
             prompt_cache=_whole(env, "PROMPT_CACHE", PROMPT_CACHE_DEFAULT),
+            zerogpu_size=_choice(env, "ZEROGPU_SIZE", ZEROGPU_SIZE_CHOICES, "auto"),
         )
         settings.check()
         return settings

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,26 +12,23 @@ from typing import Callable
 
 import torch
 
+from aot.hardware import Hardware
 from aot.report import Report
 
 log = logging.getLogger("aot-space")
 
-CACHE_FORMAT = 4  # bump when a change here alters what a compiled program contains
+CACHE_FORMAT = 5  # bump when a change here alters what a compiled program contains
 # Beside an entry's manifest: each package's checksum as last verified, with the file's size and mtime then.
 # Local bookkeeping only; never uploaded (an upload carries the manifest, which holds the checksums).
 VERIFIED = "verified.json"
 
 
-def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Report, scope: str,
+def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Report, hardware: Hardware, scope: str,
               shape: int | list, dynamic: bool, text: str, inductor_configs: dict) -> dict:
     """Everything that makes one compiled program valid; a program built under any other value is not reused.
-    `shape`: the image tokens (or token grid) a static program serves, or the [min, max] tokens of a dynamic one."""
-    if report.device.startswith("cuda"):
-        arch = "sm_%d%d" % torch.cuda.get_device_capability()
-    else:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-        arch = f"cpu-{platform.machine()}-{pick_vec_isa()}"
+    `shape`: the image tokens (or token grid) a static program serves, or the [min, max] tokens of a dynamic one.
+    A program is native code for one architecture, torch and CUDA: a Hub repo may hold entries for several, each
+    under its own key, and a start takes only its own (an H100's sm_90 programs are never loaded on sm_120)."""
     # The model's own settings only: diffusers' bookkeeping entries ("_use_default_values", a list whose order
     # follows the process's string hashing, and "_name_or_path") changed the key on every restart. A pre-quantized
     # transformer's config holds its torchao `quantization_config`: programs over weights stored in one torchao format
@@ -49,9 +45,11 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
         "transformer_config": hashlib.sha256(config.encode()).hexdigest()[:16],
         "weights": hashlib.sha256(weights.encode()).hexdigest()[:16],
         "torch": torch.__version__,
-        "arch": arch,
+        "cuda": hardware.cuda if hardware.device == "cuda" else None,
+        "arch": hardware.arch,
         "dtype": report.dtype,
         "quantization": report.quantization,
+        "fp8_scales": report.fp8_granularity or None,
         "attention": report.attention,
         "scope": scope,
         "dynamic_shapes": dynamic,

@@ -1,52 +1,118 @@
-"""Hardware decisions: pure functions of (request, hardware) that return a `Decision`, unit-tested on CPU.
+"""Hardware decisions: pure functions of (setting, `Hardware`) that return a `Decision`, unit-tested on CPU for every
+architecture from sm_80 to sm_120.
 
-What this hardware cannot run (fp8 before Ada, FlashAttention-3 off Hopper, AoT by default on a CPU) is an
-expected choice, shown as a note; what it could run but this start cannot (the hub offline) is a fallback."""
+The tables here are first guesses. Where a guess can be wrong on a card we could not test (fp8 per-row scales on
+sm_120, a hub attention kernel), the candidates are tried in order on the device itself (aot/probes.py) and
+`pick` keeps the first that runs (fp8) or the fastest that runs and agrees (attention); a candidate that fails is a
+reported fallback, with its error.
+
+What this hardware cannot run (fp8 before Ada, no fast attention kernel for this architecture, AoT by default on a
+CPU) is an expected choice, shown as a note; what it could run but this start cannot (the hub offline) is a fallback."""
 from __future__ import annotations
 
+from aot.hardware import Hardware
 from aot.report import Decision
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and newer have fp8 tensor cores
-FA3_CAPABILITY = (9, 0)  # FlashAttention-3 is Hopper-only: not Ampere, Ada or Blackwell (sm_100/sm_120)
+# fp8 scale granularities, most accurate first. cuBLAS refused per-row scales on an sm_120 RTX PRO 5000 (torch
+# 2.10.0+cu130, CUBLAS_STATUS_NOT_SUPPORTED, pytorch/pytorch#192707) and takes per-tensor ones there; the probe
+# finds out on the card.
+FP8_GRANULARITIES = ("row", "tensor")
+# diffusers attention backends worth trying per architecture, before SDPA (always the floor: torch's own kernels,
+# which run everywhere). The probe times each at the model's attention shape and keeps the fastest that agrees with
+# SDPA. Hopper: FlashAttention-3. Blackwell datacenter (sm_100): FlashAttention-4. Blackwell RTX (sm_120, ZeroGPU's
+# RTX Pro 6000): FlashAttention-3 does not exist there; SageAttention 2 (int8 QK, fp8 PV) and 3 (fp4) have sm_120
+# builds on the hub. All come from the hub through `kernels`.
+FAST_ATTENTION = {(9, 0): ("_flash_3_hub",), (10, 0): ("flash_4_hub",), (12, 0): ("sage_hub", "sage_blackwell_hub")}
+SDPA = "sdpa"
+# A faster attention kernel is kept only if its output is this close to SDPA's (relative L2, bf16): the int8
+# SageAttention measured 1.3e-2 against fp32 on the H100, cuDNN's fp8 attention 6.0e-2 (shared GPU notes)
+ATTENTION_MAX_ERROR = 3e-2
 
 
-def fp8_runs(device: str, capability: tuple[int, int] | None) -> bool:
-    return device == "cuda" and capability is not None and capability >= FP8_MIN_CAPABILITY
+def fp8_runs(hardware: Hardware) -> bool:
+    return hardware.device == "cuda" and hardware.capability is not None and hardware.capability >= FP8_MIN_CAPABILITY
 
 
-def choose_quantization(requested: str, device: str, capability: tuple[int, int] | None) -> Decision:
-    """An explicit request the hardware cannot honour is a startup error."""
-    if requested == "fp8" and not fp8_runs(device, capability):
-        raise ValueError(f"QUANTIZATION=fp8 needs a CUDA GPU with compute capability >= 8.9; this is "
-                         f"{device} {capability or ''}. Use QUANTIZATION=auto, int8 or none.")
+def choose_compile(requested: str, hardware: Hardware) -> Decision:
     if requested != "auto":
         return Decision(requested, "requested")
-    if fp8_runs(device, capability):
-        return Decision("fp8", f"auto: compute capability {capability} >= 8.9")
-    return Decision("none", f"fp8 needs CUDA with compute capability >= 8.9, this is {device} {capability or ''}".strip(),
-                    expected=True)
-
-
-def choose_attention(requested: str, device: str, capability: tuple[int, int] | None, hub_online: bool) -> Decision:
-    """"sdpa" is torch's scaled_dot_product_attention, which picks its own flash / cuDNN / memory-efficient
-    kernel per call and runs everywhere; the other values are diffusers attention backends."""
-    if requested != "auto":
-        return Decision(requested, "requested")
-    if device != "cuda":
-        return Decision("sdpa", f"FlashAttention-3 needs a Hopper GPU, this is {device}", expected=True)
-    if capability != FA3_CAPABILITY:
-        return Decision("sdpa", f"FlashAttention-3 needs compute capability (9, 0) (Hopper), this is {capability}",
-                        expected=True)
-    if not hub_online:
-        return Decision("sdpa", "FlashAttention-3 comes from the hub through `kernels`, and the hub is offline",
-                        fell_back=True)
-    return Decision("_flash_3_hub", "auto: Hopper GPU with hub access")
-
-
-def choose_compile(requested: str, device: str) -> Decision:
-    if requested != "auto":
-        return Decision(requested, "requested")
-    if device == "cuda":
+    if hardware.device == "cuda":
         return Decision("aoti", "auto: CUDA GPU")
     return Decision("none", "off on CPU by default (COMPILE=aoti compiles the tiny model too, ~20 s per program)",
                     expected=True)
+
+
+def choose_quantization(requested: str, hardware: Hardware, compiled: bool) -> Decision:
+    """The transformer's weight format. fp8 only pays when compiled: unfused eager fp8 runs about 3x slower than
+    bf16 (RESULTS.md), so `auto` picks it only for compiled programs. An explicit request the hardware cannot honour
+    is a startup error."""
+    if requested == "fp8" and not fp8_runs(hardware):
+        raise ValueError(f"QUANTIZATION=fp8 needs a CUDA GPU with compute capability >= 8.9; this is "
+                         f"{hardware.device} {hardware.capability or ''}. Use QUANTIZATION=auto, int8 or none.")
+    if requested != "auto":
+        return Decision(requested, "requested")
+    if not fp8_runs(hardware):
+        return Decision("none", f"fp8 needs CUDA with compute capability >= 8.9, this is {hardware.device} "
+                                f"{hardware.capability or ''}".strip(), expected=True)
+    if not compiled:
+        return Decision("none", "fp8 only pays when compiled (eager fp8 is about 3x slower than bf16), and "
+                                "compilation is off", expected=True)
+    return Decision("fp8", f"auto: compute capability {hardware.capability} >= 8.9, compiled")
+
+
+def fp8_candidates(quantization: str, hardware: Hardware) -> tuple[str, ...]:
+    """The fp8 granularities to probe, in order, when the transformer will be fp8; none otherwise."""
+    return FP8_GRANULARITIES if quantization == "fp8" and fp8_runs(hardware) else ()
+
+
+def attention_candidates(requested: str, hardware: Hardware) -> tuple[tuple[str, ...], Decision | None]:
+    """The attention backends to probe, fastest expected first, SDPA last; and the decision when nothing needs a
+    probe (SDPA alone), or the fallback that removed a candidate (its kernel is on the hub, which is offline)."""
+    if requested not in ("auto", SDPA):
+        return (requested, SDPA), None
+    if requested == SDPA:
+        return (), Decision(SDPA, "requested")
+    if hardware.device != "cuda":
+        return (), Decision(SDPA, f"no faster attention kernel for {hardware.device}", expected=True)
+    fast = FAST_ATTENTION.get(hardware.capability, ())
+    if not fast:
+        return (), Decision(SDPA, f"no faster attention kernel than SDPA for {hardware.arch}", expected=True)
+    if not hardware.hub_online:
+        return (), Decision(SDPA, f"{' and '.join(fast)} for {hardware.arch} come from the hub through `kernels`, "
+                                  "and the hub is offline", fell_back=True)
+    return (*fast, SDPA), None
+
+
+def pick_fp8(candidates: tuple[str, ...], results: dict) -> tuple[str | None, list[str]]:
+    """The first granularity that ran on the device (None: none did), and a fallback line for each that failed
+    before it. `results`: candidate -> aot.probes.Probe."""
+    failed = []
+    for granularity in candidates:
+        probe = results[granularity]
+        if probe.ok:
+            return granularity, failed
+        failed.append(f"fp8 with per-{granularity} scales failed on the device ({probe.error})")
+    return None, failed
+
+
+def pick_attention(candidates: tuple[str, ...], results: dict, fastest: bool = True) -> Decision:
+    """The fastest backend that ran on the device and agrees with SDPA (`fastest`: ATTENTION=auto), or the requested
+    one if it ran; a fallback if the first choice failed or disagreed."""
+    runs = {name: probe for name, probe in results.items() if name in candidates and probe.ok
+            and (name == SDPA or not fastest or probe.error_vs_sdpa <= ATTENTION_MAX_ERROR)}
+    timings = ", ".join(f"{name} {probe.ms:.3f} ms" for name, probe in results.items() if probe.ok)
+    if not runs:
+        return Decision(SDPA, "no backend ran in the probe; SDPA, torch's own", fell_back=True)
+    first = results[candidates[0]]
+    if not fastest and first.ok:
+        return Decision(candidates[0], f"requested; ran on the device ({timings})")
+    best = min(runs, key=lambda name: runs[name].ms)
+    if not first.ok:
+        return Decision(best, f"{candidates[0]} failed on the device ({first.error}); fastest that ran: {best} "
+                              f"({timings})", fell_back=True)
+    if candidates[0] not in runs:
+        return Decision(best, f"{candidates[0]} differs from SDPA by {first.error_vs_sdpa:.1e} (at most "
+                              f"{ATTENTION_MAX_ERROR:.0e} kept); fastest that agrees: {best} ({timings})",
+                        fell_back=True)
+    return Decision(best, f"fastest on the device at the model's attention shape ({timings})")

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import spaces
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from aot.decisions import choose_quantization, fp8_runs
+from aot.hardware import Hardware, Size
 from aot.model import repeated_block_lists
 from aot.quantize import GROUP_SIZE, _quantizable, kept_in_bf16, quantize_
 from aot.report import Report
@@ -50,6 +49,11 @@ class Footprint:
     activations: int
     image_tokens: int
 
+    def resident(self, mode: str) -> int:
+        """The bytes placed on the GPU with every weight resident and the transformer in `mode`: what spaces packs
+        at startup on ZeroGPU, and compares with its `xlarge_threshold`."""
+        return self.transformer[mode] + self.text_encoders + self.other
+
     def need(self, mode: str | None, streamed: int = 0) -> int:
         """mode None: everything resident as loaded. Otherwise the low-VRAM layout: text encoders streamed, the
         transformer quantized to `mode`, with `streamed` of its blocks in host memory, copied through the rings."""
@@ -83,6 +87,8 @@ class MemoryPlan:
     need_gib: float = 0.0
     step_error: float = 0.0  # relative L2 error the weight format adds to one step (RESULTS.md run 7)
     reason: str = ""
+    packed_gib: float | None = None  # ZeroGPU: the GiB spaces packs at startup, against its xlarge threshold
+    fits: bool = True
 
     @property
     def stream(self) -> bool:
@@ -92,6 +98,10 @@ class MemoryPlan:
     def layout(self) -> str:
         """What runs, in words: the report's `memory.layout`, and the fallback line in the log and the status panel."""
         if not self.low_vram:
+            if self.packed_gib is not None:  # planned for a ZeroGPU size
+                weights = "weights as loaded" if self.quantization == "none" else f"transformer in {self.quantization}"
+                return (f"everything resident, {weights}: {self.packed_gib} GiB packed, needs about {self.need_gib} "
+                        f"of {self.budget_gib} GiB")
             return "everything resident as loaded"
         weights = ("weights as loaded" if self.quantization == "none" else
                    f"{self.quantization} weights (about {self.step_error:.1e} relative error per step)")
@@ -132,6 +142,34 @@ def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, 
         mode, k = min(((m, k) for m in modes for k in streamed), key=lambda layout: footprint.need(*layout))
         why += f"; nothing fits, so the smallest layout runs ({gib(footprint.need(mode, k))} GiB): it may run out of memory"
     return MemoryPlan(True, mode, count, k, budget and gib(budget), gib(footprint.need(mode, k)), STEP_ERROR[mode], why)
+
+
+def choose_resident_plan(decided: str, auto: bool, footprint: Footprint, budget: int, packed_limit: int | None,
+                         fp8_ok: bool, compiled: bool) -> MemoryPlan:
+    """Pure: ZeroGPU's layout, where nothing streams (its main process has no GPU to stream to): every weight
+    resident, the transformer in the fastest format whose pipeline fits `budget` bytes and whose packed weights stay
+    at or under `packed_limit` (spaces' xlarge threshold), so that spaces does not switch the size on its own.
+    `decided`: the format chosen for the hardware, kept if it fits; with QUANTIZATION=auto (`auto`) the others are
+    tried after it."""
+    gib = lambda n: round(n / GiB, 2)  # noqa: E731
+    modes = [decided] + [m for m in ("fp8", "none", "int8", "int4") if auto and m != decided]
+    modes = [m for m in modes if m != "fp8" or fp8_ok] or ["none"]  # fp8 only where the device ran it, compiled
+
+    def fits(mode):
+        return (footprint.resident(mode) + footprint.activations + SLACK_BYTES <= budget
+                and (packed_limit is None or footprint.resident(mode) <= packed_limit))
+
+    fitting = [m for m in modes if fits(m)]
+    limit = f", packed at most {gib(packed_limit)} GiB" if packed_limit else ""
+    if fitting:  # the decided format when it fits; else the fastest smaller one
+        mode = fitting[0] if fitting[0] == modes[0] else min(fitting, key=lambda m: footprint.step_ms(m, 0, compiled))
+        why = f"fits {gib(budget)} GiB{limit}" + ("" if mode == modes[0] else f" only with the transformer in {mode}")
+    else:
+        mode = min(modes, key=footprint.resident)
+        why = f"does not fit {gib(budget)} GiB{limit}, even with the transformer in {mode}"
+    need = footprint.resident(mode) + footprint.activations + SLACK_BYTES
+    return MemoryPlan(False, mode, len(footprint.block_groups), 0, gib(budget), gib(need), STEP_ERROR[mode], why,
+                      gib(footprint.resident(mode)), bool(fitting))
 
 
 def _stored_bytes(tensor: torch.Tensor) -> int:
@@ -236,36 +274,63 @@ def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
 
 
 def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float | None, max_image_tokens: int,
-                device: str, capability, compiled: bool, report: Report, keep_bf16: tuple[str, ...] = ()) -> MemoryPlan:
+                hardware: Hardware, fp8_ok: bool, compiled: bool, report: Report, keep_bf16: tuple[str, ...] = (),
+                zerogpu_size: str = "auto", decided: str = "none") -> tuple[MemoryPlan, Hardware]:
     """Chooses the layout for LOW_VRAM=`requested`, applies `vram_limit_gib` as a hard cap on this process, and
-    reports the choice. On a CPU the limit is planned for but caps nothing: the chosen layout runs there too, host
-    to host (how the tests run it)."""
-    if quantization != "auto":  # the same startup error as without low-VRAM mode (fp8 on Ampere)
-        choose_quantization(quantization, device, capability)
-    if spaces.config.Config.zero_gpu and requested in ("on", "stream"):
-        # its main process has no CUDA to pin or stream with, and its GPU worker is forked from it; the
-        # slice's 69.5 GiB hold FLUX.1-dev whole
-        report.fallback("memory", f"LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU to "
-                                  "stream to); everything resident")
-        requested = "off"
-    budget = None  # ZeroGPU's main process sees no real GPU: nothing to plan for
-    if device == "cuda" and not spaces.config.Config.zero_gpu:
-        total = torch.cuda.get_device_properties(0).total_memory
-        budget = total
+    reports the choice. `quantization`: QUANTIZATION. On a CPU the limit is planned for but caps nothing: the chosen
+    layout runs there too, host to host (how the tests run it). On ZeroGPU it plans for the task's size (ZEROGPU_SIZE;
+    aot/zerogpu.py), keeping the `decided` format where it fits, and returns the hardware with that size."""
+    card = hardware.zerogpu
+    if card is not None:
+        return _plan_zerogpu(pipe, requested, quantization == "auto", decided, vram_limit_gib, max_image_tokens,
+                             hardware, fp8_ok, compiled, report, keep_bf16, zerogpu_size)
+    budget = None
+    if hardware.device == "cuda":
+        budget = hardware.memory
         if vram_limit_gib:
-            budget = min(total, int(vram_limit_gib * GiB))
-            torch.cuda.set_per_process_memory_fraction(budget / total)
-    elif device != "cuda" and vram_limit_gib:
+            budget = min(hardware.memory, int(vram_limit_gib * GiB))
+            torch.cuda.set_per_process_memory_fraction(budget / hardware.memory)
+    elif vram_limit_gib:
         budget = int(vram_limit_gib * GiB)
-    fp8_ok = fp8_runs(device, capability) and compiled
     footprint = measure_footprint(pipe, max_image_tokens, keep_bf16)
-    plan = choose_memory_plan(requested, quantization, footprint, budget, fp8_ok, compiled)
+    plan = choose_memory_plan(requested, quantization, footprint, budget, fp8_ok and compiled, compiled)
     report.memory = {**asdict(plan), "layout": plan.layout}
     if plan.low_vram:
         report.fallback("memory", f"low-VRAM mode ({plan.reason}): {plan.layout}")
-        if budget and device == "cuda":
+        if budget and hardware.device == "cuda":
             _expandable_segments(report)
-    return plan
+    return plan, hardware
+
+
+def _plan_zerogpu(pipe, requested, auto, decided, vram_limit_gib, max_image_tokens, hardware, fp8_ok, compiled,
+                  report, keep_bf16, zerogpu_size) -> tuple[MemoryPlan, Hardware]:
+    """Every weight resident (the main process has no GPU to stream to; its GPU worker is forked from it), planned
+    for each size the card offers, then the size chosen from the plans."""
+    from aot.zerogpu import choose_size
+
+    card = hardware.zerogpu
+    if requested in ("on", "stream"):
+        report.fallback("memory", f"LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU to "
+                                  "stream to); everything resident")
+    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16)
+    sizes = card.sizes or (None,)
+    plans = {}
+    for size in sizes:
+        budget = card.memory_for(size)
+        if vram_limit_gib:
+            budget = min(budget, int(vram_limit_gib * GiB))
+        limit = card.xlarge_threshold if size is Size.LARGE else None
+        plans[size] = choose_resident_plan(decided, auto, footprint, budget, limit, fp8_ok and compiled, compiled)
+    size = None
+    if card.sizes:
+        size = Size(report.decide("zerogpu_size", choose_size(zerogpu_size, card, {s: p.fits for s, p in plans.items()})))
+    plan = plans[size]
+    report.memory = {**asdict(plan), "layout": plan.layout,
+                     "xlarge_threshold_gib": round(card.xlarge_threshold / GiB, 2) if card.xlarge_threshold else None,
+                     "by_size": {(s.value if s else "card"): {**asdict(p), "layout": p.layout} for s, p in plans.items()}}
+    if not plan.fits:
+        report.fallback("memory", f"the pipeline {plan.reason}: it may run out of memory")
+    return plan, hardware.with_size(size)
 
 
 def _expandable_segments(report: Report) -> None:
@@ -282,7 +347,7 @@ def _expandable_segments(report: Report) -> None:
                                   "layout may run out of memory while placing, to fragmentation")
 
 
-def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = ()) -> None:
+def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = (), granularity: str = "row") -> None:
     """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes. The transformer is
     quantized one block at a time on `device` (fast, and never more than a block beyond the plan), each streamed
     block then moved to host memory behind its ring slot (aot/streaming.py): `transformer.block_stream`."""
@@ -301,13 +366,13 @@ def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, .
     streamed = set(streamed_blocks(len(blocks), plan.streamed_blocks))
     stream = BlockStream(device) if streamed else None
     for i, block in enumerate(blocks):
-        quantize_(block, mode, work_device=device, result_device=device, keep_bf16=keep_bf16)
+        quantize_(block, mode, work_device=device, result_device=device, keep_bf16=keep_bf16, granularity=granularity)
         if i in streamed:
             stream.add_(block)
         else:
             block.to(device)
     # the rest (embedders, norms, output layers), leaving the blocks alone: fp8 would quantize their Linears again
-    quantize_(transformer, mode, work_device=device, result_device=device,
+    quantize_(transformer, mode, work_device=device, result_device=device, granularity=granularity,
               keep_bf16=(*keep_bf16, *(f"{name}." for name in lists)))
     transformer.to(device)
     transformer.block_stream = stream  # where the rings and copy counts can be looked at (tests, benchmarks)

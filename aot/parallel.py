@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 import torch.distributed as dist
 
-from aot.decisions import choose_quantization as _choose_quantization
-from aot.decisions import fp8_runs
 from aot.families import Text
 from aot.report import Decision
 
@@ -90,14 +88,6 @@ def check_settings(settings: Settings) -> None:
     if settings.quantization == "fp8":
         raise ValueError("QUANTIZATION=fp8 runs eagerly under context parallelism, 3x slower than bf16 "
                          "(benchmarks/RESULTS.md); use QUANTIZATION=auto or none")
-
-
-def choose_quantization(requested: str, device: str, capability) -> Decision:
-    """As aot.decisions.choose_quantization, except that `auto` does not pick fp8: the ranks run eagerly, and
-    unfused eager fp8 is about 3x slower than bf16."""
-    if requested == "auto" and fp8_runs(device, capability):
-        return Decision("none", "fp8 only pays when compiled, and context parallelism runs eagerly", fell_back=True)
-    return _choose_quantization(requested, device, capability)
 
 
 def uneven_splits(model: Model, mode: str, n: int) -> list[str]:

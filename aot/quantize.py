@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.decisions import fp8_runs
+from aot.hardware import Hardware
 from aot.report import Decision
 from aot.streaming import tensor_leaves
 
@@ -53,7 +54,7 @@ def stored_quantization(transformer: torch.nn.Module) -> Stored | None:
     return Stored(mode, name, made_with, len(stored), len(linears))
 
 
-def stored_decision(stored: Stored, requested: str, device: str, capability: tuple[int, int] | None) -> Decision:
+def stored_decision(stored: Stored, requested: str, hardware: Hardware) -> Decision:
     """The weights are served as stored; QUANTIZATION=auto, or the stored format, agrees. Any other value stops
     startup rather than falling back: quantizing quantized weights again rounds twice, dequantizing them takes the
     memory the checkpoint was picked to save, and serving them as stored ignores the setting; none is what was asked."""
@@ -62,9 +63,9 @@ def stored_decision(stored: Stored, requested: str, device: str, capability: tup
                          f"({stored.mode}: torchao {stored.tensor}, from {stored.config}) and is served as stored. Set "
                          f"QUANTIZATION=auto or {stored.mode}, or point MODEL_ID at the unquantized model to quantize "
                          "it at startup.")
-    if stored.mode == "fp8" and device == "cuda" and not fp8_runs(device, capability):
+    if stored.mode == "fp8" and hardware.device == "cuda" and not fp8_runs(hardware):
         raise ValueError(f"MODEL_ID's transformer is stored in fp8, which needs compute capability >= 8.9 on a GPU; "
-                         f"this is {capability}. Point MODEL_ID at the unquantized model (QUANTIZATION=int8 quantizes "
+                         f"this is {hardware.capability}. Point MODEL_ID at the unquantized model (QUANTIZATION=int8 quantizes "
                          "it at startup).")
     return Decision(stored.value, f"stored so by the checkpoint (torchao {stored.tensor}, from {stored.config}, "
                                   f"{stored.layers} of {stored.linears} Linear layers): served as stored, not "
@@ -121,18 +122,20 @@ def _quantizable(linear: torch.nn.Module, mode: str) -> bool:
 
 
 def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None = None,
-              result_device: str | None = None, keep_bf16: tuple[str, ...] = ()) -> None:
+              result_device: str | None = None, keep_bf16: tuple[str, ...] = (), granularity: str = "row") -> None:
     """Quantizes the Linear weights in place, layer by layer: each is moved to `work_device` (a GPU does
     it in seconds), quantized, and left on `result_device` (the host, to stream it); default: where it is.
-    fp8 leaves the layers whose name contains one of `keep_bf16` as they are."""
+    fp8 scales activations and weights per row, or per tensor (`granularity`, as the device's probe found;
+    aot/probes.py), and leaves the layers whose name contains one of `keep_bf16` as they are."""
     if mode == "none":
         return
     if mode == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
         from torchao.quantization import quantize_ as torchao_quantize_
 
         # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        config = Float8DynamicActivationFloat8WeightConfig(granularity={"row": PerRow, "tensor": PerTensor}[granularity](),
+                                                           set_inductor_config=False)
 
         def chosen(module, name):
             return isinstance(module, torch.nn.Linear) and not kept_in_bf16(name, keep_bf16)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 
+from aot.hardware import Hardware
+
 log = logging.getLogger("aot-space")
 
 
@@ -20,15 +22,20 @@ class Decision:
 
 @dataclass
 class Report:
-    device: str
+    device: str  # for people: the hardware's label (aot/hardware.py); decisions read `Hardware`, never this
     dtype: str
     family: str = ""
+    hardware: Hardware | None = None  # what runs it: device, arch, SMs, memory, ZeroGPU card and task size
     attention: str = "sdpa"
     attention_reason: str = ""
     step_cache: str = "off"  # what skips work between steps, with its parameters ("fbc:0.05"), or "off"
     step_cache_reason: str = ""  # which diffusers cache config runs, or why none does
     quantization: str = "none"
     quantization_reason: str = ""
+    fp8_granularity: str = ""  # "row" or "tensor" scales, as the device's probe found (aot/probes.py); "" without fp8
+    zerogpu_size: str = ""  # ZeroGPU's task size, "large" or "xlarge" (aot/zerogpu.py); "" elsewhere
+    zerogpu_size_reason: str = ""
+    probes: dict = field(default_factory=dict)  # what ran on the device at startup: fp8 granularities, attention
     compile: str = "none"
     compile_reason: str = ""
     compile_scope: str = ""  # "model" | "blocks"
@@ -42,6 +49,8 @@ class Report:
     # Where start-up went, in seconds: model load, placement, quantize, each program (compiled, downloaded or
     # verified from the cache), install and warm-up (which loads each program)
     startup: dict = field(default_factory=dict)
+    # Each preset's request time measured on the device at startup: per transformer call and the rest (Timing)
+    timings: dict = field(default_factory=dict)
     hub_upload: dict = field(default_factory=dict)  # AOT_HUB_UPLOAD: the repo, the commit to pin, the entries
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # choices expected on this hardware: information, not degradations
@@ -69,4 +78,4 @@ class Report:
         self.notes.append(message)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "hardware": self.hardware.as_dict() if self.hardware else None}

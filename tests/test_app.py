@@ -144,8 +144,8 @@ def test_status_api_says_what_runs(client, compiled_model):
     assert status["resolutions"] == ["64x64", "48x80", "80x48"]
     assert [p["image_tokens"] for p in status["programs"]] == [15, 16]
     # what a CPU cannot run is a note, not a fallback: nothing here degraded
-    assert status["notes"] == ["attention: FlashAttention-3 needs a Hopper GPU, this is cpu",
-                               "quantization: fp8 needs CUDA with compute capability >= 8.9, this is cpu"]
+    assert status["notes"] == ["quantization: fp8 needs CUDA with compute capability >= 8.9, this is cpu",
+                               "attention: no faster attention kernel for cpu"]
     assert status["fallbacks"] == []
     assert status["memory"]["low_vram"] is False and status["memory"]["reason"] == "no GPU memory limit to plan for"
     assert status["device"] == "cpu" and status["dtype"] == "float32"
@@ -154,6 +154,11 @@ def test_status_api_says_what_runs(client, compiled_model):
     assert [(p["resolutions"], p["source"]) for p in startup["programs"]] == [("48x80, 80x48", "cached"),
                                                                               ("64x64", "cached")]
     assert {"model_load_s", "install_s", "warm_up_s"} <= set(startup) and status["hub_upload"] == {}
+    # every preset timed on this device at startup: what each request's ZeroGPU duration is made of
+    assert set(status["timings"]) == {"64x64", "48x80", "80x48"}
+    assert all(t["call_s"] >= 0 and t["fixed_s"] >= 0 for t in status["timings"].values())
+    assert status["durations"]["source"] == "measured on this device" and status["durations"]["duration_factor"] == 1
+    assert status["hardware"]["device"] == "cpu" and status["zerogpu_size"] == ""
 
 
 def test_banner_names_what_the_space_does_and_keeps_expected_choices_apart_from_fallbacks(app, monkeypatch):
@@ -161,7 +166,8 @@ def test_banner_names_what_the_space_does_and_keeps_expected_choices_apart_from_
     assert app._status_line() == "AoT compiled on CPU · 2 program(s), loaded from cache"
     banner = app._status_markdown()
     assert "Demo model" in banner and "random weights" in banner and "MODEL_ID" in banner
-    assert "As expected on this hardware:\n\n- attention: FlashAttention-3 needs a Hopper GPU" in banner
+    assert "As expected on this hardware:\n\n- quantization: fp8 needs CUDA" in banner
+    assert "- attention: no faster attention kernel for cpu" in banner
     assert "loaded from cache in" in banner and "fallback" not in banner.lower()
     assert "Start-up: model load " in banner and "48x80, 80x48 cached " in banner and "warm-up " in banner
     monkeypatch.setattr(app.REPORT, "fallbacks", ["compile: AoT compilation failed, serving eager (simulated)"])

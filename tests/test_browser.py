@@ -276,6 +276,6 @@ def test_phone_puts_prompt_generate_and_result_first_under_a_one_line_banner(ope
     page.locator("#status-banner").get_by_text("AoT compiled").click()
     details = page.locator("#status-details")
     expect(details).to_contain_text("As expected on this hardware")
-    expect(details).to_contain_text("FlashAttention-3 needs a Hopper GPU")
+    expect(details).to_contain_text("no faster attention kernel for cpu")
     expect(page.locator("#status-json")).to_contain_text("model_id")
     _screenshot(page, "phone-390-details.png")

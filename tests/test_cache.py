@@ -83,7 +83,7 @@ def _key(compiled: Compiled, shape) -> dict:
     """The cache key of `compiled`'s program for `shape` (its image tokens), as optimization computes it."""
     settings = compiled.settings
     return cache_key(compiled.pipe, compiled.model.family.name, settings.model_id, settings.revision, compiled.report,
-                     settings.aot_scope, shape, settings.dynamic_shapes, compiled.report.text,
+                     compiled.report.hardware, settings.aot_scope, shape, settings.dynamic_shapes, compiled.report.text,
                      optimization.INDUCTOR_CONFIGS)
 
 

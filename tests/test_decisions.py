@@ -1,62 +1,81 @@
-"""Settings parsing and the hardware-gated choices, as plain functions: capability in, choice out."""
+"""Settings parsing and the hardware-gated choices, as plain functions: hardware in, choice out."""
 import pytest
 
-from aot.decisions import choose_attention, choose_compile, choose_quantization
+from aot.decisions import attention_candidates, choose_compile, choose_quantization, pick_attention
 from aot.families import FAMILIES, FLUX
+from aot.hardware import Hardware, cpu
 from aot.model import build_tiny, load_model
+from aot.probes import Probe
 from aot.report import Decision
 from settings import DEFAULT_MODEL_ID, DEMO_MODEL_ID, TINY_MODEL_ID, Settings, parse_presets
 
 HOPPER, ADA, AMPERE, BLACKWELL_RTX = (9, 0), (8, 9), (8, 0), (12, 0)
 
 
+def hardware(device: str, capability: tuple[int, int] | None, online: bool = True) -> Hardware:
+    """A GPU of `capability` (an H100's SMs and memory; the numbers do not enter these decisions), or a CPU host."""
+    if device == "cpu":
+        return cpu(online)
+    return Hardware("cuda", "test GPU", capability, 132, 80 * 2**30, "13.0", online)
+
+
 @pytest.mark.parametrize("capability, expected", [
     (HOPPER, "fp8"), (ADA, "fp8"), (BLACKWELL_RTX, "fp8"), (AMPERE, "none"),
 ])
 def test_auto_quantization_by_capability(capability, expected):
-    decision = choose_quantization("auto", "cuda", capability)
+    decision = choose_quantization("auto", hardware("cuda", capability), compiled=True)
     assert decision.value == expected
     assert not decision.fell_back and decision.expected == (expected == "none")  # no fp8 here: a note
 
 
 def test_auto_quantization_on_cpu_is_a_visible_note():
-    assert choose_quantization("auto", "cpu", None) == Decision(
+    assert choose_quantization("auto", cpu(), compiled=True) == Decision(
         "none", "fp8 needs CUDA with compute capability >= 8.9, this is cpu", expected=True)
 
 
 @pytest.mark.parametrize("device, capability", [("cpu", None), ("cuda", AMPERE)])
 def test_explicit_fp8_on_unsupported_hardware_is_a_startup_error(device, capability):
     with pytest.raises(ValueError, match="compute capability >= 8.9"):
-        choose_quantization("fp8", device, capability)
+        choose_quantization("fp8", hardware(device, capability), compiled=True)
 
 
 def test_int8_is_honoured_everywhere():
-    assert choose_quantization("int8", "cpu", None) == Decision("int8", "requested", fell_back=False)
+    assert choose_quantization("int8", cpu(), compiled=False) == Decision("int8", "requested", fell_back=False)
 
 
 @pytest.mark.parametrize("device, capability, online, expected", [
     ("cuda", HOPPER, True, "_flash_3_hub"),
     ("cuda", HOPPER, False, "sdpa"),        # no hub: FA3 cannot be fetched
-    ("cuda", BLACKWELL_RTX, True, "sdpa"),  # ZeroGPU's RTX Pro 6000: FA3 does not run on sm_120
+    ("cuda", BLACKWELL_RTX, True, "sage_hub"),  # ZeroGPU's RTX Pro 6000: no FA3 on sm_120, SageAttention is tried
+    ("cuda", BLACKWELL_RTX, False, "sdpa"),  # ... from the hub, so not offline
     ("cuda", AMPERE, True, "sdpa"),
     ("cpu", None, True, "sdpa"),
 ])
 def test_auto_attention_by_hardware(device, capability, online, expected):
-    decision = choose_attention("auto", device, capability, online)
-    assert decision.value == expected
-    # hardware without FA3 is a note; a Hopper GPU that cannot fetch it is a fallback
-    assert decision.fell_back == (expected == "sdpa" and capability == HOPPER)
-    assert decision.expected == (expected == "sdpa" and capability != HOPPER)
+    """`expected`: the first backend the device probes, or SDPA decided without a probe."""
+    candidates, decision = attention_candidates("auto", hardware(device, capability, online))
+    if expected != "sdpa":
+        assert candidates[0] == expected and candidates[-1] == "sdpa" and decision is None  # SDPA is the floor
+        return
+    assert candidates == () and decision.value == expected
+    # hardware without a faster kernel is a note; a GPU that has one but cannot fetch it is a fallback
+    has_fast_kernel = capability in (HOPPER, BLACKWELL_RTX)
+    assert decision.fell_back == has_fast_kernel
+    assert decision.expected == (not has_fast_kernel)
 
 
 def test_explicit_attention_is_kept():
-    assert choose_attention("_native_cudnn", "cuda", AMPERE, False) == Decision("_native_cudnn", "requested", fell_back=False)
+    candidates, decision = attention_candidates("_native_cudnn", hardware("cuda", AMPERE, online=False))
+    assert candidates == ("_native_cudnn", "sdpa") and decision is None  # probed, SDPA only as its fallback
+    ran = {"_native_cudnn": Probe(True, ms=2.0, error_vs_sdpa=0.1), "sdpa": Probe(True, ms=1.0)}
+    kept = pick_attention(candidates, ran, fastest=False)  # kept though slower and further from SDPA: asked for
+    assert kept.value == "_native_cudnn" and kept.reason.startswith("requested") and not kept.fell_back
 
 
 def test_compile_auto_is_on_for_cuda_and_off_but_reported_on_cpu():
-    on_cuda = choose_compile("auto", "cuda")
+    on_cuda = choose_compile("auto", hardware("cuda", AMPERE))
     assert on_cuda.value == "aoti" and not on_cuda.fell_back
-    decision = choose_compile("auto", "cpu")
+    decision = choose_compile("auto", cpu())
     assert decision.value == "none" and "COMPILE=aoti" in decision.reason
     assert decision.expected and not decision.fell_back
 

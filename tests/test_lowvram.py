@@ -394,16 +394,23 @@ def test_low_vram_refuses_fp8_where_it_cannot_run_like_the_normal_path():
 
 
 @pytest.mark.parametrize("requested", ["on", "stream"])
-def test_forced_low_vram_is_refused_on_zerogpu_as_a_fallback(monkeypatch, requested):
-    import spaces
+def test_forced_low_vram_is_refused_on_zerogpu_as_a_fallback(requested):
+    import json
+    from importlib.resources import files
 
+    from aot.hardware import Hardware, Size, ZeroGPUCard
     from aot.memory import plan_memory
     from aot.report import Report
 
-    # ZeroGPU's main process has no CUDA to pin or stream with: the request falls back to everything resident
-    monkeypatch.setattr(spaces.config.Config, "zero_gpu", True)
+    # ZeroGPU's main process has no CUDA to pin or stream with: the request falls back to everything resident. The
+    # card is spaces' own entry for ZeroGPU's RTX Pro 6000, as hardware.detect() reads it there
+    entry = next(c for c in json.loads(files("spaces.zero").joinpath("configs.json").read_text())
+                 if c["model"].startswith("NVIDIA RTX PRO 6000"))
+    card = ZeroGPUCard.from_spaces(entry)
+    zerogpu = Hardware("cuda", card.model, card.capability, card.sm_count, card.memory, "13.0", False, card)
     report = Report(device="cpu", dtype="float32")
-    plan = plan_memory(tiny_model().pipe, requested, "auto", None, 16, "cpu", None, True, report)
+    plan, planned = plan_memory(tiny_model().pipe, requested, "auto", None, 16, zerogpu, False, True, report)
     assert not plan.low_vram and not plan.stream
+    assert planned.size is Size.LARGE  # the tiny pipeline fits half the card
     assert report.fallbacks == [f"memory: LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU "
                                 "to stream to); everything resident"]

@@ -16,6 +16,7 @@ import torch._inductor.config
 import optimization
 from aot.cache import cache_key, key_digest
 from aot.families import family_named
+from aot.hardware import cpu
 from aot.memory import measure_footprint
 from aot.model import build_tiny, load_model
 from aot.quantize import quantize_
@@ -114,8 +115,8 @@ def test_the_cache_key_tells_it_from_the_same_model_quantized_at_startup(checkpo
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     pipe = build_tiny(family_named("flux")).to(torch.bfloat16)
     quantize_(pipe.transformer, "fp8")  # what QUANTIZATION=fp8 does on a GPU
-    keys = [cache_key(p, "flux", "same", None, Report(device="cpu", dtype="bfloat16", quantization=q), "model", 4,
-                      False, "fixed", {}) for p, q in ((pipe, "fp8"), (served.pipe, served.report.quantization))]
+    keys = [cache_key(p, "flux", "same", None, Report(device="cpu", dtype="bfloat16", quantization=q), cpu(), "model",
+                      4, False, "fixed", {}) for p, q in ((pipe, "fp8"), (served.pipe, served.report.quantization))]
     assert keys[0]["weights"] == keys[1]["weights"]  # the same names, shapes and dtypes
     assert keys[0]["quantization"] != keys[1]["quantization"]  # "fp8" against "fp8 (pre-quantized)"
     assert keys[0]["transformer_config"] != keys[1]["transformer_config"]  # the checkpoint's quantization_config

@@ -1,11 +1,16 @@
-"""The app under spaces' real ZeroGPU code path, against the device-API stand-in (tests/zerogpu_standin.py).
+"""The app under spaces' real ZeroGPU code path, against the device-API stand-in (tests/zerogpu_standin.py), with
+spaces' configuration of ZeroGPU's card today, the RTX Pro 6000 Blackwell (tests/zerogpu_profile.py).
 
 With SPACES_ZERO_GPU=true, `spaces` patches torch in the main process and sends every `@spaces.GPU` call to a
 forked worker once the device API grants a GPU. On this CPU machine (a CUDA build of torch, no driver), seen:
   - the main process believes it has ZeroGPU's device: `torch.cuda.is_available()` is True and the GPU is
-    spaces' emulated H200 (sm_90, 60 SMs), so the app plans fp8 and AoT for it;
-  - the startup compile asks for a 1500 s GPU task before the server starts, its worker reaches /allow and then
-    fails at CUDA init, so the app serves eager and lists the fallback;
+    spaces' emulated RTX Pro 6000 (sm_120, 188 SMs, the whole card), so the app plans fp8 and AoT for it, and for
+    half the card (`large`), which it passes to every task;
+  - before quantizing, a 60 s task (40 s asked, times spaces' factor of 1.5) probes fp8 and attention on the
+    card; its worker fails at CUDA init here, so the guesses stay untested and that is listed;
+  - the startup compile asks for a 1500 s GPU task (1000 s asked) before the server starts, its worker reaches
+    /allow and then fails at CUDA init, so the app serves eager and lists the fallback; timing the presets fails
+    the same way, so requests ask for durations estimated from an H100's step, x4 for half the card;
   - every request's worker fails the same way, which the user sees as spaces' "ZeroGPU worker error"
     (the error's class name: RuntimeError), and the server keeps serving;
   - quota (429), no-GPU (503) and queue answers come before any GPU work, so their messages are the real ones.
@@ -90,7 +95,8 @@ def device_api():
 
 @pytest.fixture(scope="module")
 def zero_app(device_api, tmp_path_factory):
-    """app.py as a ZeroGPU Space runs it: SPACES_ZERO_GPU=true, the device API at the stand-in, an empty cache."""
+    """app.py as a ZeroGPU Space runs it today: SPACES_ZERO_GPU=true, the device API at the stand-in, spaces' RTX Pro
+    6000 configuration, an empty cache."""
     import torch
     from gradio_client import Client
 
@@ -100,13 +106,14 @@ def zero_app(device_api, tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "SPACES_ZERO_GPU": "true", "SPACES_ZERO_DEVICE_API_URL": device_api.url,
            "ZEROGPU_OFFLOAD_DIR": str(work / "tensors"), "AOT_CACHE_DIR": str(work / "aot-cache"),
-           "MODEL_ID": "tiny", "COMPILE": "aoti", "PRESETS": "square=64x64,big=1024x1024",  # big: never run here
+           # big and huge: never run here; huge is past ZeroGPU's per-request maximum at 50 steps
+           "MODEL_ID": "tiny", "COMPILE": "aoti", "PRESETS": "square=64x64,big=1024x1024,huge=3072x3072",
            "GRADIO_SERVER_NAME": "127.0.0.1",
            "GRADIO_SERVER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     log = work / "app.log"
     with log.open("w") as out:
-        app = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        app = subprocess.Popen([sys.executable, "tests/zerogpu_profile.py", "app.py"], cwd=ROOT, env=env, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def ready():
@@ -150,20 +157,35 @@ def _served_next(client, device_api) -> None:
     assert client.predict(api_name="/status")["model_id"] == "tiny"
 
 
-def test_startup_compiles_in_a_1500_s_gpu_task_then_reports_and_serves_eager(zero_app, device_api):
+def test_startup_probes_then_compiles_then_times_in_gpu_tasks_sized_for_half_the_card(zero_app, device_api):
     client, _, app, _ = zero_app
     calls = device_api.calls()
     paths = [c["path"] for c in calls]
-    assert paths[:4] == ["/schedule", "/allow", "/release", "/startup-report"]
-    schedule, allow, release = calls[:3]
-    assert schedule["params"]["durationSeconds"] == "1500" and schedule["params"]["enableQueue"] == "true"
+    assert paths[:10] == ["/schedule", "/allow", "/release"] * 3 + ["/startup-report"]
+    schedules = [c["params"] for c in calls if c["path"] == "/schedule"][:3]
+    # probe, compile, timing: each duration as ZeroGPU enforces it, after spaces' factor of 1.5 for `large`
+    assert [(p["durationSeconds"], p["gpuSize"]) for p in schedules] == [("60", "large"), ("1500", "large"),
+                                                                          ("300", "large")]
+    assert all(p["enableQueue"] == "true" for p in schedules)
+    schedule, allow, release = calls[3:6]
     worker = int(allow["params"]["pid"])
     assert worker != app.pid  # a forked worker asked for the GPU, not the main process
     assert release["params"] == {"allowToken": allow["params"]["allowToken"], "fail": "true"}
     status = client.predict(api_name="/status")
-    assert status["device"] == "cuda: NVIDIA H200, sm_90"  # spaces' emulated ZeroGPU device, in the main process
+    # spaces' emulated ZeroGPU card, in the main process, planned for half of it
+    assert status["device"] == "cuda: NVIDIA RTX PRO 6000 Blackwell Server Edition, sm_120, ZeroGPU large (47 GiB)"
+    assert status["hardware"]["arch"] == "sm_120" and status["hardware"]["sm_count"] == 188
+    assert status["zerogpu_size"] == "large" and "1x quota" in status["zerogpu_size_reason"]
+    assert status["memory"]["budget_gib"] == 47.49 and status["memory"]["xlarge_threshold_gib"] == 42.0
+    assert status["memory"]["by_size"]["large"]["fits"] and status["memory"]["packed_gib"] < 1
     assert status["compile"] == "none"
-    assert any(f.startswith("compile: AoT compilation failed, serving eager") for f in status["fallbacks"])
+    fallbacks = status["fallbacks"]
+    assert any(f.startswith("probes: could not run on the device") for f in fallbacks)
+    assert any(f.startswith("compile: AoT compilation failed, serving eager") for f in fallbacks)
+    assert any(f.startswith("durations: timing the presets on the device failed") for f in fallbacks)
+    durations = status["durations"]
+    assert (durations["source"], durations["slowdown_vs_h100"], durations["duration_factor"]) == (
+        "estimated from an H100's step", 4.0, 1.5)
 
 
 def test_gpu_failure_reaches_the_user_and_the_server_keeps_serving(zero_app, device_api):
@@ -198,15 +220,28 @@ def test_quota_answers_reach_the_user_before_any_gpu_work(zero_app, device_api):
     quota, illegal = str(_failure(signed_in, **big)), str(_failure(signed_in, **big))
     schedules = [c for c in _new_calls(device_api, since) if c["path"] == "/schedule"]
     requested = schedules[-1]["params"]["durationSeconds"]
-    # the app's gpu_seconds, sized for spaces' emulated device: FIXED_SECONDS (3) + a new worker's start (4 s, and
-    # 1 s per GiB of the tiny model's weights: every task here fails, so no worker ever served) + 50 eager steps (the
-    # compile fell back) of 0.25 s at 1024x1024, x132/60 for the 60 SMs of ZeroGPU's H200 slice (app.py)
-    assert requested == str(math.ceil(3 + 4 + 0.001 + 50 * 0.25 * 132 / 60))
+    # the app's gpu_seconds, estimated for half the RTX Pro 6000 (timing failed here): FIXED_SECONDS (3) + a new
+    # worker's start (4 s, and 1 s per GiB of the tiny model's weights: every task here fails, so no worker ever
+    # served) + 50 eager steps (the compile fell back) of an H100's 0.25 s at 1024x1024, x4 for half the card
+    # (aot/zerogpu.py); the app asks for that divided by spaces' factor, and spaces multiplies it back
+    needed = math.ceil(3 + 4 + 0.001 + 50 * 0.25 * 4.0)
+    assert requested == str(round(math.ceil(needed / 1.5) * 1.5)) == "58"
     assert quota.startswith(f"You have exceeded your ZeroGPU quota ({requested}s requested vs. 3s left). "
                             "Try again in 0:01:30.")
     assert illegal.startswith(f"The requested GPU duration ({requested}s) is larger than the maximum allowed")
     assert schedules[1]["params"]["token"].count(".") == 2  # the visitor's token went to the device API
     assert [c["path"] for c in _new_calls(device_api, since)] == ["/schedule"] * 3  # no worker, no GPU
+    _served_next(client, device_api)
+
+
+def test_a_request_past_zerogpus_per_request_maximum_is_refused_with_what_fits(zero_app, device_api):
+    client, _, _, _ = zero_app
+    since = len(device_api.calls())
+    message = str(_failure(client, resolution="3072x3072", steps=50))
+    # 50 estimated steps at 3072x3072 on half the card need about 459 s, past the 300 s assumed maximum
+    assert message.startswith("50 steps at 3072x3072 need about 459 s of GPU, past ZeroGPU's 300 s per request; "
+                              "use at most 32 steps at 3072x3072 or 50 steps at 64x64, 1024x1024"), message
+    assert _new_calls(device_api, since) == []  # refused before asking for a GPU
     _served_next(client, device_api)
 
 

@@ -1,0 +1,171 @@
+"""ZeroGPU: the task size (`large`, half the card, or `xlarge`, all of it at twice the quota), the duration each
+request asks for, and telling spaces' own answers from failed tasks.
+
+spaces (`spaces/zero/client.py`) multiplies every requested duration by the card's `duration_factor` (1.5 on the RTX
+Pro 6000) unless the size is `xlarge`, and ZeroGPU ends a task at that stretched duration. The durations here are
+what a task needs on this device, measured at startup (`Timing`), with a margin; they are divided by the factor
+before spaces multiplies them again, so the factor counts exactly once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from aot.hardware import Hardware, Size, ZeroGPUCard
+from aot.report import Decision, Report
+
+# ZeroGPU's per-call maximum is not documented; its staff have said about 5 minutes at most. A request whose duration
+# (after spaces' factor) would pass this is refused with the fewest steps or the smallest preset that fit.
+MAX_TASK_SECONDS = 300
+# The startup compile task, as the ZeroGPU AoT guide asks for it: the duration the task gets, after spaces' factor
+STARTUP_TASK_SECONDS = 1500
+PROBE_TASK_SECONDS = 60  # a few tiny kernels, and a new worker's start
+MARGIN = 1.3  # on times measured on this device: a busy host, a slower first call
+FIXED_SECONDS = 3  # at least, for the text encoders, the VAE and the hand-over (0.12 s measured on an H100, run 15)
+# A new GPU worker (the first request, or the next after a failed task) first copies the weights to the GPU: 2.9 s
+# measured for 1.2 GiB of them and 8.5 s for 11.1 GiB on an H100 (run 15), about 2.2 s + 0.57 s/GiB; asked at twice.
+WORKER_START_SECONDS, WORKER_SECONDS_PER_GIB = 4, 1.0
+# A shape's first call in a worker loads its programs: 0.1-2.8 s measured (runs 15-17)
+PROGRAM_LOAD_SECONDS = 5
+# Before anything is measured on the device (or when measuring failed): an H100's FLUX.1-dev step at 1024x1024,
+# 98-115 ms compiled and 183 ms eager (RESULTS.md runs 13, 16), asked with a 1.3-1.5x margin, per transformer call
+H100_CALL_SECONDS = {True: 0.15, False: 0.25}
+H100_SMS = 132
+# A card's step time against the H100's, for those estimates. The H200 slice (MIG 3g.71gb) has 60 of the H200's
+# SMs: 132/60. The RTX Pro 6000 Blackwell, from its published specs (188 SMs, 1.79 TB/s, about 1,000 dense fp8
+# TFLOP/s): half of it has about a quarter of an H100's dense fp8 and bf16 rate and of its memory bandwidth, the
+# whole card about half. Not measured: we have no such card.
+SLOWDOWN = {
+    ("NVIDIA H200", None): H100_SMS / 60,
+    ("NVIDIA RTX PRO 6000 Blackwell Server Edition", Size.LARGE): 4.0,
+    ("NVIDIA RTX PRO 6000 Blackwell Server Edition", Size.XLARGE): 2.0,
+}
+
+
+def slowdown(name: str, sm_count: int, size: Size | None) -> float:
+    """How much longer than an H100 a step takes on this card and size: the table, else by SM count."""
+    return SLOWDOWN.get((name, size)) or max(1.0, H100_SMS / max(sm_count, 1))
+
+
+def gpu_task(fn, seconds: float, hardware: Hardware):
+    """`fn` as a ZeroGPU task that gets `seconds` once spaces applies its factor, at the hardware's size (`large`
+    until one is chosen: the probes run before the plan); `fn` itself off ZeroGPU, where spaces leaves it as is."""
+    import spaces
+
+    card = hardware.zerogpu
+    if card is None:
+        return spaces.GPU(duration=math.ceil(seconds))(fn)
+    size = hardware.size or (Size.LARGE if card.sizes else None)
+    # whole seconds first, as Durations.requested: spaces rounds the stretched duration, which a fraction would
+    # leave short (4.2 s: 3 asked, 4.5 rounded to 4)
+    duration = max(1, math.ceil(math.ceil(seconds) / card.factor_for(size) - 1e-9))
+    return spaces.GPU(duration=duration, size=size.value if size else None)(fn)
+
+
+def answered_before_gpu_work(err: Exception) -> bool:
+    """Whether `err` is ZeroGPU's answer to the request for a GPU (quota, no GPU, queue timeout), which leaves the
+    GPU worker as it was. spaces titles those "ZeroGPU ..." and a failed task "ZeroGPU worker error"; any other
+    failure (or title) counts as a replaced worker, which only asks for a first load too many."""
+    title = getattr(err, "title", "") or ""
+    return title.startswith("ZeroGPU") and title != "ZeroGPU worker error"
+
+
+def choose_size(requested: str, card: ZeroGPUCard, fits: dict[Size, bool]) -> Decision:
+    """ZEROGPU_SIZE: `large` when the memory plan fits half the card (and its packed weights stay under spaces'
+    `xlarge_threshold`), else `xlarge`. `fits`: whether the plan for each size fits it. An explicit size that does
+    not fit is a startup error; spaces is never left to switch on its own."""
+    cost = {Size.LARGE: f"half the card, {card.memory_for(Size.LARGE) / 2**30:.0f} GiB, 1x quota",
+            Size.XLARGE: f"the whole card, {card.memory_for(Size.XLARGE) / 2**30:.0f} GiB, 2x quota"}
+    if requested != "auto":
+        size = Size(requested)
+        if not fits[size]:
+            raise ValueError(f"ZEROGPU_SIZE={requested}: the pipeline does not fit {cost[size]} (status `memory` has "
+                             "the plan); set ZEROGPU_SIZE=auto or xlarge, or QUANTIZATION=int8 or int4")
+        return Decision(size.value, f"requested: {cost[size]}")
+    if fits[Size.LARGE]:
+        return Decision(Size.LARGE.value, f"auto: the pipeline fits {cost[Size.LARGE]}")
+    return Decision(Size.XLARGE.value, f"auto: the pipeline does not fit half the card, so {cost[Size.XLARGE]}",
+                    fell_back=True)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One preset's request time on this device, measured at startup: per transformer call, and the rest of an
+    image (text encoders, VAE, hand-over)."""
+
+    call_s: float
+    fixed_s: float
+
+
+@dataclass(frozen=True)
+class Durations:
+    """The GPU seconds each request asks for. `timings`: measured per preset name; a preset without one is estimated
+    from an H100's step, scaled by the card's slowdown and the preset's pixels."""
+
+    timings: dict[str, Timing]
+    compiled: bool
+    step_cost: float  # the family's step against FLUX.1-dev's at the same pixel count (estimates only)
+    slowdown: float  # this card and size against an H100 (estimates only)
+    weight_gib: float  # what a new worker copies to the GPU
+    factor: float = 1.0  # spaces' duration factor for this size (1 off ZeroGPU or on `xlarge`)
+    quota_factor: int = 1  # `xlarge` costs twice the quota
+    limited: bool = False  # on ZeroGPU: a request must fit MAX_TASK_SECONDS
+
+    def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool) -> float:
+        """The seconds a request's task needs, margin included. `calls`: transformer calls a step (2 with CFG)."""
+        timing = self.timings.get(preset.name)
+        if timing:
+            call, fixed = timing.call_s * MARGIN, max(FIXED_SECONDS, timing.fixed_s * MARGIN)
+        else:
+            pixels = preset.width * preset.height / 1024**2
+            call = H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * pixels
+            fixed = FIXED_SECONDS
+        extra = (WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * self.weight_gib) if new_worker else 0.0
+        if self.compiled and first_shape:
+            extra += PROGRAM_LOAD_SECONDS
+        return fixed + extra + calls * steps * call
+
+    def requested(self, seconds: float) -> int:
+        """What `@spaces.GPU(duration=...)` is given so that, once spaces multiplies it by its factor, the task gets
+        at least `seconds` (spaces rounds the product, so a whole number of seconds stays covered)."""
+        return max(1, math.ceil(math.ceil(seconds) / self.factor - 1e-9))
+
+    def granted(self, seconds: float) -> int:
+        """The task's duration as ZeroGPU enforces it: the request times spaces' factor."""
+        return round(self.requested(seconds) * self.factor)
+
+    def fits(self, seconds: float) -> bool:
+        return self.granted(seconds) <= MAX_TASK_SECONDS
+
+    def too_long(self, presets, preset, steps: int, calls: int) -> str | None:
+        """Why a request cannot fit ZeroGPU's per-call maximum (counting a new worker's start, the worst case),
+        naming the most steps at this preset and the presets where these steps fit; None if it fits."""
+        def need(p, n):
+            return self.task_seconds(p, n, calls, new_worker=True, first_shape=True)
+
+        if not self.limited or self.fits(need(preset, steps)):
+            return None
+        most = max((n for n in range(1, steps) if self.fits(need(preset, n))), default=0)
+        other = [p.name for p in presets if p != preset and self.fits(need(p, steps))]
+        advice = [f"at most {most} steps at {preset.name}" if most else f"no step count fits at {preset.name}"]
+        if other:
+            advice.append(f"{steps} steps at {', '.join(other)}")
+        return (f"{steps} steps at {preset.name} need about {self.granted(need(preset, steps))} s of GPU, past "
+                f"ZeroGPU's {MAX_TASK_SECONDS} s per request; use {' or '.join(advice)}")
+
+    def as_dict(self) -> dict:
+        return {"source": "measured on this device" if self.timings else "estimated from an H100's step",
+                "slowdown_vs_h100": None if self.timings else self.slowdown,
+                "per_preset": {name: {"call_s": t.call_s, "fixed_s": t.fixed_s} for name, t in self.timings.items()},
+                "margin": MARGIN, "duration_factor": self.factor, "quota_factor": self.quota_factor,
+                "max_task_seconds": MAX_TASK_SECONDS}
+
+
+def durations(report: Report, step_cost: float, weight_gib: float) -> Durations:
+    """The request durations for what `report` says runs: its measured timings, else estimates for its hardware."""
+    hardware = report.hardware
+    card, size = hardware.zerogpu, hardware.size
+    name = card.model if card else hardware.name
+    return Durations({name: Timing(**t) for name, t in report.timings.items()}, report.compile == "aoti", step_cost,
+                     slowdown(name, hardware.sm_count, size), weight_gib, card.factor_for(size) if card else 1.0,
+                     2 if size is Size.XLARGE else 1, card is not None)
