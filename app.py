@@ -18,6 +18,8 @@ from gradio.utils import get_upload_folder
 import optimization
 from aot import parallel, prompts, step_cache, zerogpu
 from aot.families import Guidance
+from aot.hardware import detect
+from aot.zerogpu import MARGIN, MAX_TASK_SECONDS
 from aot.memory import resident_bytes
 from aot.model import load_model
 from settings import DEMO_MODEL_ID, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
@@ -25,11 +27,12 @@ from settings import DEMO_MODEL_ID, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MA
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("aot-space")
 
-SETTINGS = Settings.from_env()
+HARDWARE = detect()  # once: on ZeroGPU, spaces' card (aot/hardware.py)
+SETTINGS = Settings.from_env(has_cuda=HARDWARE.device == "cuda")
 RANKS = parallel.join(SETTINGS)  # None in one process; one of several ranks: README "Several GPUs"
-MODEL = load_model(SETTINGS)
+MODEL = load_model(SETTINGS, hardware=HARDWARE)
 DEFAULTS, FAMILY = MODEL.defaults, MODEL.family
-REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS)
+REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS, HARDWARE)
 # repeated prompts skip the text encoders; in host memory under a low-VRAM layout, whose plan does not count them
 PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache, host=REPORT.memory.get("low_vram", False))
 # Every image's prompt encodings, for /status: added up here, since on ZeroGPU the cache lives in the GPU worker
@@ -314,6 +317,13 @@ def _status_markdown() -> str:
                  f"step cache `{REPORT.step_cache}`, quantization `{REPORT.quantization}`, {compiled}.")
     if REPORT.parallel:
         lines.append(parallel.describe(REPORT.parallel))
+    if REPORT.zerogpu_size:
+        lines.append(f"ZeroGPU size `{REPORT.zerogpu_size}` ({REPORT.zerogpu_size_reason}); memory: "
+                     f"{REPORT.memory.get('layout')}.")
+    if HARDWARE.zerogpu:
+        source = DURATIONS.as_dict()["source"]
+        lines.append(f"A default image asks ZeroGPU for {_default_request_seconds()} s of GPU ({source}, x{MARGIN}; "
+                     f"at most {MAX_TASK_SECONDS} s a request).")
     if REPORT.startup:
         lines.append(f"Start-up: {_startup_line(REPORT.startup)}.")
     if REPORT.hub_upload:

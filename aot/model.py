@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from aot.families import FAMILIES, Defaults, Family, Guidance, family_named
+from aot.hardware import Hardware, detect
 from settings import DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, parse_presets
 
 log = logging.getLogger("aot-space")
@@ -95,7 +96,7 @@ def _stored_quantization(source: str, revision: str | None) -> dict:
         "quantization_config") or {}
 
 
-def load_pipeline(settings: Settings):
+def load_pipeline(settings: Settings, hardware: Hardware):
     """The pipeline named by MODEL_ID, in host memory: bf16 when a GPU will run it or its transformer is stored
     quantized by torchao, else fp32. `optimization.optimize_pipeline_` puts it on the GPU (whole, or in low-VRAM
     mode part by part). A model that cannot be loaded stops startup with one message that says which setting to
@@ -128,7 +129,7 @@ def load_pipeline(settings: Settings):
         # A torchao checkpoint is made from bf16 weights (its fp8 per-row format takes nothing else, diffusers warns
         # against other dtypes for its int formats) and its weights compute in that dtype: the whole pipeline takes
         # it, even on a CPU, since the pipeline feeds the transformer in its text encoders' dtype.
-        dtype = torch.bfloat16 if torch.cuda.is_available() or method else torch.float32
+        dtype = torch.bfloat16 if hardware.device == "cuda" or method else torch.float32
         pipe = DiffusionPipeline.from_pretrained(source, revision=settings.revision, dtype=dtype)
         if method:  # diffusers makes stored weights Parameters that require grad: AOTInductor unwraps an int8 one
             pipe.transformer.requires_grad_(False)  # into int8 data that requires grad, which torch refuses
@@ -143,11 +144,12 @@ def load_pipeline(settings: Settings):
         ) from None
 
 
-def load_model(settings: Settings, pipe=None) -> Model:
+def load_model(settings: Settings, pipe=None, hardware: Hardware | None = None) -> Model:
     """The pipeline (loaded here unless given), its family and defaults, and the presets it serves: PRESETS
-    if set, else the family's native resolutions (its tiny ones for a tiny pipeline, the demo model's own)."""
+    if set, else the family's native resolutions (its tiny ones for a tiny pipeline, the demo model's own).
+    `hardware`: where it will run (detected here unless given)."""
     start = time.perf_counter()
-    pipe = load_pipeline(settings) if pipe is None else pipe
+    pipe = load_pipeline(settings, hardware or detect()) if pipe is None else pipe
     family = family_of(pipe)
     native = (DEMO_PRESETS if settings.model_id == DEMO_MODEL_ID else family.tiny_presets if settings.tiny_family
               else family.presets)
