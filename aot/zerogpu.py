@@ -147,11 +147,12 @@ class Durations:
             return None
         most = max((n for n in range(1, steps) if self.fits(need(preset, n))), default=0)
         other = [p.name for p in presets if p != preset and self.fits(need(p, steps))]
-        advice = [f"at most {most} steps at {preset.name}" if most else f"no step count fits at {preset.name}"]
+        advice = [f"at most {most} steps at {preset.name}"] if most else []
         if other:
             advice.append(f"{steps} steps at {', '.join(other)}")
+        fix = f"use {' or '.join(advice)}" if advice else f"no step count fits at {preset.name}"
         return (f"{steps} steps at {preset.name} need about {self.granted(need(preset, steps))} s of GPU, past "
-                f"ZeroGPU's {MAX_TASK_SECONDS} s per request; use {' or '.join(advice)}")
+                f"ZeroGPU's {MAX_TASK_SECONDS} s per request; {fix}")
 
     def as_dict(self) -> dict:
         return {"source": "measured on this device" if self.timings else "estimated from an H100's step",

@@ -178,3 +178,43 @@ def test_hub_repo_must_be_pinned_and_an_unreachable_one_falls_back_to_compiling(
     pinned = Compiled(aot_hub_repo="someone/aot-packages@" + "a" * 40, aot_cache_dir=tmp_path, **SMALL)
     assert pinned.report.compile_source == "compiled now"  # offline in tests: nothing fetched, compiled instead
     assert any(f.startswith("compiled packages: could not fetch") for f in pinned.report.fallbacks)
+
+
+def test_a_hub_repo_holds_programs_for_several_architectures_and_a_start_takes_its_own(tmp_path, monkeypatch,
+                                                                                        compile_calls):
+    """An entry compiled here, beside the same entry as an sm_120 start would key it: a start downloads only its own;
+    with only the other architecture's there, it compiles and says so. A stand-in for `snapshot_download` copies what
+    the start asks for out of a local folder (tests never reach the Hub)."""
+    import huggingface_hub
+
+    here = Compiled(aot_cache_dir=tmp_path / "compiled-here", **SMALL)
+    [digest] = here.report.cache_keys
+    hub = tmp_path / "hub"
+    shutil.copytree(tmp_path / "compiled-here" / digest, hub / digest)
+    manifest = json.loads((hub / digest / "manifest.json").read_text())
+    other = {**manifest, "key": {**manifest["key"], "arch": "sm_120", "cuda": "13.0"}}
+    other_digest = key_digest(other["key"])
+    shutil.copytree(hub / digest, hub / other_digest)
+    (hub / other_digest / "manifest.json").write_text(json.dumps(other))
+    asked = []
+
+    def snapshot_download(repo, revision, allow_patterns, local_dir):
+        asked.append(allow_patterns)
+        for pattern in allow_patterns:
+            entry = hub / pattern.removesuffix("/*")
+            if entry.exists():
+                shutil.copytree(entry, Path(local_dir) / entry.name)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    compile_calls.clear()
+    pinned = "someone/aot-packages@" + "b" * 40
+    fetched = Compiled(aot_hub_repo=pinned, aot_cache_dir=tmp_path / "start-1", **SMALL)
+    assert asked == [[f"{digest}/*"]] and compile_calls == []
+    assert fetched.report.startup["programs"][0]["source"] == "downloaded" and fetched.report.fallbacks == []
+    assert sorted(p.name for p in (tmp_path / "start-1").iterdir() if p.name != "inductor") == [digest]
+    shutil.rmtree(hub / digest)  # the repo now holds the other architecture's entry only
+    compiled = Compiled(aot_hub_repo=pinned, aot_cache_dir=tmp_path / "start-2", **SMALL)
+    assert compiled.report.compile_source == "compiled now" and len(compile_calls) == 1
+    [fallback] = [f for f in compiled.report.fallbacks if f.startswith("compiled packages")]
+    assert f"has no entry for {compiled.report.hardware.arch}" in fallback and "compiling here" in fallback
+    assert not (tmp_path / "start-2" / other_digest).exists()  # never downloaded, never loaded
