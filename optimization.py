@@ -67,29 +67,48 @@ TIMED_STEPS = 3  # a preset's timing: one call of 1 step and one of this many; t
 
 def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks | None = None,
                        hardware: Hardware | None = None) -> Report:
-    """Makes `model.pipe.transformer` fast in place. Returns what was done and what fell back, and why.
-    With `ranks` (several ranks, aot/parallel.py) it is split across them by context parallelism, eagerly.
-    `hardware`: detected here unless given."""
-    pipe, family = model.pipe, model.family
-    transformer = pipe.transformer
+    """Makes `model.pipe.transformer` fast in place, one step of the recipe after another. Returns what was done and
+    what fell back, and why. With `ranks` (several ranks, aot/parallel.py) it is split across them by context
+    parallelism, eagerly. `hardware`: detected here unless given."""
     hardware = hardware or detect()
-    report = Report(device=hardware.label, dtype=str(transformer.dtype).removeprefix("torch."), family=family.name,
-                    hardware=hardware)
-    if settings.dynamic_shapes and family.dynamic_spec is None:
-        raise ValueError(f"DYNAMIC_SHAPES=1 is not supported for the {family.name} family; unset it")
+    report = Report(device=hardware.label, dtype=str(model.pipe.transformer.dtype).removeprefix("torch."),
+                    family=model.family.name, hardware=hardware)
+    stored = stored_quantization(model.pipe.transformer)  # a pre-quantized checkpoint: served as stored
+    compiled = _choose(model, settings, hardware, report, stored, eager=ranks is not None)  # 1
+    granularity = _probe(model, settings, hardware, report)  # 2
+    plan, hardware = _plan_and_place_(model, settings, hardware, report, stored, granularity, compiled)  # 3
+    if compiled:  # 4-5
+        _compile_or_serve_eager(model, settings, report, plan, hardware, stored)
+    else:  # 5
+        if ranks:
+            ranks.enable_(model, report)
+        _eager_fp8(model, report, plan.low_vram, stored)
+        _time_eager(model, report, hardware)
+    step_cache.enable_(model.pipe.transformer, report)  # 6
+    return report
 
-    # 1. Compilation, and the weight format (fp8 only pays when compiled). A pre-quantized checkpoint's weights are
-    # served as stored: checked against QUANTIZATION, planned for as loaded, never quantized again.
-    stored = stored_quantization(transformer)
-    compiled = report.decide("compile", parallel.EAGER if ranks else choose_compile(settings.compile, hardware)) == "aoti"
+
+def _choose(model: Model, settings: Settings, hardware: Hardware, report: Report, stored: Stored | None,
+            eager: bool) -> bool:
+    """Step 1: compilation, the weight format (fp8 only pays when compiled; stored weights are checked against
+    QUANTIZATION, never quantized again), the step cache and the text handling. Returns whether it compiles."""
+    if settings.dynamic_shapes and model.family.dynamic_spec is None:
+        raise ValueError(f"DYNAMIC_SHAPES=1 is not supported for the {model.family.name} family; unset it")
+    compiled = report.decide("compile", parallel.EAGER if eager else choose_compile(settings.compile, hardware)) == "aoti"
     report.decide("quantization", stored_decision(stored, settings.quantization, hardware) if stored
                   else choose_quantization(settings.quantization, hardware, compiled))
+    report.decide("step_cache", step_cache.choose(settings.step_cache, model))
+    report.text = _text_handling(model)
+    return compiled
 
-    # 2. The hardware guesses, tried on the device.
-    granularity = _probe(model, settings, hardware, report)
 
-    # 3. The memory plan (on ZeroGPU, the task size), placement, attention, quantization: before compiling, so
-    # every program reads the quantized weights.
+def _plan_and_place_(model: Model, settings: Settings, hardware: Hardware, report: Report, stored: Stored | None,
+                     granularity: str | None, compiled: bool) -> tuple[MemoryPlan, Hardware]:
+    """Step 3: the memory plan (on ZeroGPU, the task size), then placement, the attention backend and quantization,
+    all before compiling, so that every program reads the quantized weights. Returns the plan and the hardware with
+    its ZeroGPU size."""
+    pipe, family = model.pipe, model.family
+    transformer = pipe.transformer
     plan, hardware = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization,
                                  settings.vram_limit_gib, model.max_image_tokens, hardware, granularity is not None,
                                  compiled, report, family.keep_bf16, settings.zerogpu_size,
@@ -115,20 +134,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
         except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
             report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
             report.quantization, report.fp8_granularity = "none", ""
-    report.text = _text_handling(model)
-    report.decide("step_cache", step_cache.choose(settings.step_cache, model))
-
-    # 4-5. Compile or load, install, time each preset on the device; 6. the step cache around what runs.
-    if compiled:
-        _compile_or_serve_eager(model, settings, report, plan, hardware, stored)
-    else:
-        if ranks:
-            ranks.enable_(model, report)
-        if stored:
-            _eager_fp8(model, report, plan.low_vram, stored)
-        _time_eager(model, report, hardware)
-    step_cache.enable_(transformer, report)
-    return report
+    return plan, hardware
 
 
 def _probe(model: Model, settings: Settings, hardware: Hardware, report: Report) -> str | None:
@@ -280,42 +286,60 @@ class DeviceRun:
     error: str = ""
 
 
-def compile_or_load_(model: Model, settings: Settings, report: Report, hardware: Hardware) -> None:
-    """Installs one program per preset shape (or one dynamic-shape program for all): each from its own cache
-    entry (or a pinned Hub repo) if its key matches, else compiled now, on the device, into the cache; then times
-    every preset there. Adding a preset compiles only the new program."""
+@dataclass
+class Programs:
+    """The programs a start serves: per program shape, its presets, its cache key and entry, and its manifest once
+    read or compiled (None: missing)."""
+
+    groups: dict  # program shape -> the presets it serves (the first is the one it is traced at)
+    keys: dict  # program shape -> (key, entry directory)
+    served: tuple[int, int] | None  # a dynamic-shape program's image-token range
+    manifests: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)  # program shape -> the start-up record of how it came
+
+    def label(self, shape) -> str:
+        return ", ".join(p.name for p in self.groups[shape])
+
+    @property
+    def missing(self) -> list:
+        return [shape for shape in self.groups if self.manifests.get(shape) is None]
+
+
+def plan_programs(model: Model, settings: Settings, report: Report, hardware: Hardware) -> Programs:
+    """Step 4's plan: one program per preset shape (or one dynamic-shape program for all), each under the key of
+    everything that makes it valid."""
     served = token_range(model) if settings.dynamic_shapes else None
     groups = program_groups(model, report.compile_scope, settings.dynamic_shapes)
-    entries = {}  # program shape -> (key, entry directory)
+    keys = {}
     for shape in groups:
         key = cache_key(model.pipe, model.family.name, settings.model_id, settings.revision, report, hardware,
                         report.compile_scope, list(served) if served else shape, settings.dynamic_shapes,
                         report.text, INDUCTOR_CONFIGS)
-        entries[shape] = (key, Path(settings.cache_dir) / key_digest(key))
-    report.cache_keys = [root.name for _, root in entries.values()]
-    labels = {shape: ", ".join(p.name for p in presets) for shape, presets in groups.items()}
-    absent = [shape for shape, (_, root) in entries.items() if not root.exists()]
+        keys[shape] = (key, Path(settings.cache_dir) / key_digest(key))
+    return Programs(groups, keys, served)
+
+
+def fetch_or_compile(model: Model, programs: Programs, settings: Settings, report: Report,
+                     hardware: Hardware) -> DeviceRun:
+    """Each program from its cache entry, or a pinned Hub repo, if its key matches; the rest compiled on the device,
+    into the cache. Then, on the device, every program installed and every preset timed."""
+    absent = [shape for shape, (_, root) in programs.keys.items() if not root.exists()]
     if settings.hub_repo and absent:
         with _timed(report, "download_s"):
-            fetch_from_hub(settings.hub_repo, [entries[shape][1].name for shape in absent], Path(settings.cache_dir),
-                           report)
-            still = [entries[shape][1].name for shape in absent if not entries[shape][1].exists()]
-            if still:  # another architecture's, torch's or CUDA's programs may be there: never these keys'
-                report.fallback("compiled packages", f"{settings.hub_repo} has no entry for {hardware.arch}, torch "
-                                                     f"{torch.__version__}, CUDA {hardware.cuda} ({', '.join(still)}); "
-                                                     "compiling here")
-    manifests, startup = {}, {}
-    for shape, (key, root) in entries.items():
+            fetch_from_hub(settings.hub_repo, [programs.keys[shape][1].name for shape in absent],
+                           Path(settings.cache_dir), report)
+        still = [programs.keys[shape][1].name for shape in absent if not programs.keys[shape][1].exists()]
+        if still:  # another architecture's, torch's or CUDA's programs may be there: never these keys'
+            report.fallback("compiled packages", f"{settings.hub_repo} has no entry for {hardware.arch}, torch "
+                                                 f"{torch.__version__}, CUDA {hardware.cuda} ({', '.join(still)}); "
+                                                 "compiling here")
+    for shape, (key, root) in programs.keys.items():
         start = time.perf_counter()
-        manifests[shape] = read_cached(root, key)
-        source = "downloaded" if shape in absent else "cached"
-        startup[shape] = {"cache_key": root.name, "resolutions": labels[shape], "source": source,
-                          "verify_s": round(time.perf_counter() - start, 2)}
-    missing = [shape for shape, manifest in manifests.items() if manifest is None]
-
-    def install() -> None:
-        install_programs_(model.pipe.transformer, [(entries[shape][1], manifests[shape]["signatures"], labels[shape])
-                                                   for shape in groups])
+        programs.manifests[shape] = read_cached(root, key)
+        programs.sources[shape] = {"cache_key": root.name, "resolutions": programs.label(shape),
+                                   "source": "downloaded" if shape in absent else "cached",
+                                   "verify_s": round(time.perf_counter() - start, 2)}
+    missing = programs.missing
 
     def on_device() -> DeviceRun:
         """Compiles what is missing, installs every program, and times each preset (the first call of each program
@@ -324,41 +348,60 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
         seconds = {}
         try:
             for shape in missing:
-                key, root = entries[shape]
-                preset = groups[shape][0]
+                key, root = programs.keys[shape]
+                preset = programs.groups[shape][0]
                 start = time.perf_counter()
-                compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset, served,
-                                                                       out), root, key)
+                compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset,
+                                                                       programs.served, out), root, key)
                 seconds[shape] = round(time.perf_counter() - start, 1)
-                manifests[shape] = read_cached(root, key)
+                programs.manifests[shape] = read_cached(root, key)
             start = time.perf_counter()
-            install()
+            install_(model, programs)
             installed = time.perf_counter()
-            timings = time_presets(model, [p for presets in groups.values() for p in presets])
+            timings = time_presets(model, [p for presets in programs.groups.values() for p in presets])
             return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2))
         except Exception as err:  # noqa: BLE001 - reported by the caller, which serves eager
             log.info("compiling, installing or timing the programs failed; the full error:", exc_info=err)
             return DeviceRun(seconds, error=f"{type(err).__name__}: {err}")
 
-    run = gpu_task(on_device, STARTUP_TASK_SECONDS if missing else MAX_TASK_SECONDS, hardware)()
+    return gpu_task(on_device, STARTUP_TASK_SECONDS if missing else MAX_TASK_SECONDS, hardware)()
+
+
+def install_(model: Model, programs: Programs) -> None:
+    """Every program behind the dispatcher of the module it replaces (aot/programs.py)."""
+    install_programs_(model.pipe.transformer, [(programs.keys[shape][1], programs.manifests[shape]["signatures"],
+                                                programs.label(shape)) for shape in programs.groups])
+
+
+def compile_or_load_(model: Model, settings: Settings, report: Report, hardware: Hardware) -> None:
+    """Step 4 and 5 with programs: plan them, fetch or compile them and time the presets on the device, install them
+    where requests run, and record how each came. Adding a preset compiles only the new program."""
+    programs = plan_programs(model, settings, report, hardware)
+    report.cache_keys = [root.name for _, root in programs.keys.values()]
+    run = fetch_or_compile(model, programs, settings, report, hardware)
     if run.error:
         raise CompileFailed(run.error)
+    compiled = list(run.compile_seconds)
     for shape, seconds in run.compile_seconds.items():
-        startup[shape].update(source="compiled", compile_s=seconds)
+        programs.sources[shape].update(source="compiled", compile_s=seconds)
     if hardware.zerogpu:  # what the GPU worker installed is gone with it; requests run in forks of this process
-        manifests.update({shape: read_cached(entries[shape][1], entries[shape][0]) for shape in missing})
-        install()
-    if missing and settings.hub_upload:
+        programs.manifests.update({shape: read_cached(programs.keys[shape][1], programs.keys[shape][0])
+                                   for shape in compiled})
+        install_(model, programs)
+    if compiled and settings.hub_upload:
         with _timed(report, "upload_s"):
-            upload_to_hub(settings.hub_upload, Path(settings.cache_dir), [entries[s][1].name for s in missing], report)
-    report.startup["programs"] = list(startup.values())
+            upload_to_hub(settings.hub_upload, Path(settings.cache_dir), [programs.keys[s][1].name for s in compiled],
+                          report)
+    report.startup["programs"] = list(programs.sources.values())
     report.startup.update(install_s=run.install_seconds, warm_up_s=run.warm_up_seconds)
     report.timings = {name: vars(timing) for name, timing in run.timings.items()}
-    report.compile_source = ("loaded from cache" if not missing else "compiled now" if len(missing) == len(entries)
-                             else f"{len(missing)} of {len(entries)} programs compiled now, the rest loaded from cache")
+    report.compile_source = ("loaded from cache" if not compiled else "compiled now" if len(compiled) == len(
+        programs.groups) else f"{len(compiled)} of {len(programs.groups)} programs compiled now, the rest loaded from "
+        "cache")
     tokens = lambda p: model.family.image_tokens(p.width, p.height)  # noqa: E731
-    report.programs = [{"image_tokens": f"{served[0]}..{served[1]}" if served else tokens(presets[0]),
-                        "resolutions": [p.name for p in presets]} for presets in groups.values()]
+    report.programs = [{"image_tokens": f"{programs.served[0]}..{programs.served[1]}" if programs.served
+                        else tokens(presets[0]), "resolutions": [p.name for p in presets]}
+                       for presets in programs.groups.values()]
 
 
 def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) -> dict:
