@@ -551,3 +551,35 @@ def test_flux2_dev_fits_xlarge_only(rtx):
     assert xlarge.fits and xlarge.quantization == "fp8"
     size = choose_size("auto", rtx, {Size.LARGE: large.fits, Size.XLARGE: xlarge.fits})
     assert size.value == "xlarge" and size.fell_back
+
+
+# The probe and the durations through the product's own path, on this CPU: its `_scaled_mm` refuses per-row fp8 scales
+# and takes per-tensor ones, which is what cuBLAS did on an sm_120 card (pytorch/pytorch#192707).
+
+def test_a_failing_fp8_probe_falls_back_to_per_tensor_scales_visibly(rtx):
+    import optimization
+    from conftest import settings_for, tiny_model
+
+    card = Hardware("cuda", RTX_PRO_6000, (12, 0), 188, rtx.memory, "13.0", False, rtx)
+    report = Report(device=card.label, dtype="bfloat16", hardware=card, quantization="fp8")
+    granularity = optimization._probe(tiny_model(), settings_for(), card, report)  # the probes run here, for real
+    assert granularity == "tensor"
+    [line] = [f for f in report.fallbacks if f.startswith("quantization: fp8 with per-row scales failed on the device")]
+    assert "per-tensor scaling" in line  # the kernel's own words
+    assert report.probes["fp8"]["row"]["ok"] is False and report.probes["fp8"]["tensor"]["ok"] is True
+    # the hub is offline here, so no attention kernel was probed: SDPA, said as a fallback
+    assert report.attention == SDPA and any(f.startswith("attention: sage_hub and sage_blackwell_hub") for f in
+                                            report.fallbacks)
+
+
+def test_each_request_asks_at_least_the_time_it_takes(app):
+    """The app's own requests, timed here, against the duration each would ask ZeroGPU for (after spaces' factor)."""
+    import time
+
+    for resolution, steps in (("64x64", 2), ("80x48", 8)):
+        start = time.perf_counter()
+        app.generate("a red circle", resolution, steps=steps)
+        took = time.perf_counter() - start
+        preset = app.PRESETS[resolution]
+        asked = app.DURATIONS.granted(app.DURATIONS.task_seconds(preset, steps, 1, new_worker=False, first_shape=False))
+        assert asked >= took and asked == app.gpu_seconds("a red circle", preset.width, preset.height, 0, steps, 3.5)
