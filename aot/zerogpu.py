@@ -56,10 +56,14 @@ def gpu_task(fn, seconds: float, hardware: Hardware):
     if card is None:
         return spaces.GPU(duration=math.ceil(seconds))(fn)
     size = hardware.size or (Size.LARGE if card.sizes else None)
-    # whole seconds first, as Durations.requested: spaces rounds the stretched duration, which a fraction would
-    # leave short (4.2 s: 3 asked, 4.5 rounded to 4)
-    duration = max(1, math.ceil(math.ceil(seconds) / card.factor_for(size) - 1e-9))
-    return spaces.GPU(duration=duration, size=size.value if size else None)(fn)
+    return spaces.GPU(duration=asked(seconds, card.factor_for(size)), size=size.value if size else None)(fn)
+
+
+def asked(seconds: float, factor: float) -> int:
+    """What `@spaces.GPU(duration=...)` is given so that, once spaces multiplies it by `factor` and rounds, the task
+    gets at least `seconds`: whole seconds first, since spaces rounds the product (4.2 s over 1.5 would ask 3, which
+    spaces stretches to 4.5 and rounds to 4)."""
+    return max(1, math.ceil(math.ceil(seconds) / factor - 1e-9))
 
 
 def answered_before_gpu_work(err: Exception) -> bool:
@@ -126,9 +130,8 @@ class Durations:
         return fixed + extra + calls * steps * call
 
     def requested(self, seconds: float) -> int:
-        """What `@spaces.GPU(duration=...)` is given so that, once spaces multiplies it by its factor, the task gets
-        at least `seconds` (spaces rounds the product, so a whole number of seconds stays covered)."""
-        return max(1, math.ceil(math.ceil(seconds) / self.factor - 1e-9))
+        """What `@spaces.GPU(duration=...)` is given for a task of `seconds` (`asked`)."""
+        return asked(seconds, self.factor)
 
     def granted(self, seconds: float) -> int:
         """The task's duration as ZeroGPU enforces it: the request times spaces' factor."""
@@ -150,7 +153,8 @@ class Durations:
         advice = [f"at most {most} steps at {preset.name}"] if most else []
         if other:
             advice.append(f"{steps} steps at {', '.join(other)}")
-        fix = f"use {' or '.join(advice)}" if advice else f"no step count fits at {preset.name}"
+        fix = "; ".join(([] if most else [f"no step count fits at {preset.name}"]) +
+                        ([f"use {' or '.join(advice)}"] if advice else []))
         return (f"{steps} steps at {preset.name} need about {self.granted(need(preset, steps))} s of GPU, past "
                 f"ZeroGPU's {MAX_TASK_SECONDS} s per request; {fix}")
 
