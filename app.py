@@ -16,12 +16,12 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import parallel, prompts, step_cache, zerogpu
+from aot import panel, parallel, prompts, step_cache, zerogpu
 from aot.families import Guidance
 from aot.hardware import detect
-from aot.zerogpu import MARGIN, MAX_TASK_SECONDS
 from aot.memory import resident_bytes
 from aot.model import load_model
+from assets import shapes
 from settings import DEMO_MODEL_ID, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,6 +63,29 @@ def _example_prompts() -> list[str]:
 
 
 EXAMPLES = _example_prompts()
+# The demo model knows only its training captions' words (assets/shapes.py); other models list none
+VOCABULARY = frozenset(shapes.VOCABULARY) if SETTINGS.model_id == DEMO_MODEL_ID else frozenset()
+
+
+def _vocabulary_hint() -> str | None:
+    """The demo model's words by kind, shown under the prompt's label; None for any other model."""
+    if not VOCABULARY:
+        return None
+    positions = ", ".join(phrases[0] for phrases in shapes.POSITION_WORDS.values())
+    backgrounds = ", ".join(c for c in shapes.COLOURS if c not in shapes.OBJECT_COLOURS)
+    background = shapes.BACKGROUND_TEMPLATES[0].format(text="", bg="a blue").strip()
+    return (f"The demo model knows only these words. Shapes: {', '.join(shapes.SHAPES)}. Colours: "
+            f"{', '.join(shapes.OBJECT_COLOURS)}. Positions: {positions}. Background: \"{background}\" (those "
+            f"colours or {backgrounds}). Two objects: join them with \"and\".")
+
+
+def _unknown_words(text: str) -> list[str]:
+    """The words of `text` the demo model never saw in training, each once, in order; none for any other model."""
+    if not VOCABULARY:
+        return []
+    return [word for word in dict.fromkeys(re.findall(r"[^\W_]+", text.lower())) if word not in VOCABULARY]
+
+
 # The demo model's examples as picking one draws them at its own first preset, default seed and steps:
 # `python assets/evaluate_demo.py --examples assets/examples --no-figures` remakes them, tests/test_browser.py checks
 # them. No other model ships pictures, and none is drawn at start-up (a real model's would be slow): text only.
@@ -88,7 +111,8 @@ def status() -> dict:
     Also served as the /status API."""
     return {
         "model_id": SETTINGS.model_id,
-        "demo_model": SETTINGS.demo_model,
+        "demo_model": SETTINGS.demo_model,  # a built-in stand-in: the trained demo or a tiny model that draws noise
+        "weights": "random" if SETTINGS.tiny_family else "trained",
         "resolutions": list(PRESETS),
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "guidance_kind": DEFAULTS.guidance_kind.value,
                      "max_prompt_tokens": DEFAULTS.max_sequence_length, "seed": DEFAULT_SEED, "randomize_seed": False},
@@ -98,31 +122,41 @@ def status() -> dict:
     }
 
 
+def user_error(message: str) -> gr.Error:
+    """The error shown for a request the user can fix, logged as one line. Gradio prints the traceback of every
+    gr.Error a handler raises unless print_exception is off, and a user's mistake has nothing in it to debug."""
+    log.info("user error: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def _integer(value, name: str, low: int, high: int) -> int:
     # is_integer() is False for nan and inf; an int of any size is whole (math.isfinite would overflow on it)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-        raise gr.Error(f"{name} must be a whole number from {low} to {high}; got {value!r}.")
+        raise user_error(f"{name} must be a whole number from {low} to {high}; got {value!r}.")
     if not low <= int(value) <= high:
-        raise gr.Error(f"{name} must be from {low} to {high}; got {int(value)}.")
+        raise user_error(f"{name} must be from {low} to {high}; got {int(value)}.")
     return int(value)
 
 
 def _text(value, name: str, notes: list[str], required: bool) -> str:
     if value is not None and not isinstance(value, str):
-        raise gr.Error(f"{name} must be text; got {type(value).__name__}.")
+        raise user_error(f"{name} must be text; got {type(value).__name__}.")
     if required and (value is None or not value.strip()):
-        raise gr.Error("Prompt is empty: describe the image you want.")
+        raise user_error("Prompt is empty: describe the image you want.")
     value = (value or "").strip()
     if len(value) > MAX_PROMPT_CHARS:
-        raise gr.Error(f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        raise user_error(f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}.")
     if not value:
         return value
     tokens = FAMILY.prompt_tokens(MODEL.pipe, value)
     if tokens > DEFAULTS.max_sequence_length:
-        raise gr.Error(f"{name} is {tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. Shorten it.")
+        raise user_error(f"{name} is {tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. Shorten it.")
     note = FAMILY.prompt_note and FAMILY.prompt_note(MODEL.pipe, value)
     if note:
         notes.append(note)
+    unknown = _unknown_words(value)
+    if unknown:
+        notes.append(f"not in the demo's vocabulary: {', '.join(unknown)}")
     return value
 
 
@@ -131,24 +165,24 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     notes = []
     prompt = _text(prompt, "Prompt", notes, required=True)
     if negative_prompt and not TAKES_NEGATIVE_PROMPT:
-        raise gr.Error(f"This {FAMILY.name} model takes no negative prompt; leave it empty.")
+        raise user_error(f"This {FAMILY.name} model takes no negative prompt; leave it empty.")
     negative_prompt = _text(negative_prompt, "Negative prompt", notes, required=False)
     if not isinstance(resolution, str) or resolution not in PRESETS:
-        raise gr.Error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(PRESETS)}.")
+        raise user_error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(PRESETS)}.")
     if not isinstance(randomize_seed, bool):
-        raise gr.Error(f"randomize_seed must be true or false; got {randomize_seed!r}.")
+        raise user_error(f"randomize_seed must be true or false; got {randomize_seed!r}.")
     seed = random.randint(0, MAX_SEED) if randomize_seed else _integer(seed, "Seed", 0, MAX_SEED)
     steps = _integer(steps, "Steps", 1, MAX_STEPS)
     if (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
             or (isinstance(guidance, float) and not math.isfinite(guidance))):
-        raise gr.Error(f"Guidance must be a finite number from 0 to {MAX_GUIDANCE}; got {guidance!r}.")
+        raise user_error(f"Guidance must be a finite number from 0 to {MAX_GUIDANCE}; got {guidance!r}.")
     if not 0 <= guidance <= MAX_GUIDANCE:
-        raise gr.Error(f"Guidance must be from 0 to {MAX_GUIDANCE}; got {guidance}.")
+        raise user_error(f"Guidance must be from 0 to {MAX_GUIDANCE}; got {guidance}.")
     if guidance != DEFAULTS.guidance and not USES_GUIDANCE:
-        raise gr.Error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; use {DEFAULTS.guidance}.")
+        raise user_error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; use {DEFAULTS.guidance}.")
     too_long = DURATIONS.too_long(MODEL.presets, PRESETS[resolution], steps, _calls(guidance))
     if too_long:
-        raise gr.Error(f"{too_long}.")
+        raise user_error(f"{too_long}.")
     return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, notes
 
 
@@ -195,16 +229,17 @@ def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, gu
                              guidance=guidance, negative_prompt=negative_prompt)
         return _image(prompt, width, height, seed, steps, guidance, negative_prompt)
     except optimization.UnsupportedShape as err:
-        raise gr.Error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
+        raise user_error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
     except torch.OutOfMemoryError:
         log.exception("out of memory")
         torch.cuda.empty_cache()
-        raise gr.Error("The GPU ran out of memory for this request. Try a smaller resolution or fewer steps.") from None
+        raise gr.Error("The GPU ran out of memory for this request. Try a smaller resolution or fewer steps.",
+                       print_exception=False) from None
     except gr.Error:
         raise
     except Exception as err:  # noqa: BLE001 - the user gets a readable error and the server keeps serving
         log.exception("generation failed")
-        raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
+        raise gr.Error(f"Generation failed: {type(err).__name__}: {err}", print_exception=False) from None
 
 
 def _slug(text: str) -> str:
@@ -229,7 +264,7 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         if isinstance(err, gr.Error):
             raise
         log.exception("generation failed")
-        raise gr.Error(f"Generation failed: {type(err).__name__}: {err}") from None
+        raise gr.Error(f"Generation failed: {type(err).__name__}: {err}", print_exception=False) from None
     seconds = time.perf_counter() - start
     skipped = image.info.pop("step_cache", None)  # what the step cache skipped (_image), not kept in the PNG
     encodings = image.info.pop("encodings")
@@ -263,77 +298,9 @@ def example(picked: tuple[int, list], resolution):
     return EXAMPLE_RESULTS[key]
 
 
-def _model_name() -> str:
-    if SETTINGS.tiny_family:
-        return f"tiny-{SETTINGS.tiny_family}, random weights"
-    if SETTINGS.demo_model:
-        return "the built-in demo model"
-    return SETTINGS.model_id.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _title() -> str:
-    """What the Space does and with which model; non-breaking hyphens keep a model's name on one line."""
-    return f"Text to image with {_model_name()}".replace("-", "\u2011")
-
-
-def _status_line() -> str:
-    """The banner's one line, most telling first (a phone cuts the end): compiled or not, where, how many
-    fallbacks, then the programs; the details open below it."""
-    where = "GPU" if REPORT.hardware.device == "cuda" else REPORT.hardware.device.upper()
-    parts = [f"AoT compiled on {where}" if REPORT.compile == "aoti" else f"Eager (not compiled) on {where}"]
-    if REPORT.fallbacks:
-        parts.append(f"{len(REPORT.fallbacks)} fallback{'s' if len(REPORT.fallbacks) > 1 else ''}")
-    if REPORT.compile == "aoti":
-        parts.append(f"{len(REPORT.programs)} program(s), {REPORT.compile_source}")
-    return " · ".join(parts)
-
-
-def _startup_line(startup: dict) -> str:
-    """Where start-up went (Report.startup), in one line: each step, and each program with how it came."""
-    steps = {"model_load_s": "model load", "place_s": "placement", "quantize_s": "quantization",
-             "download_s": "download", "upload_s": "upload", "install_s": "install", "warm_up_s": "warm-up"}
-    parts = [f"{label} {startup[key]} s" for key, label in steps.items() if key in startup]
-    for program in startup.get("programs", []):
-        seconds = program.get("compile_s", program["verify_s"])
-        parts.append(f"{program['resolutions']} {program['source']} {seconds} s")
-    return ", ".join(parts)
-
-
 def _status_markdown() -> str:
-    """The banner's details: the model, how it runs, choices expected on this hardware, then every fallback."""
-    lines = []
-    if SETTINGS.tiny_family:
-        lines.append(f"**Demo model:** this is the built-in tiny {FAMILY.name} pipeline with *random weights*, so "
-                     "images are noise. Set the `MODEL_ID` variable (e.g. `black-forest-labs/FLUX.1-dev`) to serve "
-                     "a real model.")
-    elif SETTINGS.demo_model:
-        lines.append("**Demo model:** a tiny model trained here on plain shapes, to try the Space offline. Set the "
-                     "`MODEL_ID` variable (e.g. `black-forest-labs/FLUX.1-dev`) to serve a real model.")
-    keys = ", ".join(f"`{key}`" for key in REPORT.cache_keys)
-    compiled = (f"AoT compiled ({REPORT.compile_scope}), {REPORT.compile_source} in {REPORT.compile_seconds} s "
-                f"(cache keys {keys}), {len(REPORT.programs)} program(s) for {', '.join(PRESETS)}"
-                if REPORT.compile == "aoti" else "eager (not compiled)")
-    lines.append(f"`{SETTINGS.model_id}` ({FAMILY.name} family) on {REPORT.device}, {REPORT.dtype}, attention `{REPORT.attention}`, "
-                 f"step cache `{REPORT.step_cache}`, quantization `{REPORT.quantization}`, {compiled}.")
-    if REPORT.parallel:
-        lines.append(parallel.describe(REPORT.parallel))
-    if REPORT.zerogpu_size:
-        lines.append(f"ZeroGPU size `{REPORT.zerogpu_size}` ({REPORT.zerogpu_size_reason}); memory: "
-                     f"{REPORT.memory.get('layout')}.")
-    if HARDWARE.zerogpu:
-        source = DURATIONS.as_dict()["source"]
-        lines.append(f"A default image asks ZeroGPU for {_default_request_seconds()} s of GPU ({source}, x{MARGIN}; "
-                     f"at most {MAX_TASK_SECONDS} s a request).")
-    if REPORT.startup:
-        lines.append(f"Start-up: {_startup_line(REPORT.startup)}.")
-    if REPORT.hub_upload:
-        lines.append(f"Compiled programs uploaded: set `{REPORT.hub_upload['pin']}` to download them next time.")
-    text = "\n\n".join(lines)
-    if REPORT.notes:
-        text += "\n\nAs expected on this hardware:\n\n" + "\n".join(f"- {item}" for item in REPORT.notes)
-    if REPORT.fallbacks:
-        text += "\n\nFell back:\n\n" + "\n".join(f"- fallback: {item}" for item in REPORT.fallbacks)
-    return text
+    """The banner's details (aot/panel.py)."""
+    return panel.details(SETTINGS, REPORT, list(PRESETS), _default_request_seconds(), DURATIONS.as_dict()["source"])
 
 
 # Desktop: prompt and settings on the left, the result on the right, fitted to the window. Phone (one column):
@@ -350,21 +317,27 @@ CSS = """
   #main { grid-template-columns: 100%; grid-template-areas: "ask" "result" "settings"; }
   #title h1 { font-size: 1.4rem; }
   #image img { max-height: calc(100dvh - 340px); }
+  #main:has(#prompt .info-text) #image img { max-height: calc(100dvh - 440px); }  /* the demo's words, 5 lines */
 }
 """
 
-with gr.Blocks(title=_title()) as demo:
-    gr.Markdown(f"# {_title()}", elem_id="title")
-    with gr.Accordion(_status_line(), open=False, elem_id="status-banner"):
+CLOSE_ERRORS = "() => document.querySelectorAll('[data-testid=\"toast-close\"]').forEach(button => button.click())"
+SHOW_RESULT = "() => document.getElementById('result').scrollIntoView({block: 'start'})"
+
+with gr.Blocks(title=panel.title(SETTINGS)) as demo:
+    gr.Markdown(f"# {panel.title(SETTINGS)}", elem_id="title")
+    with gr.Accordion(panel.headline(REPORT), open=False, elem_id="status-banner"):
         gr.Markdown(_status_markdown(), elem_id="status-details")
         status_json = gr.JSON(label="/status API", elem_id="status-json")
     with gr.Row(elem_id="main"):
         with gr.Column(min_width=300, elem_id="ask"):
             prompt = gr.Textbox(label="Prompt", placeholder="Describe an image and press Enter", max_lines=4,
-                                elem_id="prompt")
+                                info=_vocabulary_hint(), elem_id="prompt")
             run_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(min_width=300, elem_id="result"):
-            image = gr.Image(label="Image", type="filepath", format="png", interactive=False, elem_id="image")
+            # no label drawn: on a phone the image fills the width, and the label covered its corner
+            image = gr.Image(label="Image", show_label=False, type="filepath", format="png", interactive=False,
+                             elem_id="image")
             with gr.Row(visible=False) as facts:  # shown with the first image: no seed is used before one
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
                 details = gr.Textbox(label="Details", interactive=False, scale=3, elem_id="details")
@@ -387,6 +360,13 @@ with gr.Blocks(title=_title()) as demo:
                                    elem_id="examples")
     inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt]
     outputs = [image, used_seed, details]
+    # In the browser alone: a new request closes the last one's error, which would cover the next image and the
+    # title; a picked example (below the settings) brings its result into view, off-screen above on a phone or a
+    # laptop's window. Declared before the requests: declared after, the page ran them once a request had failed,
+    # closing its own error.
+    gr.on([run_button.click, prompt.submit, examples.dataset.click], None, js=CLOSE_ERRORS, queue=False,
+          show_progress="hidden", api_visibility="private")
+    examples.dataset.click(None, js=SHOW_RESULT, queue=False, show_progress="hidden", api_visibility="private")
     # preprocess=False: API payloads reach validate() as sent, so a wrong type gets its clear message rather than
     # failing inside a component's preprocess, which Gradio reports only as an opaque "upstream" error.
     # Both make images on the one pipeline, so they share one queue: one image at a time.

@@ -1,5 +1,6 @@
 """The machinery behind `optimization.py`, one job per file:
 
+- `family.py`: the types of a family entry (`Family`, `Guidance`, `Text`, `Defaults`, `RealSize`);
 - `families/`: what differs between model families (one entry each);
 - `model.py`: loading a pipeline (or building a tiny one) and calling it the family's way;
 - `decisions.py`: attention, quantization and compilation chosen from the hardware;
@@ -11,5 +12,6 @@
 - `step_cache.py`: STEP_CACHE, diffusers' cache hooks around the block programs;
 - `prompts.py`: PROMPT_CACHE, repeated prompts' embeddings and the text encoders' seconds;
 - `parallel.py`: several ranks, one image split across them (context parallelism);
+- `panel.py`: the page's title, its status banner's one line and the details under it, from the settings and report;
 - `report.py`: what was done and what fell back, for the UI and `/status`.
 """

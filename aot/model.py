@@ -14,6 +14,18 @@ from aot.hardware import Hardware, detect
 from settings import DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, parse_presets
 
 log = logging.getLogger("aot-space")
+# Two diffusers warnings at start-up that no one running this template can act on, dropped at their own loggers
+# by their text, nothing else:
+# - "modules in X that should be kept in float32: []" comes with every dtype cast, whether or not the list is
+#   empty; empty, no module is kept in float32 (a tiny Qwen-Image logged it four times: two models, cast twice
+#   on the way to fp32).
+# - "Unable to import `torchao` Tensor objects": diffusers 0.42 looks for NF4 and uintx classes that the pinned
+#   torchao 0.18 no longer has. Only those formats' pickled checkpoints need them, and this template serves
+#   neither; its fp8 `.bin` checkpoints load without them (tests/test_prequantized.py).
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
+    lambda record: not record.getMessage().startswith("Unable to import `torchao` Tensor objects"))
 
 
 @dataclass

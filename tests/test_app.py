@@ -1,8 +1,10 @@
 """The Gradio app on the tiny model, compiled: input validation, the API through gradio_client, seeds, examples,
 downloads, status."""
+import dataclasses
 import hashlib
 import importlib.util
 import inspect
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,9 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from aot import panel
+from aot.hardware import cpu
 from aot.model import load_pipeline
+from aot.zerogpu import FIXED_SECONDS, PROGRAM_LOAD_SECONDS
+from assets import shapes
 from conftest import ROOT, SESSION_DIR, tiny_model
-from settings import MAX_SEED, Settings
+from settings import MAX_SEED, Settings, parse_presets
 
 GOOD = dict(prompt="a lighthouse at dusk", resolution="48x80", seed=1234, randomize_seed=False, steps=2, guidance=3.5,
             negative_prompt="")
@@ -61,6 +67,29 @@ def test_negative_prompt_on_a_model_without_cfg_is_refused_and_the_next_request_
         app.generate(**{**GOOD, "negative_prompt": "blurry"})
     path, seed, details = app.generate(**GOOD)
     assert _size(path) == (48, 80) and seed == 1234 and "2 steps" in details
+
+
+def test_words_the_demo_model_never_read_are_named_in_the_details(app, monkeypatch):
+    assert app._vocabulary_hint() is None and app._unknown_words("a tiny astronaut") == []  # no list for tiny models
+    monkeypatch.setattr(app, "VOCABULARY", frozenset(shapes.VOCABULARY))  # as the demo model serves
+    _, _, details = app.generate(**{**GOOD, "prompt": "A tiny astronaut hatching from an egg on the moon, 3 of them"})
+    assert details.endswith(" | note: not in the demo's vocabulary: tiny, astronaut, hatching, from, egg, moon, 3, them")
+    _, _, details = app.generate(**{**GOOD, "prompt": "A red circle on the left, and a blue square at the top."})
+    assert "note" not in details
+    hint = app._vocabulary_hint()
+    assert all(word in hint for word in (*shapes.SHAPES, *shapes.COLOURS, "on the left", "in the centre", "background"))
+
+
+def test_a_user_mistake_logs_one_line_and_no_traceback(client, caplog, capfd):
+    """Gradio prints the traceback of a gr.Error raised in a handler unless told not to: 35 lines for a typo."""
+    from gradio_client.exceptions import AppError
+
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="aot-space"), pytest.raises(AppError, match="Prompt is empty"):
+        client.predict(**{**GOOD, "prompt": " "}, api_name="/generate")
+    assert [r.getMessage() for r in caplog.records if r.name == "aot-space"] == [
+        "user error: Prompt is empty: describe the image you want."]
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_long_clip_prompt_is_served_with_a_visible_note(app):
@@ -135,7 +164,8 @@ def test_api_rejects_bad_input_and_keeps_serving(client):
 
 def test_status_api_says_what_runs(client, compiled_model):
     status = client.predict(api_name="/status")
-    assert status["model_id"] == "tiny" and status["demo_model"] is True and status["family"] == "flux"
+    assert status["model_id"] == "tiny-flux" and status["family"] == "flux"  # MODEL_ID=tiny is short for it
+    assert status["demo_model"] is True and status["weights"] == "random"  # a stand-in that draws noise
     assert status["defaults"] == {"steps": 28, "guidance": 3.5, "guidance_kind": "embedded", "max_prompt_tokens": 512,
                                   "seed": 0, "randomize_seed": False}
     assert status["compile"] == "aoti" and status["compile_scope"] == "model"
@@ -162,8 +192,8 @@ def test_status_api_says_what_runs(client, compiled_model):
 
 
 def test_banner_names_what_the_space_does_and_keeps_expected_choices_apart_from_fallbacks(app, monkeypatch):
-    assert app._title() == "Text to image with tiny\u2011flux, random weights"
-    assert app._status_line() == "AoT compiled on CPU · 2 program(s), loaded from cache"
+    assert panel.title(app.SETTINGS) == "Text to image with tiny\u2011flux, random weights"
+    assert panel.headline(app.REPORT) == "AoT compiled on CPU · 2 program(s), loaded from cache"
     banner = app._status_markdown()
     assert "Demo model" in banner and "random weights" in banner and "MODEL_ID" in banner
     assert "As expected on this hardware:\n\n- quantization: fp8 needs CUDA" in banner
@@ -172,30 +202,37 @@ def test_banner_names_what_the_space_does_and_keeps_expected_choices_apart_from_
     assert "Start-up: model load " in banner and "48x80, 80x48 cached " in banner and "warm-up " in banner
     monkeypatch.setattr(app.REPORT, "fallbacks", ["compile: AoT compilation failed, serving eager (simulated)"])
     monkeypatch.setattr(app.REPORT, "compile", "none")
-    assert app._status_line() == "Eager (not compiled) on CPU · 1 fallback"
+    assert panel.headline(app.REPORT) == "Not compiled, so slower, on CPU · 1 fallback"
     assert "- fallback: compile: AoT compilation failed" in app._status_markdown()
 
 
-def test_gpu_duration_scales_with_the_family_step_cost(app, monkeypatch):
-    import dataclasses
+def _flux_sized(app, monkeypatch, **durations) -> None:
+    """The app serving FLUX.1's presets, each request's time estimated from an H100's step (none measured here)."""
+    presets = parse_presets("square=1024x1024,portrait=832x1216,big=1216x1216", multiple=16)
+    monkeypatch.setattr(app, "PRESETS", {preset.name: preset for preset in presets})
+    monkeypatch.setattr(app, "DURATIONS", dataclasses.replace(app.DURATIONS, timings={}, compiled=True, slowdown=1.0,
+                                                              **durations))
 
+
+def test_gpu_duration_scales_with_the_family_step_cost(app, monkeypatch):
+    _flux_sized(app, monkeypatch)
     monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024)})
-    base = app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - app.FIXED_SECONDS
-    monkeypatch.setattr(app, "FAMILY", dataclasses.replace(app.FAMILY, step_cost=3.0))
-    assert app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - app.FIXED_SECONDS in range(3 * base - 2, 3 * base + 1)
+    base = app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - FIXED_SECONDS
+    monkeypatch.setattr(app, "DURATIONS", dataclasses.replace(app.DURATIONS, step_cost=3.0))
+    assert app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5) - FIXED_SECONDS in range(3 * base - 2, 3 * base + 1)
 
 
 def test_gpu_duration_grows_with_steps_and_resolution_and_covers_a_first_load(app, monkeypatch):
+    _flux_sized(app, monkeypatch, weight_gib=20.0)
     monkeypatch.setattr(app, "SERVED_SHAPES", {(1024, 1024), (1216, 1216)})
     assert app.gpu_seconds("p", 1024, 1024, 0, 4, 3.5) < app.gpu_seconds("p", 1024, 1024, 0, 50, 3.5)
     assert app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) < app.gpu_seconds("p", 1216, 1216, 0, 28, 3.5)
     served = app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5)
     # a shape this worker has not run: its program loads first
-    assert app.gpu_seconds("p", 832, 1216, 0, 28, 3.5) >= served + app.PROGRAM_LOAD_SECONDS
+    assert app.gpu_seconds("p", 832, 1216, 0, 28, 3.5) >= served + PROGRAM_LOAD_SECONDS
     # a new worker (nothing served yet) also copies the weights to the GPU first, at 1 s per GiB
     monkeypatch.setattr(app, "SERVED_SHAPES", set())
-    monkeypatch.setattr(app, "WEIGHT_GIB", 20.0)
-    assert app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) >= served + app.PROGRAM_LOAD_SECONDS + 4 + 20
+    assert app.gpu_seconds("p", 1024, 1024, 0, 28, 3.5) >= served + PROGRAM_LOAD_SECONDS + 4 + 20
 
 
 def test_a_new_worker_is_sized_by_the_weights_as_stored():
@@ -217,7 +254,7 @@ def test_a_new_worker_is_sized_by_the_weights_as_stored():
 def test_unloadable_model_id_stops_with_one_clear_message():
     settings = Settings.from_env({"MODEL_ID": "nobody/no-such-model"}, has_cuda=False)
     with pytest.raises(SystemExit) as stop:
-        load_pipeline(settings)
+        load_pipeline(settings, cpu())
     message = str(stop.value)
     assert "MODEL_ID='nobody/no-such-model'" in message and "unset MODEL_ID" in message
     assert len(message.splitlines()) <= 3

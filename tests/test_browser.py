@@ -1,7 +1,9 @@
 """The app in a real browser: headless Chromium, driven through Playwright, at a laptop's 1280x800 and a phone's
 390 px, against the compiled tiny model and, for the examples' pictures and the README's screenshots, the demo model
-(what `python app.py` serves). The result must be in view without scrolling, seeds must do what the controls say,
-examples must show what they make and follow the chosen resolution, and the console must stay silent.
+(what `python app.py` serves). The result must be in view without scrolling, also after picking an example far
+below it; the demo model's words must show where the prompt is typed; seeds must do what the controls say; examples
+must show what they make and follow the chosen resolution; an error must not outstay the next request; and the
+console must stay silent.
 
 Needs Debian's `chromium` (Playwright cannot download its own browsers here); `.ci/run` installs it.
 Screenshots go to test-artifacts/; with UPDATE_SCREENSHOTS=1 the two README ones also go to assets/screenshots/.
@@ -158,6 +160,7 @@ def test_desktop_shows_every_preset_in_view_with_seed_and_details_beside_it(open
     page = open_page(DESKTOP)
     expect(page.locator("#examples")).to_contain_text(app.EXAMPLES[0])
     expect(page.locator("#examples img")).to_have_count(0)  # the tiny model ships no pictures: examples as text
+    expect(page.locator("#prompt")).not_to_contain_text("knows only")  # random weights: no words to list
     assert page.locator("#used-seed").count() == 0 and page.locator("#details").count() == 0  # nothing before an image
     page.locator("#prompt textarea").fill("a lighthouse at dusk")
     first = _generate(page, lambda: page.locator("#prompt textarea").press("Enter"))
@@ -217,6 +220,7 @@ def test_only_the_demo_model_at_its_own_presets_shows_the_shipped_pictures(app, 
 def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page, demo_app, monkeypatch):
     monkeypatch.setattr(demo_app, "EXAMPLE_RESULTS", {})  # as a fresh start: none made yet
     page = open_page(DESKTOP, demo_app)
+    _vocabulary_shown(page, demo_app, DESKTOP)
     shipped = demo_app._thumbnails()
     pictures, rows = page.locator("#examples img"), page.locator("#examples tbody tr")
     expect(pictures).to_have_count(len(shipped))
@@ -226,15 +230,19 @@ def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page
         expect(rows.nth(i).locator("img")).to_be_visible()
         assert page.request.get(rows.nth(i).locator("img").get_attribute("src")).body() == Path(path).read_bytes()
 
-    pick = lambda: pictures.nth(2).click()
+    last = len(shipped) - 1  # the lowest on the page: the window scrolls a screen down to click it
+    pick = lambda: pictures.nth(last).click()
     square = _generate(page, pick)
-    assert page.locator("#prompt textarea").input_value() == demo_app.EXAMPLES[2]
+    assert page.evaluate("window.scrollY") > 0
+    _result_in_view(page, DESKTOP)
+    assert page.locator("#prompt textarea").input_value() == demo_app.EXAMPLES[last]
     assert square["size"] == (128, 128) and square["seed"] == "0" and square["progress_shown_on"] == ["image"]
-    assert _most_apart(square["png"], shipped[2]) <= 4  # its picture is what it makes (4: rounding on another CPU)
+    assert _most_apart(square["png"], shipped[last]) <= 4  # its picture is what it makes (4: rounding on another CPU)
 
     page.locator("#resolution").get_by_label("portrait 96x160").check()  # a preset change: not the square image
-    portrait = _generate(page, pick)
+    portrait = _generate(page, lambda: pictures.nth(2).click())
     assert portrait["size"] == (96, 160) and not portrait["details"].endswith("example shown again")
+    _result_in_view(page, DESKTOP)
     page.evaluate("window.scrollTo(0, 0)")
     for selector in ("#prompt", "#image img", "#used-seed", "#details"):
         assert _in_view(_box(page, selector), DESKTOP), selector
@@ -245,8 +253,25 @@ def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page
     assert again["sha256"] == square["sha256"] and again["details"] == square["details"] + ", example shown again"
 
 
-def test_phone_shows_the_example_pictures_and_a_picked_one_right_under_generate(open_page, demo_app):
+def _vocabulary_shown(page, demo_app, viewport: dict) -> None:
+    """The demo model's words, in view with the page just opened, between the prompt's label and its box."""
+    hint = page.locator("#prompt").get_by_text("The demo model knows only these words")
+    expect(hint).to_have_text(demo_app._vocabulary_hint())
+    for word in ("circle", "purple", "at the bottom", "on a blue background"):
+        expect(hint).to_contain_text(word)
+    assert page.evaluate("window.scrollY") == 0 and _in_view(hint.bounding_box(), viewport)
+    assert hint.bounding_box()["y"] + hint.bounding_box()["height"] <= _box(page, "#prompt textarea")["y"]
+
+
+def _result_in_view(page, viewport: dict) -> None:
+    """The image, its seed and its details all in view, as the page shows them now."""
+    for selector in ("#image img", "#used-seed", "#details"):
+        assert _in_view(_box(page, selector), viewport), (selector, page.evaluate("window.scrollY"))
+
+
+def test_phone_shows_the_demo_s_words_and_a_picked_example_s_result(open_page, demo_app):
     page = open_page(PHONE, demo_app)
+    _vocabulary_shown(page, demo_app, PHONE)
     assert _pictures_loaded(page, len(demo_app.EXAMPLES)) == [128] * len(demo_app.EXAMPLES)
     page.locator("#resolution").get_by_label("portrait 96x160").check()
     picture = page.locator("#examples img").nth(3)
@@ -254,7 +279,8 @@ def test_phone_shows_the_example_pictures_and_a_picked_one_right_under_generate(
     assert _in_view(picture.bounding_box(), PHONE)
     shown = _generate(page, picture.click)
     assert shown["size"] == (96, 160) and page.locator("#prompt textarea").input_value() == demo_app.EXAMPLES[3]
-    page.evaluate("window.scrollTo(0, 0)")
+    _result_in_view(page, PHONE)  # scrolled up from the examples to it
+    page.evaluate("window.scrollTo(0, 0)")  # the page's top, with the words, still fits the portrait image
     assert _in_view(_box(page, "#image img"), PHONE) and _box(page, "#generate")["y"] < _box(page, "#image")["y"]
     _screenshot(page, "phone-390.png", readme=True)
 
@@ -263,10 +289,15 @@ def test_phone_puts_prompt_generate_and_result_first_under_a_one_line_banner(ope
     page = open_page(PHONE)
     banner = _box(page, "#status-banner")
     assert banner["height"] < 50  # one line; the details open on demand
+    page.locator("#generate").click()  # no prompt: an error, over the title
+    errors = page.get_by_test_id("toast-body")
+    expect(errors).to_contain_text("Prompt is empty")
     page.locator("#prompt textarea").fill("a lighthouse at dusk")
     page.locator("#resolution").get_by_label("portrait 48x80").check()
     shown = _generate(page, lambda: page.locator("#generate").click())
+    assert errors.count() == 0  # closed by the next request (it would show 10 s), not left over its image
     assert shown["size"] == (48, 80)
+    assert page.locator("#image").get_by_text("Image", exact=True).count() == 0  # no label over the picture's corner
     order = [_box(page, selector)["y"] for selector in ("#status-banner", "#prompt", "#generate", "#image", "#resolution")]
     assert order == sorted(order), order  # prompt, Generate, result, then the settings
     image = _box(page, "#image img")
