@@ -101,14 +101,17 @@ class WeightOnlyLinear(torch.nn.Module):
         self.low = as_param(low.to(dtype)) if low is not None else None
         self.bias = linear.bias
 
+    @property
     def weight(self) -> torch.Tensor:
+        """The weight rebuilt in the model's dtype. A property, as on `nn.Linear`: model code reads it (Z-Image's
+        timestep embedder takes its dtype from `mlp[0].weight.dtype`)."""
         if self.bits == 8:
             return self.codes.to(self.scale.dtype) * self.scale
         q = torch.stack((self.codes & 15, self.codes >> 4), dim=-1).reshape(self.out_features, -1, GROUP_SIZE)
         return (q.to(self.scale.dtype) * self.scale + self.low).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight(), self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def kept_in_bf16(path: str, keep_bf16: tuple[str, ...]) -> bool:

@@ -1,5 +1,5 @@
-"""Where start-up time goes, on the GPU: a FLUX.1-dev-sized transformer (random weights) through the product's
-`optimize_pipeline_`, cold and warm, each phase in a fresh process, as a restarted Space would be.
+"""Where start-up time goes, on the GPU: a FLUX.1-dev-sized transformer (random weights, lib.real_pipeline) through
+the product's `optimize_pipeline_`, cold and warm, each phase in a fresh process, as a restarted Space would be.
 
 Phases (each a new Python process; the cache directories carry over between them, nothing else):
   blocks-cold   AOT_SCOPE=blocks, the three FLUX presets, empty cache: compile (the cold-start target)
@@ -29,13 +29,13 @@ PROCESS_START = time.perf_counter()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+import lib  # noqa: E402 - before torch: it corrects CXX, and puts the project on sys.path
+
 PHASES = {  # name: (scope, presets, cache, eager reference)
     "blocks-cold": ("blocks", "square=1024x1024,portrait=832x1216,landscape=1216x832", "blocks", True),
     "blocks-warm": ("blocks", "square=1024x1024,portrait=832x1216,landscape=1216x832", "blocks", False),
@@ -94,13 +94,9 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
     record_external_commands()
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import optimization
-    from aot.model import load_model
-    from benchmarks.family_bench import first, real_transformer, rel_err, widen_text_
-    from benchmarks.kernel_probe import median_ms
     from aot.families import family_named
-    from aot.model import build_tiny
+    from aot.model import load_model
     from aot.programs import capture_inputs
     from settings import Settings
 
@@ -109,16 +105,10 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
     family = family_named("flux")
     if name.endswith("-probe"):
         optimization.trust_host_isa_ = lambda: None
-    if smoke:  # the plumbing on a CPU: the tiny transformer at tiny sizes
-        pipe, presets = build_tiny(family), "square=64x64,portrait=48x80,landscape=80x48,wide=96x48"
-        presets = ",".join(presets.split(",")[: len(PHASES[name][1].split(","))])
-        median_ms = lambda fn: 0.0  # noqa: E731
-    else:
-        pipe = build_tiny(family).to("cuda", torch.bfloat16)
-        pipe.tokenizer_2.model_max_length = 512  # FLUX.1-dev's T5 length
-        transformer = real_transformer(pipe, "flux")
-        widen_text_(pipe, transformer)
-        pipe.register_modules(transformer=transformer)
+    device = "cpu" if smoke else "cuda"  # smoke: the plumbing on a CPU, the tiny transformer at tiny sizes
+    if smoke:
+        presets = ",".join(f"{family.tiny_presets},wide=96x48".split(",")[: len(presets.split(","))])
+    pipe, _ = lib.real_pipeline(family, device, tiny=smoke, dtype=torch.float32 if smoke else torch.bfloat16)
     transformer = pipe.transformer
     settings = Settings.from_env({"MODEL_ID": "tiny-flux", "COMPILE": "aoti", "AOT_SCOPE": scope, "PRESETS": presets,
                                   "AOT_CACHE_DIR": str(workdir / cache)}, has_cuda=not smoke)
@@ -127,9 +117,8 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
     args, kwargs = capture_inputs(model, transformer, square)
     result = {"phase": name, "scope": scope, "presets": presets, "imports_s": round(imported, 1)}
     if eager:
-        with torch.inference_mode():
-            eager_out = first(transformer(*args, **kwargs)[0]).clone()
-            result["eager_ms"] = round(median_ms(lambda: transformer(*args, **kwargs)), 1)
+        ms, eager_out = lib.median_ms(lambda: transformer(*args, **kwargs), device, iters=20)
+        result["eager_ms"], eager_out = round(ms, 1), lib.sample(eager_out).clone()
     built = time.perf_counter()
     result["build_s"] = round(built - PROCESS_START - imported, 1)
     report = optimization.optimize_pipeline_(model, settings)
@@ -137,17 +126,15 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
                   optimize_s=round(time.perf_counter() - built, 1), compile_seconds=report.compile_seconds,
                   compile_source=report.compile_source, startup=report.startup, fallbacks=report.fallbacks,
                   quantization=report.quantization, attention=report.attention)
-    with torch.inference_mode():
-        out = first(transformer(*args, **kwargs)[0])
-        result["compiled_ms"] = round(median_ms(lambda: transformer(*args, **kwargs)), 1)
+    ms, out = lib.median_ms(lambda: transformer(*args, **kwargs), device, iters=20)
+    result["compiled_ms"] = round(ms, 1)
     if eager:
-        result["rel_err_vs_eager"] = float(f"{rel_err(out, eager_out):.2e}")
-        result["speedup"] = round(result["eager_ms"] / result["compiled_ms"], 2) if result["compiled_ms"] else None
+        result["rel_err_vs_eager"] = float(f"{lib.rel_err(lib.sample(out), eager_out):.2e}")
+        result["speedup"] = round(result["eager_ms"] / result["compiled_ms"], 2)
     if profile_steps:
         result["profile"] = step_profile(transformer, args, kwargs)
-    result["peak_gib"] = 0 if smoke else round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    result["peak_gib"] = lib.peak_gib()
     result["external_commands"] = {cmd: {"count": len(s), "seconds": round(sum(s), 1)} for cmd, s in WAITED.items()}
-    result["torch"], result["gpu"] = torch.__version__, "cpu" if smoke else torch.cuda.get_device_name()
     return result
 
 
@@ -182,7 +169,8 @@ def main() -> int:
             try:
                 done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log_file, text=True, timeout=left - 5)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("PHASE ")]
-                results.append(json.loads(lines[-1][6:]) if lines else {"phase": name, "error": f"exit {done.returncode}"})
+                results.append(json.loads(lines[-1][6:]) if lines else {"phase": name,
+                                                                         "error": f"exit {done.returncode}"})
             except subprocess.TimeoutExpired:
                 results.append({"phase": name, "error": "timed out"})
         (out / "startup.json").write_text(json.dumps(results, indent=1))
@@ -191,12 +179,11 @@ def main() -> int:
         if "phase" in r and ("skipped" in r or "error" in r):
             print(f"{r['phase']:14} {r.get('skipped') or r.get('error')}")
             continue
-        print(f"{r['phase']:14} {r['compile_source'][:18]:18} {r['optimize_s']:>10} {r['ready_s_from_process_start']:>8} "
-              f"{r.get('eager_ms', '-'):>8} {r['compiled_ms']:>7} {r.get('rel_err_vs_eager', '-'):>8}")
-    print(json.dumps({"results": results}))
-    return 0
+        print(f"{r['phase']:14} {r['compile_source'][:18]:18} {r['optimize_s']:>10} "
+              f"{r['ready_s_from_process_start']:>8} {r.get('eager_ms', '-'):>8} {r['compiled_ms']:>7} "
+              f"{r.get('rel_err_vs_eager', '-'):>8}")
+    return lib.finish({"bench": "startup", "results": results}, "cpu" if args.smoke else "cuda")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     raise SystemExit(main())

@@ -2,10 +2,9 @@
 real-size pipeline, and what its default request asks of ZeroGPU.
 
 Every model is built at its real size on the `meta` device (shapes and bf16 dtypes, no memory, no download): the
-family's tiny pipeline with the real-size transformer (family_bench.REAL_CONFIGS), text encoder(s)
-(text_encoder_bench.REAL_TEXT; FLUX.1's CLIP-L from flux_bench) and VAE (flux_bench's FLUX VAE, else the class
-defaults, as bigmodel_bench). aot.memory.measure_footprint sizes it as the Space does; choose_resident_plan and
-choose_size then plan it for the card of spaces' own configs.json, with a working fp8 probe and with a failed one.
+family's tiny pipeline with the transformer, text encoder(s) and VAE of the family's `RealSize` (aot/families/), by
+lib.real_pipeline. aot.memory.measure_footprint sizes it as the Space does; choose_resident_plan and choose_size then
+plan it for the card of spaces' own configs.json, with a working fp8 probe and with a failed one.
 
 The second table is the default request on `large` through aot.zerogpu.Durations, from the fp8 + AoT steps measured
 on an H100/H200 (RESULTS.md run 12) times aot.zerogpu.slowdown, which for this card rests on its published specs:
@@ -21,28 +20,18 @@ import json
 import time
 from importlib.resources import files
 
-import flux_bench  # first: it fixes CXX before torch is imported, and puts the project on sys.path
-import family_bench
-import text_encoder_bench
+import lib  # first: it corrects CXX before torch is imported, and puts the project on sys.path
 import diffusers
 import torch
 
 from aot.families import Guidance, family_named
 from aot.hardware import Size, ZeroGPUCard
 from aot.memory import GiB, choose_resident_plan, measure_footprint
-from aot.model import build_tiny
 from aot.zerogpu import MAX_TASK_SECONDS, Durations, Timing, choose_size, slowdown
 from settings import parse_presets
 
 CARD = "NVIDIA RTX PRO 6000 Blackwell Server Edition"
-# Qwen3-4B as we read its released config: the text encoder of FLUX.2 [klein] 4B and of Z-Image (not in
-# text_encoder_bench, which times only the three big encoders)
-QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
-REAL_TEXT = {**text_encoder_bench.REAL_TEXT, "flux2-klein": ("text_encoder", {None: QWEN3_4B}),
-             "z-image": ("text_encoder", {None: QWEN3_4B})}
-text_encoder_bench.REAL_TEXT.update(REAL_TEXT)  # real_text_encoder reads its own table; this process only
-# label: family, transformer config beyond REAL_CONFIGS, fp8 + AoT ms/step measured at the first preset (RESULTS.md
+# label: family, transformer config beyond its RealSize, fp8 + AoT ms/step measured at the first preset (RESULTS.md
 # run 12; [schnell] is [dev]'s transformer), the card it was measured on, and whether issue 27 asks for its plan
 MODELS = {
     "FLUX.1-dev": ("flux", {}, 98.4, "H100", True),
@@ -55,38 +44,14 @@ MODELS = {
 FIXED_S = 0.5  # text encoders, VAE and hand-over per image, as if measured (Durations applies its 3 s floor)
 
 
-def meta(make):
-    return flux_bench.on_device("meta", torch.bfloat16, make)  # bf16 from the start: nothing exists in fp32
-
-
 def real_pipe(label: str):
     """The family's tiny pipeline (defaults, tokenizers) with every model at real size on the meta device."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     name, overrides = MODELS[label][:2]
-    pipe = build_tiny(family_named(name))
-    config = {**family_bench.REAL_CONFIGS[name], **overrides}
-    text = REAL_TEXT[name][0]
-    models = {"transformer": meta(lambda: type(pipe.transformer)(**config)),
-              text: text_encoder_bench.real_text_encoder(getattr(pipe, text), name, 1, "meta")}
-    if name == "flux":  # text_encoder_bench keeps FLUX.1's CLIP-L tiny
-        models["text_encoder"] = meta(lambda: CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, bos_token_id=0, eos_token_id=1, pad_token_id=1, **flux_bench.CLIP_L)))
-    if type(pipe.vae) is AutoencoderKL:  # FLUX.1's VAE, which Z-Image reuses; the others' class defaults are real
-        models["vae"] = meta(lambda: AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-            **flux_bench.FLUX_VAE))
-    else:
-        models["vae"] = meta(type(pipe.vae))
-    pipe.register_modules(**models)
-    if name == "flux2-klein":
-        pipe.register_to_config(is_distilled=True)  # the tiny one is klein base; the 4B served is distilled
-    tensors = [t for m in models.values() for t in [*m.parameters(), *m.buffers()]]
-    assert all(t.is_meta for t in tensors) and all(p.dtype == torch.bfloat16 for m in models.values()
-                                                   for p in m.parameters()), label
-    return pipe, {k: round(sum(p.numel() for p in m.parameters()) / 1e9, 2) for k, m in models.items()}
+    pipe, params = lib.real_pipeline(family_named(name), "meta", text="real", config=overrides)
+    models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert all(t.is_meta for m in models for t in [*m.parameters(), *m.buffers()]) and all(
+        p.dtype == torch.bfloat16 for m in models for p in m.parameters()), label
+    return pipe, {k: round(v, 2) for k, v in params.items()}
 
 
 def spaces_card() -> ZeroGPUCard:

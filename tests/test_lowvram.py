@@ -169,7 +169,7 @@ def test_int4_packing_is_exact_for_representable_weights():
     linear = torch.nn.Linear(256, 64)
     with torch.no_grad():
         linear.weight.copy_(levels * 0.25 - 1.0)
-    assert torch.equal(WeightOnlyLinear(linear, 4).weight(), linear.weight)
+    assert torch.equal(WeightOnlyLinear(linear, 4).weight, linear.weight)
 
 
 def test_int4_leaves_layers_with_unaligned_inputs_alone():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from aot.families import Defaults, Family, Guidance, Text
+from aot.family import Defaults, Family, Guidance, RealSize, Text
 from aot.families.tokens import byte_vocabulary
 
 
@@ -75,6 +75,32 @@ def build_tiny():
                         transformer=transformer)
 
 
+# FLUX.1 [dev] as released: transformer 11.9B, T5-XXL encoder 4.76B, CLIP-L 0.12B, VAE 0.08B
+REAL_VAE = dict(  # FLUX.1's VAE, which Z-Image reuses
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+    shift_factor=0.1159, scaling_factor=0.3611,
+)
+REAL_SIZE = RealSize(
+    params_b=11.9,
+    transformer=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    text_encoders={
+        "text_encoder": {None: dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                    num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                                    hidden_act="quick_gelu")},  # CLIP-L
+        "text_encoder_2": {None: dict(  # T5-XXL's encoder
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new",
+            relative_attention_num_buckets=32, relative_attention_max_distance=128)},
+    },
+    vae=REAL_VAE,
+    scheduler=dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                   max_image_seq_len=4096),
+)
+
 FLUX = Family(
     name="flux",
     pipelines=("FluxPipeline",),
@@ -87,4 +113,5 @@ FLUX = Family(
     prompt_tokens=prompt_tokens,
     prompt_note=clip_note,
     dynamic_spec=dynamic_spec,
+    real_size=REAL_SIZE,
 )

@@ -7,7 +7,7 @@ text mask, so the padding is part of the input: one fixed text length.
 """
 from __future__ import annotations
 
-from aot.families import Defaults, Family, Guidance, Text
+from aot.family import Defaults, Family, Guidance, RealSize, Text
 
 PRESETS = "square=1024x1024,portrait=832x1216,landscape=1216x832"
 TINY_PRESETS = "square=64x64,portrait=48x80,landscape=80x48"  # 16, 15 and 15 image tokens
@@ -158,10 +158,38 @@ def build_tiny_klein():
     )
 
 
+# As released, as we read the published configs. The pipelines pad prompts to 512 tokens; the tiny tokenizers stop at
+# TINY_TEXT_TOKENS.
+REAL_SIZE_DEV = RealSize(
+    params_b=32.2,
+    transformer=dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                     num_attention_heads=48, joint_attention_dim=15360, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                     guidance_embeds=True),
+    text_encoders={"text_encoder": {  # Mistral Small 3.1 24B, with its Pixtral vision tower (unused for text)
+        None: dict(tie_word_embeddings=False),  # its own output head, as released (the tiny one ties it)
+        "text_config": dict(hidden_size=5120, intermediate_size=32768, num_hidden_layers=40, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128, vocab_size=131072),
+        "vision_config": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              head_dim=64)}},
+    text_tokens=512,
+)
+QWEN3_4B = {None: dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)}
+REAL_SIZE_KLEIN = RealSize(  # [klein] 4B, step-distilled (the tiny pipeline is klein base)
+    params_b=3.9,
+    transformer=dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=7680, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                     guidance_embeds=False),
+    text_encoders={"text_encoder": QWEN3_4B},
+    pipeline=dict(is_distilled=True),
+    text_tokens=512,
+)
+
 FLUX2 = Family(
     name="flux2", pipelines=("Flux2Pipeline",), presets=PRESETS, tiny_presets=TINY_PRESETS, multiple=MULTIPLE,
     text=Text.FIXED, defaults=_dev_defaults, build_tiny=build_tiny_dev, prompt_tokens=_dev_prompt_tokens,
     step_cost=3.0,  # 32B: 548.9 ms a step eagerly against FLUX.1-dev's 182.8 (RESULTS.md run 12)
+    real_size=REAL_SIZE_DEV,
 )
 
 # klein base does CFG against the empty prompt, hard-coded in the pipeline: no argument takes a negative prompt as
@@ -171,4 +199,5 @@ FLUX2_KLEIN = Family(
     multiple=MULTIPLE, text=Text.FIXED, defaults=_klein_defaults, build_tiny=build_tiny_klein,
     prompt_tokens=_klein_prompt_tokens,
     step_cost=0.6,  # the 4B: 82.3 ms, 0.45 of FLUX.1-dev's (RESULTS.md run 12); rounded up for the 9B, not measured
+    real_size=REAL_SIZE_KLEIN,
 )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from aot.families import Defaults, Family, Guidance, Text
+from aot.family import Defaults, Family, Guidance, RealSize, Text
 
 # The VAE downsamples 8x and the transformer packs 2x2 latent patches into one token.
 MULTIPLE = 16
@@ -101,6 +101,18 @@ def build_tiny():
     return pipe.to(torch.float32)
 
 
+REAL_SIZE = RealSize(  # as released, as we read the published configs; the VAE class's defaults are the real VAE
+    params_b=20.4,
+    transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+    text_encoders={"text_encoder": {  # Qwen2.5-VL 7B
+        None: dict(tie_word_embeddings=False),
+        "text_config": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                            num_key_value_heads=4, vocab_size=152064),
+        "vision_config": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                              fullatt_block_indexes=[7, 15, 23, 31])}},
+)
+
 QWEN_IMAGE = Family(
     name="qwen-image",
     pipelines=("QwenImagePipeline",),
@@ -121,4 +133,5 @@ QWEN_IMAGE = Family(
     # the text stream's projections: a few dozen rows against thousands of image rows, so bf16 costs little
     keep_bf16=("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp"),
     regional_only="its rotary tables are cached per text length, which a whole-model export fixes; blocks take any length",
+    real_size=REAL_SIZE,
 )

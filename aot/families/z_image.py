@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from aot.families import Defaults, Family, Guidance, Text
+from aot.families.flux import REAL_VAE
+from aot.families.flux2 import QWEN3_4B
+from aot.family import Defaults, Family, Guidance, RealSize, Text
 
 MAX_TEXT = 512  # the pipeline's max_sequence_length: it truncates the templated prompt there
 
@@ -103,6 +105,14 @@ def build_tiny():
     return pipe.to(torch.float32)
 
 
+REAL_SIZE = RealSize(  # Z-Image Turbo as released, as we read the published configs: FLUX.1's VAE, Qwen3-4B
+    params_b=6.2,
+    transformer=dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+                     cap_feat_dim=2560, axes_dims=[32, 48, 48]),
+    text_encoders={"text_encoder": QWEN3_4B},
+    vae=REAL_VAE,
+)
+
 Z_IMAGE = Family(
     name="z-image",
     pipelines=("ZImagePipeline",),
@@ -119,4 +129,5 @@ Z_IMAGE = Family(
     step_cost=0.9,  # 157.9 ms a step eagerly against FLUX.1-dev's 182.8 (RESULTS.md run 12)
     regional_only=("a whole-model export fixes the caption length unless traced strictly (torch.export "
                    "specializes len(cap_feat)); the blocks take any length"),
+    real_size=REAL_SIZE,
 )

@@ -1,0 +1,89 @@
+"""The types of a model family entry (`aot/families/`): what differs between FLUX.1, FLUX.2, Qwen-Image, Z-Image, ..."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class Guidance(enum.Enum):
+    EMBEDDED = "embedded"  # distilled guidance fed to the transformer as an embedding (FLUX.1-dev, FLUX.2 [dev])
+    CFG = "cfg"  # true classifier-free guidance: a second transformer call on a negative prompt (Qwen-Image)
+    NONE = "none"  # timestep-distilled turbo/schnell models: no guidance at all
+
+
+class Text(enum.Enum):
+    FIXED = "fixed"  # the pipeline pads the prompt embeddings to max_sequence_length: one text length
+    DYNAMIC = "dynamic"  # the length varies with the prompt: the programs' text axis is dynamic
+
+
+@dataclass(frozen=True)
+class Defaults:
+    steps: int
+    guidance: float
+    guidance_kind: Guidance
+    max_sequence_length: int  # text tokens the transformer sees at most (FIXED: always)
+
+
+@dataclass(frozen=True)
+class RealSize:
+    """The released model's sizes, as we read its published configs: the benchmarks build it from these with random
+    weights in place of the tiny pipeline's models (benchmarks/lib.py). The app never reads them."""
+
+    params_b: float  # the released transformer's parameters, billions: what a build from `transformer` must count
+    transformer: dict  # keyword arguments of the family's transformer class
+    # pipeline component -> {config section (None: the top level): sizes}, over the tiny encoder's own config
+    text_encoders: dict = field(default_factory=dict)
+    vae: dict | None = None  # keyword arguments of the VAE class; None: its defaults are the released VAE's
+    scheduler: dict | None = None  # keyword arguments of the scheduler class, where the tiny one's differ
+    pipeline: dict = field(default_factory=dict)  # the pipeline's own config (FLUX.2 [klein] 4B: is_distilled)
+    text_tokens: int | None = None  # the released tokenizer's length, where the tiny one's is shorter
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # MODEL_ID=tiny-<name> builds its tiny pipeline
+    pipelines: tuple[str, ...]  # diffusers pipeline class names served by this entry
+    presets: str  # native resolutions, "LABEL=WxH,..."
+    tiny_presets: str  # the tiny pipeline's resolutions (same aspect ratios, a few tokens each)
+    multiple: int  # pixels per image token along each side: image sides must be multiples of it
+    text: Text
+    defaults: Callable[[object], Defaults]  # from the loaded pipeline's config (dev vs schnell, ...)
+    build_tiny: Callable[[], object]  # a random-weight pipeline of this family, built offline in fp32
+    prompt_tokens: Callable[[object, str], int]  # tokens of `prompt` that the transformer's text encoder reads
+    # Something the user should know about a prompt that is served anyway (FLUX: CLIP reads only 77 tokens)
+    prompt_note: Callable[[object, str], str | None] | None = None
+    # Whether two presets with the same number of image tokens can share one compiled program: True where
+    # the image's layout reaches the transformer as tensor values (FLUX's position ids), False where it is
+    # baked into the program as Python ints (a (frames, height, width) tuple, a latent's spatial shape).
+    shares_programs_by_token_count: bool = True
+    # One step's time against FLUX.1-dev's at the same pixel count (eager, H100/H200, RESULTS.md run 12): the
+    # ZeroGPU duration requested per request scales with it
+    step_cost: float = 1.0
+    negative_prompt_arg: str | None = None  # Guidance.CFG: the pipeline argument for the negative prompt
+    guidance_arg: str = "guidance_scale"  # the pipeline argument that takes the guidance value
+    # Guidance.EMBEDDED families that support DYNAMIC_SHAPES: marks the image-token axis of a captured call
+    dynamic_spec: Callable[[dict, object], dict] | None = None
+    # Text.DYNAMIC: torch.export's dynamic_shapes (keyed by argument name) for a captured call (args, kwargs)
+    # of the transformer or of one block, the text axis dynamic up to `length` tokens
+    text_spec: Callable[[tuple, dict, int], dict] | None = None
+    # Linear layers (name fragments) that fp8 leaves in bf16: those whose rows are a dynamic text axis, which
+    # cuBLAS' fp8 GEMM inside an AOT program refused at run time (Qwen-Image on an H200, RESULTS.md run 12)
+    keep_bf16: tuple[str, ...] = ()
+    # Its regional programs' sequence axis is dynamic over image and text tokens alike (Z-Image pads both into
+    # one sequence): one program serves every preset, and any other size too
+    one_program: bool = False
+    # Why only regional programs work for this family, if so: AOT_SCOPE=model then compiles blocks, reported
+    regional_only: str | None = None
+    real_size: RealSize | None = field(default=None, compare=False)  # for the benchmarks only (dicts: not hashed)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        return (width // self.multiple) * (height // self.multiple)
+
+    def program_shape(self, width: int, height: int, scope: str) -> int | tuple[int, int]:
+        """What tells two presets' programs apart: the token count, or the token grid itself. Blocks see token
+        sequences (the grid reaches them as rotary tensors), so regional programs go by the token count."""
+        tokens = self.image_tokens(width, height)
+        if self.shares_programs_by_token_count or scope == "blocks":
+            return tokens
+        return width // self.multiple, height // self.multiple
