@@ -114,8 +114,9 @@ def status() -> dict:
         "demo_model": SETTINGS.demo_model,  # a built-in stand-in: the trained demo or a tiny model that draws noise
         "weights": "random" if SETTINGS.tiny_family else "trained",
         "resolutions": list(PRESETS),
-        "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "guidance_kind": DEFAULTS.guidance_kind.value,
-                     "max_prompt_tokens": DEFAULTS.max_sequence_length, "seed": DEFAULT_SEED, "randomize_seed": False},
+        "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance,
+                     "guidance_kind": DEFAULTS.guidance_kind.value, "max_prompt_tokens": DEFAULTS.max_sequence_length,
+                     "seed": DEFAULT_SEED, "randomize_seed": False},
         **REPORT.as_dict(),
         "durations": {**DURATIONS.as_dict(), "default_request_s": _default_request_seconds()},
         "prompt_cache": {"size": SETTINGS.prompt_cache, **ENCODINGS.as_dict()},
@@ -131,7 +132,8 @@ def user_error(message: str) -> gr.Error:
 
 def _integer(value, name: str, low: int, high: int) -> int:
     # is_integer() is False for nan and inf; an int of any size is whole (math.isfinite would overflow on it)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())):
         raise user_error(f"{name} must be a whole number from {low} to {high}; got {value!r}.")
     if not low <= int(value) <= high:
         raise user_error(f"{name} must be from {low} to {high}; got {int(value)}.")
@@ -150,7 +152,8 @@ def _text(value, name: str, notes: list[str], required: bool) -> str:
         return value
     tokens = FAMILY.prompt_tokens(MODEL.pipe, value)
     if tokens > DEFAULTS.max_sequence_length:
-        raise user_error(f"{name} is {tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. Shorten it.")
+        raise user_error(f"{name} is {tokens} tokens; this model reads at most {DEFAULTS.max_sequence_length}. "
+                         "Shorten it.")
     note = FAMILY.prompt_note and FAMILY.prompt_note(MODEL.pipe, value)
     if note:
         notes.append(note)
@@ -179,7 +182,8 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise user_error(f"Guidance must be from 0 to {MAX_GUIDANCE}; got {guidance}.")
     if guidance != DEFAULTS.guidance and not USES_GUIDANCE:
-        raise user_error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; use {DEFAULTS.guidance}.")
+        raise user_error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; "
+                         f"use {DEFAULTS.guidance}.")
     too_long = DURATIONS.too_long(MODEL.presets, PRESETS[resolution], steps, _calls(guidance))
     if too_long:
         raise user_error(f"{too_long}.")
@@ -201,8 +205,8 @@ def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt=""
     duration, so it covers the slowest case; asking more spends the visitor's quota (a request asking more than is
     left is refused before it starts). A new worker's start and a program's first load count when this worker has
     not run the shape yet."""
-    seconds = DURATIONS.task_seconds(PRESETS[f"{width}x{height}"], steps, _calls(guidance), new_worker=not SERVED_SHAPES,
-                                     first_shape=(width, height) not in SERVED_SHAPES)
+    seconds = DURATIONS.task_seconds(PRESETS[f"{width}x{height}"], steps, _calls(guidance),
+                                     new_worker=not SERVED_SHAPES, first_shape=(width, height) not in SERVED_SHAPES)
     return DURATIONS.requested(seconds)
 
 
@@ -237,7 +241,7 @@ def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, gu
                        print_exception=False) from None
     except gr.Error:
         raise
-    except Exception as err:  # noqa: BLE001 - the user gets a readable error and the server keeps serving
+    except Exception as err:  # the user gets a readable error and the server keeps serving
         log.exception("generation failed")
         raise gr.Error(f"Generation failed: {type(err).__name__}: {err}", print_exception=False) from None
 
@@ -258,7 +262,7 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
     start = time.perf_counter()
     try:
         image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt)
-    except Exception as err:  # noqa: BLE001 - ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
+    except Exception as err:  # ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
         if not zerogpu.answered_before_gpu_work(err):
             SERVED_SHAPES.clear()  # spaces replaces a GPU worker whose task failed; the new one loads every program
         if isinstance(err, gr.Error):
@@ -307,8 +311,8 @@ def _status_markdown() -> str:
 # prompt, Generate, result, then the settings. The image never grows past the window, so seed and details stay in
 # view under it.
 CSS = """
-#main { display: grid; grid-template-columns: minmax(300px, 2fr) 3fr; grid-template-areas: "ask result" "settings result";
-        grid-template-rows: auto 1fr; align-items: start; }
+#main { display: grid; grid-template-columns: minmax(300px, 2fr) 3fr;
+        grid-template-areas: "ask result" "settings result"; grid-template-rows: auto 1fr; align-items: start; }
 #ask { grid-area: ask; } #result { grid-area: result; } #settings { grid-area: settings; }
 #image .image-frame { width: 100%; }
 #image img { width: 100%; height: auto; max-height: calc(100dvh - 310px); object-fit: contain; }
@@ -344,8 +348,9 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
         with gr.Column(min_width=300, elem_id="settings"):
             resolution = gr.Radio(choices=[(p.choice, p.name) for p in MODEL.presets], value=MODEL.presets[0].name,
                                   label="Resolution", elem_id="resolution")
-            negative_prompt = gr.Textbox(value="", label="Negative prompt", placeholder="What the image should not show",
-                                         max_lines=2, visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
+            negative_prompt = gr.Textbox(value="", label="Negative prompt",
+                                         placeholder="What the image should not show", max_lines=2,
+                                         visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
                 seed = gr.Number(label="Seed", value=DEFAULT_SEED, minimum=0, maximum=MAX_SEED, precision=0,

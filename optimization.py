@@ -97,7 +97,8 @@ def _choose(model: Model, settings: Settings, hardware: Hardware, report: Report
     QUANTIZATION, never quantized again), the step cache and the text handling. Returns whether it compiles."""
     if settings.dynamic_shapes and model.family.dynamic_spec is None:
         raise ValueError(f"DYNAMIC_SHAPES=1 is not supported for the {model.family.name} family; unset it")
-    compiled = report.decide("compile", parallel.EAGER if eager else choose_compile(settings.compile, hardware)) == "aoti"
+    decision = parallel.EAGER if eager else choose_compile(settings.compile, hardware)
+    compiled = report.decide("compile", decision) == "aoti"
     report.decide("quantization", stored_decision(stored, settings.quantization, hardware) if stored
                   else choose_quantization(settings.quantization, hardware, compiled))
     report.decide("step_cache", step_cache.choose(settings.step_cache, model))
@@ -162,7 +163,8 @@ def _probe(model: Model, settings: Settings, hardware: Hardware, report: Report)
     report.probes = {kind: {name: vars(probe) for name, probe in found.items()} if isinstance(found, dict) else found
                      for kind, found in results.items()}
     if attention:
-        report.decide("attention", pick_attention(attention, results["attention"], fastest=settings.attention == "auto"))
+        report.decide("attention", pick_attention(attention, results["attention"],
+                                                  fastest=settings.attention == "auto"))
     if not fp8:
         return None
     granularity, failed = pick_fp8(fp8, results["fp8"])
@@ -201,7 +203,7 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
         try:
             compile_or_load_(model, settings, report, hardware)
             break
-        except Exception as err:  # noqa: BLE001 - the app must keep serving, and say why
+        except Exception as err:  # the app must keep serving, and say why
             log.info("AoT compile or load failed; the full error:", exc_info=err)
             restore_eager_(transformer)
             reason = str(err) if isinstance(err, CompileFailed) else f"{type(err).__name__}: {err}"
@@ -264,7 +266,8 @@ def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple,
     family = model.family
     if dynamic or (family.one_program and scope == "blocks"):
         largest = max(model.presets, key=lambda p: family.image_tokens(p.width, p.height))
-        return {family.image_tokens(largest.width, largest.height): [largest, *(p for p in model.presets if p != largest)]}
+        return {family.image_tokens(largest.width, largest.height):
+                [largest, *(p for p in model.presets if p != largest)]}
     groups: dict[int | tuple, list[Preset]] = {}
     for preset in model.presets:
         groups.setdefault(family.program_shape(preset.width, preset.height, scope), []).append(preset)
@@ -363,7 +366,7 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
             installed = time.perf_counter()
             timings = time_presets(model, [p for presets in programs.groups.values() for p in presets])
             return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2))
-        except Exception as err:  # noqa: BLE001 - reported by the caller, which serves eager
+        except Exception as err:  # reported by the caller, which serves eager
             log.info("compiling, installing or timing the programs failed; the full error:", exc_info=err)
             return DeviceRun(seconds, error=f"{type(err).__name__}: {err}")
 
@@ -448,7 +451,7 @@ def _time_eager(model: Model, report: Report, hardware: Hardware) -> None:
         try:
             return DeviceRun(timings=time_presets(model, list(model.presets)),
                              warm_up_seconds=round(time.perf_counter() - start, 2))
-        except Exception as err:  # noqa: BLE001 - reported below
+        except Exception as err:  # reported below
             log.info("timing the presets failed; the full error:", exc_info=err)
             return DeviceRun(error=f"{type(err).__name__}: {err}")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-dev"
 TINY_PREFIX = "tiny-"  # MODEL_ID=tiny-<family>: that family's built-in random-weight pipeline, offline
-TINY_MODEL_ID = "tiny"  # an alias of tiny-flux
+TINY_MODEL_ID = "tiny"  # an alias: Settings.model_id reads tiny-flux, so both make one cache key
 # MODEL_ID=demo, and the default with no MODEL_ID, no GPU and no Space: a tiny FLUX.1-family model trained on plain
 # shapes (assets/train_demo.py), loaded from this folder like any saved pipeline
 DEMO_MODEL_ID = "demo"
@@ -180,8 +180,6 @@ class Settings:
     @property
     def tiny_family(self) -> str | None:
         """The family whose tiny pipeline runs, or None for a real model."""
-        if self.model_id == TINY_MODEL_ID:
-            return "flux"
         return self.model_id.removeprefix(TINY_PREFIX) if self.model_id.startswith(TINY_PREFIX) else None
 
     @property
@@ -206,6 +204,8 @@ class Settings:
                 reason = "no MODEL_ID, no GPU and not on a Space"
         elif model_id in (TINY_MODEL_ID, DEMO_MODEL_ID) or model_id.startswith(TINY_PREFIX):
             reason = f"MODEL_ID={model_id}"
+        if model_id == TINY_MODEL_ID:
+            model_id = TINY_PREFIX + "flux"
         presets_text = env.get("PRESETS", "").strip()
         if presets_text:
             parse_presets(presets_text, multiple=1)  # the form now; the family's multiple once it is known
@@ -248,7 +248,8 @@ class Settings:
                 raise ValueError(f"AOT_HUB_REPO={self.hub_repo!r} must be OWNER/NAME@<40-hex commit>: compiled "
                                  "packages contain native code, so only a repo pinned to an exact commit is loaded")
             if self.compile == "none":
-                raise ValueError("AOT_HUB_REPO is set but COMPILE=none; set COMPILE=auto or aoti, or unset AOT_HUB_REPO")
+                raise ValueError("AOT_HUB_REPO is set but COMPILE=none; set COMPILE=auto or aoti, or unset "
+                                 "AOT_HUB_REPO")
         if self.hub_upload is not None:
             if self.hub_upload.count("/") != 1 or "@" in self.hub_upload or not all(self.hub_upload.split("/")):
                 raise ValueError(f"AOT_HUB_UPLOAD={self.hub_upload!r} must be OWNER/NAME, the model repo to upload "
@@ -257,15 +258,14 @@ class Settings:
                 raise ValueError("AOT_HUB_UPLOAD is set but COMPILE=none: nothing is compiled to upload; set "
                                  "COMPILE=auto or aoti, or unset AOT_HUB_UPLOAD")
         if self.step_cache.method != "off" and self.world_size != 1:
-            raise ValueError(f"STEP_CACHE={self.step_cache} with {self.world_size} ranks (WORLD_SIZE): First Block Cache "
-                             "would decide to skip on each rank's share of the image alone, and neither cache is tested "
-                             "under context parallelism; set STEP_CACHE=off, or run one process")
+            raise ValueError(f"STEP_CACHE={self.step_cache} with {self.world_size} ranks (WORLD_SIZE): First Block "
+                             "Cache would decide to skip on each rank's share of the image alone, and neither cache is "
+                             "tested under context parallelism; set STEP_CACHE=off, or run one process")
         if self.prompt_cache < 0:
             raise ValueError(f"PROMPT_CACHE={self.prompt_cache}: give a whole number of prompts, e.g. "
                              f"{PROMPT_CACHE_DEFAULT}, or 0 to keep none")
         if self.queue_size < 1:
             raise ValueError(f"QUEUE_SIZE={self.queue_size}: give a whole number of at least 1, e.g. 32")
-        if self.world_size != 1 or self.parallel in ("ulysses", "ring"):
-            from aot.parallel import check_settings
-
-            check_settings(self)
+        if self.world_size < 1:
+            raise ValueError(f"WORLD_SIZE={self.world_size}: must be at least 1")
+        # what conflicts with several ranks is checked by aot.parallel.join, which app.py calls next

@@ -129,7 +129,8 @@ def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict
     try:
         signatures = compile_to(staging)
         packages = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.pt2"))
-        manifest = {"key": key, "signatures": signatures, "sha256": {name: _sha256(staging / name) for name in packages}}
+        manifest = {"key": key, "signatures": signatures,
+                    "sha256": {name: _sha256(staging / name) for name in packages}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (staging / VERIFIED).write_text(json.dumps({name: [digest, *_stamp(staging / name)]
                                                     for name, digest in manifest["sha256"].items()}))

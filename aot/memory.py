@@ -107,7 +107,8 @@ class MemoryPlan:
                    f"{self.quantization} weights (about {self.step_error:.1e} relative error per step)")
         blocks = ("all blocks resident" if not self.stream else f"all {self.blocks} blocks streamed"
                   if self.streamed_blocks == self.blocks else
-                  f"{self.blocks - self.streamed_blocks} of {self.blocks} blocks resident, {self.streamed_blocks} streamed")
+                  f"{self.blocks - self.streamed_blocks} of {self.blocks} blocks resident, "
+                  f"{self.streamed_blocks} streamed")
         budget = f" of {self.budget_gib}" if self.budget_gib else ""
         return f"{weights}, {blocks}, text encoders streamed; needs about {self.need_gib}{budget} GiB"
 
@@ -140,7 +141,8 @@ def choose_memory_plan(requested: str, quantization: str, footprint: Footprint, 
         mode, k = min(fitting, key=lambda layout: footprint.step_ms(*layout, compiled))
     else:
         mode, k = min(((m, k) for m in modes for k in streamed), key=lambda layout: footprint.need(*layout))
-        why += f"; nothing fits, so the smallest layout runs ({gib(footprint.need(mode, k))} GiB): it may run out of memory"
+        why += (f"; nothing fits, so the smallest layout runs ({gib(footprint.need(mode, k))} GiB): it may run out "
+                "of memory")
     return MemoryPlan(True, mode, count, k, budget and gib(budget), gib(footprint.need(mode, k)), STEP_ERROR[mode], why)
 
 
@@ -323,11 +325,13 @@ def _plan_zerogpu(pipe, requested, auto, decided, vram_limit_gib, max_image_toke
         plans[size] = choose_resident_plan(decided, auto, footprint, budget, limit, fp8_ok and compiled, compiled)
     size = None
     if card.sizes:
-        size = Size(report.decide("zerogpu_size", choose_size(zerogpu_size, card, {s: p.fits for s, p in plans.items()})))
+        fits = {s: p.fits for s, p in plans.items()}
+        size = Size(report.decide("zerogpu_size", choose_size(zerogpu_size, card, fits)))
     plan = plans[size]
     report.memory = {**asdict(plan), "layout": plan.layout,
                      "xlarge_threshold_gib": round(card.xlarge_threshold / GiB, 2) if card.xlarge_threshold else None,
-                     "by_size": {(s.value if s else "card"): {**asdict(p), "layout": p.layout} for s, p in plans.items()}}
+                     "by_size": {(s.value if s else "card"): {**asdict(p), "layout": p.layout}
+                                 for s, p in plans.items()}}
     if not plan.fits:
         report.fallback("memory", f"the pipeline {plan.reason}: it may run out of memory")
     return plan, hardware.with_size(size)
@@ -347,7 +351,8 @@ def _expandable_segments(report: Report) -> None:
                                   "layout may run out of memory while placing, to fragmentation")
 
 
-def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = (), granularity: str = "row") -> None:
+def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = (),
+                    granularity: str = "row") -> None:
     """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes. The transformer is
     quantized one block at a time on `device` (fast, and never more than a block beyond the plan), each streamed
     block then moved to host memory behind its ring slot (aot/streaming.py): `transformer.block_stream`."""

@@ -100,7 +100,8 @@ def _stored_quantization(source: str, revision: str | None) -> dict:
     loading it: it decides the dtype, and a format this template does not serve stops startup before the download."""
     import diffusers
 
-    library, name = diffusers.DiffusionPipeline.load_config(source, revision=revision).get("transformer") or (None, None)
+    config = diffusers.DiffusionPipeline.load_config(source, revision=revision)
+    library, name = config.get("transformer") or (None, None)
     transformer_class = getattr(diffusers, name, None) if library == "diffusers" else None
     if transformer_class is None:
         return {}  # no transformer this diffusers has: loading, or `family_of`, says what is wrong

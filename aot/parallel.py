@@ -69,10 +69,8 @@ class RankLost(RuntimeError):
 
 
 def check_settings(settings: Settings) -> None:
-    """Settings that conflict with several ranks stop startup with a message (settings.Settings.check)."""
+    """Settings that conflict with several ranks stop startup with a message, before anything is loaded (`join`)."""
     launch = "launch with `python -m aot.parallel --nproc-per-node N app.py` (README: Several GPUs)"
-    if settings.world_size < 1:
-        raise ValueError(f"WORLD_SIZE={settings.world_size}: must be at least 1")
     if settings.world_size == 1:
         if settings.parallel in ("ulysses", "ring"):
             raise ValueError(f"PARALLEL={settings.parallel} needs several ranks, but this is one process; {launch}")
@@ -252,7 +250,7 @@ class Ranks:
                      ", ".join(f"{k}={v!r}" for k, v in box[0].items() if k != "prompt"))
             try:
                 fn(**box[0])
-            except BaseException as err:  # noqa: BLE001 - out of step with rank 0 now: leave and tell it why
+            except BaseException as err:  # out of step with rank 0 now: leave and tell it why
                 log.exception("rank %d: the request failed", self.rank)
                 self._leave(f"the request failed on rank {self.rank} ({type(err).__name__}: {err})", tell=True)
 
@@ -325,8 +323,9 @@ class Ranks:
 
 
 def join(settings: Settings) -> Ranks | None:
-    """Joins the launch's process group when this process is one of several ranks (WORLD_SIZE > 1); else None,
-    and nothing here runs."""
+    """Checks the settings against the launch (`check_settings`), then joins the launch's process group when this
+    process is one of several ranks (WORLD_SIZE > 1); else None, and nothing else here runs."""
+    check_settings(settings)
     return Ranks(settings) if settings.world_size > 1 else None
 
 

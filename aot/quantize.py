@@ -65,8 +65,8 @@ def stored_decision(stored: Stored, requested: str, hardware: Hardware) -> Decis
                          "it at startup.")
     if stored.mode == "fp8" and hardware.device == "cuda" and not fp8_runs(hardware):
         raise ValueError(f"MODEL_ID's transformer is stored in fp8, which needs compute capability >= 8.9 on a GPU; "
-                         f"this is {hardware.capability}. Point MODEL_ID at the unquantized model (QUANTIZATION=int8 quantizes "
-                         "it at startup).")
+                         f"this is {hardware.capability}. Point MODEL_ID at the unquantized model (QUANTIZATION=int8 "
+                         "quantizes it at startup).")
     return Decision(stored.value, f"stored so by the checkpoint (torchao {stored.tensor}, from {stored.config}, "
                                   f"{stored.layers} of {stored.linears} Linear layers): served as stored, not "
                                   "quantized again")
@@ -137,8 +137,8 @@ def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None =
         from torchao.quantization import quantize_ as torchao_quantize_
 
         # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
-        config = Float8DynamicActivationFloat8WeightConfig(granularity={"row": PerRow, "tensor": PerTensor}[granularity](),
-                                                           set_inductor_config=False)
+        scales = {"row": PerRow, "tensor": PerTensor}[granularity]()
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=scales, set_inductor_config=False)
 
         def chosen(module, name):
             return isinstance(module, torch.nn.Linear) and not kept_in_bf16(name, keep_bf16)

@@ -45,7 +45,8 @@ def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def tensor_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors inside a tensor subclass, however deeply nested (torchao's older types nest); else the tensor."""
+    """The plain tensors inside a tensor subclass, however deeply nested (torchao's older types nest); else the
+    tensor."""
     parts = tensor_parts(tensor)
     return parts if parts[0] is tensor else [leaf for part in parts for leaf in tensor_leaves(part)]
 

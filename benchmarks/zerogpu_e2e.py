@@ -493,7 +493,8 @@ def main() -> int:
     parser.add_argument("--phases", default="killed-compile,cold,warm")
     parser.add_argument("--card", default="NVIDIA RTX PRO 6000 Blackwell Server Edition",
                         help="the card spaces configures itself for (spaces/zero/configs.json)")
-    parser.add_argument("--fail-fp8-rows", action="store_true", help="fp8 per-row scales fail in the probe, as on sm_120")
+    parser.add_argument("--fail-fp8-rows", action="store_true",
+                        help="fp8 per-row scales fail in the probe, as on sm_120")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -118,9 +118,10 @@ def main() -> int:
                 row.update({f"{key}_s": round(seconds, 1), f"{key}_requested": durations.requested(seconds),
                             f"{key}_granted": durations.granted(seconds), f"{key}_fits": durations.fits(seconds)})
             today.append(row)
-    print("\n(fp8: the fp8 probe on the card; fail plans from QUANTIZATION's decision turned to none. packed: what spaces "
-          "packs at startup and compares with xlarge_threshold; need: packed + activations at the largest native "
-          "preset + 1 GiB slack; auto: the size ZEROGPU_SIZE=auto picks. Every family's figures are in the JSON.)")
+    print("\n(fp8: the fp8 probe on the card; fail plans from QUANTIZATION's decision turned to none. packed: what "
+          "spaces packs at startup and compares with xlarge_threshold; need: packed + activations at the largest "
+          "native preset + 1 GiB slack; auto: the size ZEROGPU_SIZE=auto picks. Every family's figures are in the "
+          "JSON.)")
 
     print(f"\nZeroGPU today: default request at the first native preset, fp8 + AoT, limit {MAX_TASK_SECONDS} s. "
           f"Step = measured ms x slowdown; the slowdowns ({slowdown(card.model, card.sm_count, Size.LARGE)} large, "

@@ -73,7 +73,8 @@ def test_words_the_demo_model_never_read_are_named_in_the_details(app, monkeypat
     assert app._vocabulary_hint() is None and app._unknown_words("a tiny astronaut") == []  # no list for tiny models
     monkeypatch.setattr(app, "VOCABULARY", frozenset(shapes.VOCABULARY))  # as the demo model serves
     _, _, details = app.generate(**{**GOOD, "prompt": "A tiny astronaut hatching from an egg on the moon, 3 of them"})
-    assert details.endswith(" | note: not in the demo's vocabulary: tiny, astronaut, hatching, from, egg, moon, 3, them")
+    assert details.endswith(" | note: not in the demo's vocabulary: "
+                            "tiny, astronaut, hatching, from, egg, moon, 3, them")
     _, _, details = app.generate(**{**GOOD, "prompt": "A red circle on the left, and a blue square at the top."})
     assert "note" not in details
     hint = app._vocabulary_hint()
@@ -121,7 +122,8 @@ def _digest(path: str) -> str:
 
 
 def test_generate_api_returns_image_and_seed_and_is_deterministic(client):
-    results = [client.predict(**{**GOOD, "resolution": res}, api_name="/generate") for res in ("64x64", "80x48", "80x48")]
+    results = [client.predict(**{**GOOD, "resolution": res}, api_name="/generate")
+               for res in ("64x64", "80x48", "80x48")]
     sizes = []
     for path, seed, details in results:
         with Image.open(path) as image:

@@ -85,7 +85,8 @@ def open_page(browser, app):
     def open_at(viewport: dict, served=app):
         page = browser.new_page(viewport=viewport)
         page.console = []
-        page.on("console", lambda msg: msg.type in ("warning", "error") and page.console.append(f"{msg.type}: {msg.text}"))
+        page.on("console",
+                lambda msg: msg.type in ("warning", "error") and page.console.append(f"{msg.type}: {msg.text}"))
         page.on("pageerror", lambda err: page.console.append(f"uncaught: {err}"))
         page.goto(served.demo.local_url)
         page.locator("#prompt textarea").wait_for()
@@ -143,7 +144,8 @@ def _pictures_loaded(page, count: int) -> list[int]:
     page.locator("#examples").scroll_into_view_if_needed()
     try:
         page.wait_for_function("n => { const imgs = [...document.querySelectorAll('#examples img')];"
-                               " return imgs.length === n && imgs.every(img => img.complete && img.naturalWidth > 0); }",
+                               " return imgs.length === n"
+                               " && imgs.every(img => img.complete && img.naturalWidth > 0); }",
                                arg=count, timeout=30_000)
     except PlaywrightTimeoutError:
         pass  # the widths returned say which picture is missing
@@ -231,7 +233,9 @@ def test_examples_show_what_they_make_and_follow_the_chosen_resolution(open_page
         assert page.request.get(rows.nth(i).locator("img").get_attribute("src")).body() == Path(path).read_bytes()
 
     last = len(shipped) - 1  # the lowest on the page: the window scrolls a screen down to click it
-    pick = lambda: pictures.nth(last).click()
+    def pick():
+        pictures.nth(last).click()
+
     square = _generate(page, pick)
     assert page.evaluate("window.scrollY") > 0
     _result_in_view(page, DESKTOP)
@@ -298,7 +302,8 @@ def test_phone_puts_prompt_generate_and_result_first_under_a_one_line_banner(ope
     assert errors.count() == 0  # closed by the next request (it would show 10 s), not left over its image
     assert shown["size"] == (48, 80)
     assert page.locator("#image").get_by_text("Image", exact=True).count() == 0  # no label over the picture's corner
-    order = [_box(page, selector)["y"] for selector in ("#status-banner", "#prompt", "#generate", "#image", "#resolution")]
+    selectors = ("#status-banner", "#prompt", "#generate", "#image", "#resolution")
+    order = [_box(page, selector)["y"] for selector in selectors]
     assert order == sorted(order), order  # prompt, Generate, result, then the settings
     image = _box(page, "#image img")
     assert _in_view(image, PHONE) and image["width"] >= 250, image

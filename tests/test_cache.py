@@ -142,7 +142,7 @@ def test_cache_key_names_everything_that_makes_a_program_valid(compiled_blocks):
     assert {"family", "model_id", "revision", "torch", "arch", "quantization", "attention", "image_tokens",
             "text_tokens", "scope", "dtype", "weights"} <= set(key)
     assert key["torch"] == torch.__version__ and key["arch"].startswith("cpu-") and key["image_tokens"] == 16
-    assert (key["family"], key["model_id"], key["scope"]) == ("flux", "tiny", "blocks")
+    assert (key["family"], key["model_id"], key["scope"]) == ("flux", "tiny-flux", "blocks")
     assert key["text_tokens"] == report.text and "512 tokens" in key["text_tokens"]
     # one entry per program, in image-token order; the programs' keys differ only in their token count
     assert report.cache_keys == [key_digest(_key(compiled_blocks, tokens)) for tokens in (15, 16)]

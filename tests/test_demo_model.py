@@ -10,6 +10,7 @@ import torch
 import optimization
 from aot import model as model_module
 from aot.families import Guidance
+from aot.hardware import cpu
 from aot.model import load_model, load_pipeline
 from assets import shapes
 from settings import DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Settings
@@ -105,7 +106,7 @@ def test_same_seed_same_image_and_another_seed_another(demo):
 def test_a_missing_demo_model_stops_with_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setattr(model_module, "DEMO_MODEL_DIR", str(tmp_path / "demo-model"))
     with pytest.raises(SystemExit, match="demo model is missing.*train_demo.py.*MODEL_ID=tiny"):
-        load_pipeline(demo_settings())
+        load_pipeline(demo_settings(), cpu())
 
 
 def test_aot_compiled_draws_what_eager_draws(demo):

@@ -123,7 +123,9 @@ def test_the_transformer_dispatches_to_one_program_per_preset_shape(family):
     assert (report.family, report.compile, report.compile_scope) == (family.name, "aoti", _scope(family))
     regional = [f for f in report.fallbacks if f.startswith(f"compile scope: regional programs for {family.name}")]
     assert len(regional) == (_scope(family) == "blocks")  # reported exactly when the scope was changed
-    assert report.compile_source == "compiled now" and len(report.cache_keys) == len(report.programs)
+    # flux: the session fixture compiled_model (MODEL_ID=tiny is tiny-flux) compiled these very programs first
+    assert report.compile_source == ("loaded from cache" if family.was_cached else "compiled now")
+    assert len(report.cache_keys) == len(report.programs)
     groups = optimization.program_groups(family.model, _scope(family), dynamic=False)
     assert [program["resolutions"] for program in report.programs] == [[p.name for p in g] for g in groups.values()]
     assert sorted(r for program in report.programs for r in program["resolutions"]) == sorted(

@@ -37,7 +37,8 @@ def flux_dev_footprint():
                 text_encoder_2=T5EncoderModel(T5Config(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                                                        feed_forward_proj="gated-gelu")),
                 vae=AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4),
             )
     finally:
         torch.set_default_dtype(previous)
@@ -74,7 +75,8 @@ def test_the_plan_counts_the_layers_fp8_leaves_in_bf16(monkeypatch):
     keep = model.family.keep_bf16
     planned = measure_footprint(model.pipe, model.max_image_tokens, keep).transformer["fp8"]
     naive = measure_footprint(model.pipe, model.max_image_tokens).transformer["fp8"]
-    before = resident_bytes(model.pipe) - sum(t.numel() * t.element_size() for t in model.pipe.transformer.state_dict().values())
+    weights = model.pipe.transformer.state_dict().values()
+    before = resident_bytes(model.pipe) - sum(t.numel() * t.element_size() for t in weights)
     quantize_(model.pipe.transformer, "fp8", keep_bf16=keep)
     assert planned == resident_bytes(model.pipe) - before > naive
 
@@ -104,7 +106,8 @@ def test_layout_is_chosen_automatically_when_the_model_does_not_fit(flux_dev_foo
     assert (plan.low_vram, plan.quantization, streamed) == expected
     assert plan.need_gib <= budget_gib and plan.blocks == 57
     if plan.low_vram:
-        assert plan.reason.startswith("the whole pipeline needs 35.") and f"{float(budget_gib)} GiB available" in plan.reason
+        assert plan.reason.startswith("the whole pipeline needs 35.")
+        assert f"{float(budget_gib)} GiB available" in plan.reason
         # the fewest streamed blocks that fit: each block streamed costs copies on every step
         assert all(fp.need(plan.quantization, k) > budget for k in range(plan.streamed_blocks))
 
@@ -120,7 +123,8 @@ def test_a_mixed_layout_is_reported_with_what_it_costs(flux_dev_footprint):
 def test_explicit_choices_are_honoured(flux_dev_footprint):
     fp = flux_dev_footprint
     assert not choose_memory_plan("off", "auto", fp, 8 * GiB, False, True).low_vram
-    assert not choose_memory_plan("auto", "auto", fp, None, True, True).low_vram  # CPU or ZeroGPU: no budget to plan for
+    # CPU or ZeroGPU: no budget to plan for
+    assert not choose_memory_plan("auto", "auto", fp, None, True, True).low_vram
     plan = choose_memory_plan("auto", "none", fp, 24 * GiB, True, True)  # keep bf16 weights: stream some blocks
     assert plan.quantization == "none" and 0 < plan.streamed_blocks < 57
     plan = choose_memory_plan("stream", "auto", fp, 80 * GiB, True, True)  # every block streamed: fewest bytes wins
@@ -255,8 +259,10 @@ def test_low_vram_int8_resident_is_reported_and_stays_within_tolerance(fp32_late
     model = tiny_model()
     pipe = model.pipe
     with caplog.at_level(logging.WARNING, logger="aot-space"):
-        report = optimization.optimize_pipeline_(model, settings_for(low_vram="on", quantization="int8", compile="none"))
-    assert report.memory["low_vram"] and (report.memory["quantization"], report.memory["streamed_blocks"]) == ("int8", 0)
+        settings = settings_for(low_vram="on", quantization="int8", compile="none")
+        report = optimization.optimize_pipeline_(model, settings)
+    assert report.memory["low_vram"]
+    assert (report.memory["quantization"], report.memory["streamed_blocks"]) == ("int8", 0)
     assert report.quantization == "int8"
     assert any(f.startswith("memory: low-VRAM mode (LOW_VRAM=on): int8 weights (about 8.0e-03 relative error per "
                             "step), all blocks resident, text encoders streamed") for f in report.fallbacks)
@@ -275,14 +281,16 @@ def test_a_mixed_layout_streams_some_blocks_through_one_ring_per_block_class(mon
 
     onloads = []
     real_onload = ModuleGroup.onload_
-    monkeypatch.setattr(ModuleGroup, "onload_", lambda group: (onloads.append(group.onload_leader), real_onload(group))[1])
+    monkeypatch.setattr(ModuleGroup, "onload_",
+                        lambda group: (onloads.append(group.onload_leader), real_onload(group))[1])
     resident = deep_tiny_model()
     place_pipeline_(resident.pipe, MemoryPlan(True, "int8", blocks=8, streamed_blocks=0), "cpu")
     model = deep_tiny_model()
     report = optimization.optimize_pipeline_(model, settings_for(low_vram="on", quantization="int8", compile="none",
                                                                  vram_limit_gib=repr(_mixed_budget(model, "int8"))))
     assert (report.memory["quantization"], report.memory["streamed_blocks"], report.memory["blocks"]) == ("int8", 6, 8)
-    assert report.memory["need_gib"] <= report.memory["budget_gib"] and "2 of 8 blocks resident, 6 streamed" in report.memory["layout"]
+    assert report.memory["need_gib"] <= report.memory["budget_gib"]
+    assert "2 of 8 blocks resident, 6 streamed" in report.memory["layout"]
     transformer = model.pipe.transformer
     stream = transformer.block_stream
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
@@ -336,7 +344,8 @@ def test_every_family_streams_its_blocks():
         report = optimization.optimize_pipeline_(model, settings_for(low_vram="stream", **settings))
         assert report.memory["streamed_blocks"] == report.memory["blocks"] > 0, family.name
         expected = _run(resident)
-        assert all(map(torch.equal, torch.utils._pytree.tree_leaves(_run(model)), torch.utils._pytree.tree_leaves(expected)))
+        leaves = torch.utils._pytree.tree_leaves
+        assert all(map(torch.equal, leaves(_run(model)), leaves(expected)))
         stream = model.pipe.transformer.block_stream
         stream.late_loads = 0
         _run(model)

@@ -99,8 +99,9 @@ def test_unknown_shape_is_refused_before_the_transformer(fixture, request):
     args, kwargs = compiled.inputs["64x64"]
     kwargs = dict(kwargs, hidden_states=kwargs["hidden_states"][:, :12], img_ids=kwargs["img_ids"][:12])
     # the message names the inputs' shapes (12 image tokens) and the resolutions that have programs
-    with pytest.raises(optimization.UnsupportedShape, match=r"no compiled program for inputs .*hidden_states \[1, 12, \d+\]"
-                                                            r".* \(compiled for: 48x80, 80x48; 64x64\)$"):
+    with pytest.raises(optimization.UnsupportedShape,
+                       match=r"no compiled program for inputs .*hidden_states \[1, 12, \d+\]"
+                             r".* \(compiled for: 48x80, 80x48; 64x64\)$"):
         with torch.inference_mode():
             compiled.pipe.transformer(*args, **kwargs)
 
@@ -166,5 +167,6 @@ def test_compile_failure_with_a_custom_attention_backend_retries_with_sdpa(monke
     compiled = Compiled(attention="_native_math", presets="small=32x32", aot_scope="model", aot_cache_dir=tmp_path)
     assert backends == ["_native_math", "native"]
     assert (compiled.report.compile, compiled.report.attention) == ("aoti", "sdpa")
-    assert any("AoT compile with _native_math failed" in f and f.endswith("using sdpa") for f in compiled.report.fallbacks)
+    assert any("AoT compile with _native_math failed" in f and f.endswith("using sdpa")
+               for f in compiled.report.fallbacks)
     assert rel_err(compiled.run()["32x32"], compiled.eager["32x32"]) <= TOLERANCE

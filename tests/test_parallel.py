@@ -163,10 +163,11 @@ def _app_rank() -> None:
     ({"WORLD_SIZE": "2", "PARALLEL": "sideways"}, "PARALLEL='sideways' is not one of auto, off, ulysses, ring"),
 ])
 def test_settings_that_conflict_with_several_ranks_stop_startup(env, message):
+    from aot import parallel
     from settings import Settings
 
-    with pytest.raises(ValueError) as err:
-        Settings.from_env({"MODEL_ID": "tiny", **env}, has_cuda=False)
+    with pytest.raises(ValueError) as err:  # Settings.from_env, or parallel.join right after it (app.py)
+        parallel.join(Settings.from_env({"MODEL_ID": "tiny", **env}, has_cuda=False))
     assert message in str(err.value)
 
 

@@ -154,7 +154,7 @@ def _served_next(client, device_api) -> None:
     since = len(device_api.calls())
     assert str(_failure(client)) == WORKER_ERROR
     assert [c["path"] for c in _new_calls(device_api, since)] == ["/schedule", "/allow", "/release"]
-    assert client.predict(api_name="/status")["model_id"] == "tiny"
+    assert client.predict(api_name="/status")["model_id"] == "tiny-flux"
 
 
 def test_startup_probes_then_compiles_then_times_in_gpu_tasks_sized_for_half_the_card(zero_app, device_api):

@@ -51,7 +51,8 @@ def build_tiny():
         axes_dims_rope=(4, 6, 6),
     )
     chars = byte_vocabulary()
-    clip_vocab = {tok: i for i, tok in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    clip_vocab = {tok: i for i, tok in enumerate(tokens)}
     tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,

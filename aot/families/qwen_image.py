@@ -33,7 +33,8 @@ def text_spec(args: tuple, kwargs: dict, length: int) -> dict:
 def prompt_tokens(pipe, prompt: str) -> int:
     # What the transformer sees: the prompt inside the template (its edges may merge differently than alone)
     # less the dropped system part, so the template's tail (5 tokens in Qwen's vocabulary) counts too
-    return len(pipe.tokenizer(pipe.prompt_template_encode.format(prompt))["input_ids"]) - pipe.prompt_template_encode_start_idx
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format(prompt))["input_ids"]
+    return len(ids) - pipe.prompt_template_encode_start_idx
 
 
 def _tokenizer(words=()):
@@ -132,6 +133,7 @@ QWEN_IMAGE = Family(
     text_spec=text_spec,
     # the text stream's projections: a few dozen rows against thousands of image rows, so bf16 costs little
     keep_bf16=("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "txt_mlp"),
-    regional_only="its rotary tables are cached per text length, which a whole-model export fixes; blocks take any length",
+    regional_only=("its rotary tables are cached per text length, which a whole-model export fixes; blocks take any "
+                   "length"),
     real_size=REAL_SIZE,
 )
