@@ -130,7 +130,3 @@ def detect(env=None) -> Hardware:
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     return Hardware("cpu", platform.processor() or platform.machine(), None, 0, pages, torch.version.cuda, online)
 
-
-def cpu(hub: bool = False) -> Hardware:
-    """A CPU host, as the tests and the precompile tool describe one without detecting."""
-    return Hardware("cpu", platform.machine(), None, 0, 0, torch.version.cuda, hub)

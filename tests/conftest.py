@@ -8,6 +8,7 @@ compile of the same program instead of compiling it again (REUSES_COMPILES).
 """
 import copy
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -34,12 +35,18 @@ import torch  # noqa: E402
 
 import optimization  # noqa: E402
 from aot.cache import key_digest  # noqa: E402
+from aot.hardware import Hardware  # noqa: E402
 from aot.model import Model, load_model  # noqa: E402
 from aot.programs import capture_inputs  # noqa: E402
 from settings import Preset, Settings  # noqa: E402
 
 SEQ = 512  # the tiny FLUX model embeds guidance, so it follows FLUX.1-dev's text length
 LATENTS_PRESET = Preset("landscape", 80, 48)  # where `Compiled.latents` runs the whole tiny FLUX pipeline
+
+
+def cpu(hub: bool = False) -> Hardware:
+    """A CPU host, described without detecting: for the functions that take the hardware."""
+    return Hardware("cpu", platform.machine(), None, 0, 0, torch.version.cuda, hub)
 
 
 def settings_for(**overrides) -> Settings:

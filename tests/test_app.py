@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from aot import panel
-from aot.hardware import cpu
+from conftest import cpu
 from aot.model import load_pipeline
 from aot.zerogpu import FIXED_SECONDS, PROGRAM_LOAD_SECONDS
 from assets import shapes

@@ -3,7 +3,8 @@ import pytest
 
 from aot.decisions import attention_candidates, choose_compile, choose_quantization, pick_attention
 from aot.families import FAMILIES, FLUX
-from aot.hardware import Hardware, cpu
+from aot.hardware import Hardware
+from conftest import cpu
 from aot.model import build_tiny, load_model
 from aot.probes import Probe
 from aot.report import Decision

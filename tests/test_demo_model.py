@@ -10,7 +10,7 @@ import torch
 import optimization
 from aot import model as model_module
 from aot.families import Guidance
-from aot.hardware import cpu
+from conftest import cpu
 from aot.model import load_model, load_pipeline
 from assets import shapes
 from settings import DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Settings

@@ -15,7 +15,8 @@ import torch
 from aot import hardware as hardware_module
 from aot.decisions import (ATTENTION_MAX_ERROR, FP8_GRANULARITIES, SDPA, attention_candidates, choose_compile,
                            choose_quantization, fp8_candidates, pick_attention, pick_fp8)
-from aot.hardware import Hardware, Size, ZeroGPUCard, cpu, detect
+from aot.hardware import Hardware, Size, ZeroGPUCard, detect
+from conftest import cpu
 from aot.memory import ACTIVATION_BYTES_PER_TOKEN, SLACK_BYTES, Footprint, choose_resident_plan
 from aot.probes import AttentionShape, Probe, probe_attention, probe_fp8, run_probes
 from aot.report import Report

@@ -26,7 +26,7 @@ import torch
 import optimization
 from aot.cache import cache_key, key_digest
 from aot.families import family_named
-from aot.hardware import cpu
+from conftest import cpu
 from aot.memory import measure_footprint
 from aot.model import build_tiny, load_model
 from aot.quantize import quantize_

@@ -48,14 +48,14 @@ import json, sys, types
 sys.path.insert(0, sys.argv[1])
 from diffusers import FluxTransformer2DModel
 from aot.cache import cache_key, key_digest
-from aot.hardware import cpu
+from aot.hardware import Hardware
 from aot.report import Report
 # a small FLUX transformer that leaves several entries at their defaults, as a hub config can
 transformer = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                                      joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 pipe = types.SimpleNamespace(transformer=transformer)
-key = cache_key(pipe, "flux", "tiny", None, Report(device="cpu", dtype="float32"), cpu(), "model", 4, False, "fixed",
-                {})
+cpu = Hardware("cpu", "host", None, 0, 0, None, False)
+key = cache_key(pipe, "flux", "tiny", None, Report(device="cpu", dtype="float32"), cpu, "model", 4, False, "fixed", {})
 print(json.dumps({"digest": key_digest(key), "defaults": transformer.config["_use_default_values"]}))
 """
 
