@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from aot import parallel, step_cache
-from aot.cache import (cache_key, compile_into_cache, entry_files, fetch_from_hub, key_digest, read_cached,
-                       upload_to_hub)
+from aot import hub, parallel, step_cache
+from aot.cache import cache_key, compile_into_cache, entry_files, key_digest, read_cached
 from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_quantization, fp8_candidates,
                            pick_attention, pick_fp8)
 from aot.families import Text
@@ -290,6 +289,8 @@ class DeviceRun:
     install_seconds: float = 0.0
     warm_up_seconds: float = 0.0
     error: str = ""
+    adopted: dict = field(default_factory=dict)  # program shape -> the foreign package's source (aot/hub.py)
+    refusals: list = field(default_factory=list)  # foreign packages refused, and why
 
 
 @dataclass
@@ -330,10 +331,15 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
     """Each program from its cache entry, or a pinned Hub repo, if its key matches; the rest compiled on the device,
     into the cache. Then, on the device, every program installed and every preset timed."""
     absent = [shape for shape, (_, root) in programs.keys.items() if not root.exists()]
-    if settings.hub_repo and absent:
+    foreign = []
+    if settings.hub_repo and absent and report.compile_scope == "blocks":  # spaces' layout; refusals reported there
         with _timed(report, "download_s"):
-            fetch_from_hub(settings.hub_repo, [programs.keys[shape][1].name for shape in absent],
-                           Path(settings.cache_dir), report)
+            foreign = hub.fetch_blocks(settings.hub_repo, [programs.keys[shape] for shape in absent],
+                                       hub.block_classes(model.pipe.transformer), report)
+    elif settings.hub_repo and absent:
+        with _timed(report, "download_s"):
+            hub.fetch_from_hub(settings.hub_repo, [programs.keys[shape][1].name for shape in absent],
+                               Path(settings.cache_dir), report)
         still = [programs.keys[shape][1].name for shape in absent if not programs.keys[shape][1].exists()]
         if still:  # another architecture's, torch's or CUDA's programs may be there: never these keys'
             report.fallback("compiled packages", f"{settings.hub_repo} has no entry for {hardware.arch}, torch "
@@ -342,8 +348,10 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
     for shape, (key, root) in programs.keys.items():
         start = time.perf_counter()
         programs.manifests[shape] = read_cached(root, key)
+        origin = (programs.manifests[shape] or {}).get("source")  # a foreign package's, once checked here
         programs.sources[shape] = {"cache_key": root.name, "resolutions": programs.label(shape),
-                                   "source": "downloaded" if shape in absent else "cached",
+                                   "source": ("downloaded" if shape in absent else "cached") + (
+                                       f", {origin}" if origin else ""),
                                    "verify_s": round(time.perf_counter() - start, 2)}
     missing = programs.missing
 
@@ -351,24 +359,30 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
         """Compiles what is missing, installs every program, and times each preset (the first call of each program
         loads it: the .so and its kernels). Only picklable values cross into the ZeroGPU worker and back; the
         pipeline is reached through the closure."""
-        seconds = {}
+        seconds, adopted, refusals = {}, {}, []
         try:
             for shape in missing:
                 key, root = programs.keys[shape]
                 preset = programs.groups[shape][0]
                 start = time.perf_counter()
-                compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset,
-                                                                       programs.served, out), root, key)
-                seconds[shape] = round(time.perf_counter() - start, 1)
+                if foreign:
+                    adopted[shape] = hub.adopt_foreign(model, foreign, programs.groups[shape],
+                                                       programs.served is not None, key, root, refusals)
+                if not adopted.get(shape):
+                    adopted.pop(shape, None)
+                    compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset,
+                                                                           programs.served, out), root, key)
+                    seconds[shape] = round(time.perf_counter() - start, 1)
                 programs.manifests[shape] = read_cached(root, key)
             start = time.perf_counter()
             install_(model, programs)
             installed = time.perf_counter()
             timings = time_presets(model, [p for presets in programs.groups.values() for p in presets])
-            return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2))
+            return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2),
+                             adopted=adopted, refusals=refusals)
         except Exception as err:  # reported by the caller, which serves eager
             log.info("compiling, installing or timing the programs failed; the full error:", exc_info=err)
-            return DeviceRun(seconds, error=f"{type(err).__name__}: {err}")
+            return DeviceRun(seconds, error=f"{type(err).__name__}: {err}", refusals=refusals)
 
     return gpu_task(on_device, STARTUP_TASK_SECONDS if missing else MAX_TASK_SECONDS, hardware)()
 
@@ -385,19 +399,25 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
     programs = plan_programs(model, settings, report, hardware)
     report.cache_keys = [root.name for _, root in programs.keys.values()]
     run = fetch_or_compile(model, programs, settings, report, hardware)
+    for refusal in run.refusals:
+        report.fallback("compiled packages", refusal)
     if run.error:
         raise CompileFailed(run.error)
     compiled = list(run.compile_seconds)
     for shape, seconds in run.compile_seconds.items():
         programs.sources[shape].update(source="compiled", compile_s=seconds)
+    for shape, source in run.adopted.items():
+        programs.sources[shape].update(source=source)
     if hardware.zerogpu:  # what the GPU worker installed is gone with it; requests run in forks of this process
         programs.manifests.update({shape: read_cached(programs.keys[shape][1], programs.keys[shape][0])
-                                   for shape in compiled})
+                                   for shape in [*compiled, *run.adopted]})
         install_(model, programs)
     if compiled and settings.hub_upload:
         with _timed(report, "upload_s"):
-            upload_to_hub(settings.hub_upload, Path(settings.cache_dir), [programs.keys[s][1].name for s in compiled],
-                          report)
+            hub.upload_to_hub(settings.hub_upload, Path(settings.cache_dir),
+                              [programs.keys[s][1].name for s in compiled], report,
+                              blocks=hub.block_classes(model.pipe.transformer) if report.compile_scope == "blocks"
+                              else None)
     report.startup["programs"] = list(programs.sources.values())
     report.startup.update(install_s=run.install_seconds, warm_up_s=run.warm_up_seconds)
     report.timings = {name: vars(timing) for name, timing in run.timings.items()}

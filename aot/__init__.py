@@ -8,7 +8,8 @@
 - `quantize.py`: fp8 (torchao), the template's int8/int4 weight-only layers, and pre-quantized checkpoints;
 - `streaming.py`: streamed blocks' weights copied through fixed rings of GPU buffers (low-VRAM mode);
 - `programs.py`: capture, export, AOT-compile, install, and the shape dispatcher;
-- `cache.py`: the keyed artifact cache and the pinned Hub download;
+- `cache.py`: the keyed artifact cache;
+- `hub.py`: the pinned Hub download and the upload, regional programs in spaces' per-block layout;
 - `step_cache.py`: STEP_CACHE, diffusers' cache hooks around the block programs;
 - `prompts.py`: PROMPT_CACHE, repeated prompts' embeddings and the text encoders' seconds;
 - `parallel.py`: several ranks, one image split across them (context parallelism);

@@ -1,5 +1,5 @@
 """The compiled-artifact cache: one entry per program, keyed by everything that makes it valid, written
-through a staging directory, checked against its manifest before use; and the pinned Hub download."""
+through a staging directory, checked against its manifest before use (aot/hub.py moves entries to and from the Hub)."""
 from __future__ import annotations
 
 import hashlib
@@ -119,9 +119,10 @@ def read_cached(root: Path, key: dict) -> dict | None:
     return manifest
 
 
-def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict) -> None:
+def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict, source: str = "") -> None:
     """Runs `compile_to(staging directory)` (which returns the programs' signatures), writes the manifest, and
-    renames the directory into place, so that a crash never leaves a half-written entry that looks complete."""
+    renames the directory into place, so that a crash never leaves a half-written entry that looks complete.
+    `source`: where packages that were not compiled here came from (a foreign package), kept in the manifest."""
     root.parent.mkdir(parents=True, exist_ok=True)
     for stale in root.parent.glob(root.name + ".*"):  # left by a compile that was killed (never trusted: no rename)
         shutil.rmtree(stale, ignore_errors=True)
@@ -131,6 +132,8 @@ def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict
         packages = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.pt2"))
         manifest = {"key": key, "signatures": signatures,
                     "sha256": {name: _sha256(staging / name) for name in packages}}
+        if source:
+            manifest["source"] = source
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         (staging / VERIFIED).write_text(json.dumps({name: [digest, *_stamp(staging / name)]
                                                     for name, digest in manifest["sha256"].items()}))
@@ -140,45 +143,6 @@ def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch_from_hub(hub_repo: str, digests: list[str], cache_dir: Path, report: Report) -> None:
-    """Downloads the cache entries `digests` from a revision-pinned Hub repo into the cache, in one call.
-    They are checked against their manifests like any cached entry; anything missing or wrong is compiled."""
-    from huggingface_hub import snapshot_download
-
-    repo, _, revision = hub_repo.partition("@")
-    try:
-        snapshot_download(repo, revision=revision, allow_patterns=[f"{d}/*" for d in digests], local_dir=cache_dir)
-    except Exception as err:  # noqa: BLE001 - offline, missing or gated: compile instead, and say so
-        report.fallback("compiled packages", f"could not fetch {', '.join(digests)} from {hub_repo} "
-                                             f"({type(err).__name__}: {err}); compiling here")
-
-
 def entry_files(root: Path) -> list[str]:
     """What makes up cache entry `root`, relative to it: the manifest and its packages (not local bookkeeping)."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != VERIFIED)
-
-
-def upload_to_hub(hub_repo: str, cache_dir: Path, digests: list[str], report: Report, api=None) -> str | None:
-    """Uploads the cache entries `digests` (each a manifest with its packages' checksums, and the packages) to
-    the model repo `hub_repo` in one commit, with the token in HF_TOKEN. Returns the commit to pin in
-    AOT_HUB_REPO, or None after a failure, which is reported as a fallback: the Space serves what it compiled.
-    `api`: a `huggingface_hub.HfApi`, or an object with its `create_repo` and `upload_folder`."""
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-    files = [f"{digest}/{name}" for digest in digests for name in entry_files(cache_dir / digest)]
-    try:
-        api.create_repo(hub_repo, repo_type="model", private=True, exist_ok=True)
-        commit = api.upload_folder(repo_id=hub_repo, repo_type="model", folder_path=cache_dir, allow_patterns=files,
-                                   commit_message=f"AoT programs {', '.join(digests)}")
-        revision = commit.oid
-    except Exception as err:  # noqa: BLE001 - no token, no write access, offline: keep serving, and say so
-        report.fallback("hub upload", f"could not upload {', '.join(digests)} to {hub_repo} "
-                                      f"({type(err).__name__}: {err}); they stay in {cache_dir} only")
-        return None
-    pin = f"{hub_repo}@{revision}"
-    log.info("AoT programs uploaded to %s: set AOT_HUB_REPO=%s to download them instead of compiling", hub_repo, pin)
-    report.hub_upload = {"repo": hub_repo, "commit": revision, "pin": f"AOT_HUB_REPO={pin}", "entries": digests,
-                         "files": files}
-    return revision

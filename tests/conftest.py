@@ -157,6 +157,8 @@ REUSES_COMPILES = {
                       "test_hub_repo_must_be_pinned_and_an_unreachable_one_falls_back_to_compiling",
                       "test_a_hub_repo_holds_programs_for_several_architectures_and_a_start_takes_its_own"},
     "test_optimization.py": {"test_compile_failure_with_a_custom_attention_backend_retries_with_sdpa"},
+    "test_hub_layout.py": {"test_a_package_built_for_another_arch_or_torch_is_refused_with_the_reason",
+                           "test_a_foreign_package_that_does_not_run_is_refused_and_compiled_afresh"},
 }
 
 
@@ -245,6 +247,7 @@ SLOW = {
     "test_families.py": {"family", "family_app"},
     "test_faults.py": {"fresh_app"},
     "test_fuzz.py": {"fuzz_client", "test_request_text_reaches_no_file_path_or_shell"},
+    "test_hub_layout.py": {"regional", "foreign_repo", *REUSES_COMPILES["test_hub_layout.py"]},
     "test_hardware.py": {"test_a_cpu_programs_arch_is_its_machine_and_vector_isa"},  # Inductor's ISA probes, with g++
     "test_load.py": {"small_queue_app"},
     "test_lowvram.py": {"test_streamed_blocks_stay_compiled_and_read_the_ring", "test_every_family_streams_its_blocks",

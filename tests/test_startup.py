@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import aot.cache
-from aot.cache import VERIFIED, entry_files, read_cached, upload_to_hub
+from aot.cache import VERIFIED, entry_files, read_cached
+from aot.hub import upload_to_hub
 from aot.report import Report
 from conftest import ROOT, Compiled, rel_err
 from settings import Settings
