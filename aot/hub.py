@@ -150,7 +150,6 @@ class Foreign:
     """Packages in spaces' layout without the template's manifest: one per block list, downloaded."""
 
     repo: str
-    variant: str
     packages: dict  # block list name -> (repo file, local path)
 
     @property
@@ -190,8 +189,9 @@ def fetch_blocks(hub_repo: str, wanted: list[tuple[dict, Path]], blocks: dict[st
                 continue
             missing.append(key)
             if config is not None:
-                why = _differences(config["key"], key) or "its files are not this transformer's blocks"
-                report.fallback("compiled packages", f"{repo}'s {_config(name)} refused: built for {why}")
+                why = _differences(config["key"], key)
+                report.fallback("compiled packages", f"{repo}'s {_config(name)} refused: " + (
+                    f"built for {why}" if why else "its files are not this transformer's block classes"))
             elif ours:
                 nearest = min(ours, key=lambda other: len(_differences(ours[other]["key"], key).split(";")))
                 report.fallback("compiled packages", f"{repo} has no package for this start; the nearest, built for "
@@ -201,14 +201,14 @@ def fetch_blocks(hub_repo: str, wanted: list[tuple[dict, Path]], blocks: dict[st
         files = [f for config in found.values() for f in config["files"].values()]
         files += [_package(cls, name) for name in candidates for cls in blocks.values()]
         snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=files)) if files else snapshot
+        for root, config in found.items():
+            _write_entry({entry_file: snapshot / repo_file for entry_file, repo_file in config["files"].items()},
+                         {name: config[name] for name in ("key", "signatures", "sha256")}, root)
     except Exception as err:  # noqa: BLE001 - offline, missing or gated: compile instead, and say so
         report.fallback("compiled packages", f"could not fetch from {hub_repo} ({type(err).__name__}: {err}); "
                                              "compiling here")
         return []
-    for root, config in found.items():
-        _write_entry({entry_file: snapshot / repo_file for entry_file, repo_file in config["files"].items()},
-                     {name: config[name] for name in ("key", "signatures", "sha256")}, root)
-    foreign = [Foreign(repo, name, {list_name: (_package(cls, name), snapshot / _package(cls, name))
+    foreign = [Foreign(repo, {list_name: (_package(cls, name), snapshot / _package(cls, name))
                                     for list_name, cls in blocks.items()}) for name in candidates]
     foreign = [f for f in foreign if all(path.is_file() for _, path in f.packages.values())]
     if missing and not foreign and not ours:
@@ -238,17 +238,19 @@ def adopt_foreign(model, candidates: list[Foreign], presets: list, dynamic: bool
                   refusals: list) -> str:
     """The first foreign candidate that runs at every preset of one program and matches the eager block there, made
     the cache entry `root` under this start's `key` (its manifest names where it came from). Runs on the device.
-    Each refusal is appended to `refusals`. Returns the entry's source, or "" if none was accepted."""
+    A refused candidate is removed from `candidates` (every preset or none) and its reason appended to `refusals`.
+    Returns the entry's source, or "" if none was accepted."""
     if dynamic or model.family.text is Text.DYNAMIC:
         axis = "DYNAMIC_SHAPES=1's image axis" if dynamic else f"{model.family.name}'s text axis"
         refusals += [f"{c.name} refused: {axis} is dynamic, and a foreign package's ranges cannot be known"
                      for c in candidates]
+        candidates.clear()
         return ""
     lists = repeated_block_lists(model.pipe.transformer)
-    for candidate in candidates:
-        signatures = {}
+    for candidate in list(candidates):
+        signatures, file = {}, ""
         try:
-            for name, (_, path) in candidate.packages.items():
+            for name, (file, path) in candidate.packages.items():
                 block = lists[name][0]
                 for preset in presets:
                     args, kwargs = capture_inputs(model, block, preset)
@@ -265,7 +267,9 @@ def adopt_foreign(model, candidates: list[Foreign], presets: list, dynamic: bool
                             raise ValueError(f"{name} at {preset.name} is off the eager block by {err:.1e}")
                     signatures.setdefault(name, signature(named_inputs(block, args, kwargs)))
         except Exception as err:  # noqa: BLE001 - another architecture's or torch's package fails to load or run
-            refusals.append(f"{candidate.name} refused: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            refusals.append(f"foreign package {candidate.repo}/{file} refused: {type(err).__name__}: "
+                            f"{(str(err).splitlines() or [''])[0][:200]}")
+            candidates.remove(candidate)
             continue
         source = f"foreign package {candidate.name}, checked at presets {', '.join(p.name for p in presets)}"
         files = {f"submodules/{name}/{PACKAGE}": path for name, (_, path) in candidate.packages.items()}
