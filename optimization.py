@@ -365,11 +365,11 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
                 key, root = programs.keys[shape]
                 preset = programs.groups[shape][0]
                 start = time.perf_counter()
-                if foreign:
-                    adopted[shape] = hub.adopt_foreign(model, foreign, programs.groups[shape],
+                source = foreign and hub.adopt_foreign(model, foreign, programs.groups[shape],
                                                        programs.served is not None, key, root, refusals)
-                if not adopted.get(shape):
-                    adopted.pop(shape, None)
+                if source:
+                    adopted[shape] = source
+                else:
                     compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset,
                                                                            programs.served, out), root, key)
                     seconds[shape] = round(time.perf_counter() - start, 1)

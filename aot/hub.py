@@ -161,7 +161,7 @@ def _differences(built: dict, here: dict) -> str:
     """What a package's key says against this start's, field by field, what most often differs first:
     "arch sm_90, this is sm_120; torch 2.10.0, this is 2.11.0"."""
     first = ["arch", "torch", "cuda", "quantization", "fp8_scales", "dtype"]
-    fields = first + sorted(set(built) | set(here) - set(first))
+    fields = first + sorted((set(built) | set(here)) - set(first))
     return "; ".join(f"{name} {built.get(name)}, this is {here.get(name)}" for name in fields
                      if built.get(name) != here.get(name))
 
