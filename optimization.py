@@ -11,12 +11,13 @@ the weights, for every model family in `aot/families/`.
      card, or all of it at twice the quota); then place the pipeline, set the attention backend and quantize in place
      (a transformer stored quantized, a pre-quantized checkpoint, is served as stored);
   4. for each preset shape, record the transformer's real inputs with `spaces.aoti_capture`, `torch.export`
-     it and compile it with AOTInductor, on the device: either the whole transformer or, regionally, one program
-     per repeated block class; install the packages with `spaces.aoti_load_from_package_dir` (the programs read the
-     modules' own parameters; each block gets its own instance) behind a dispatcher that picks each call's program
-     from its input shapes;
-  5. time every preset on the device (its first call also loads its programs), which sizes each request's ZeroGPU
-     duration (aot/zerogpu.py);
+     it and compile it with AOTInductor, on the device: regionally, one program per repeated block class (the
+     default), or the whole transformer; install the packages with `spaces.aoti_load_from_package_dir` (the programs
+     read the modules' own parameters; each block gets its own instance) behind a dispatcher that picks each call's
+     program from its input shapes; on CUDA, put CUDA graph replay around the transformer (aot/graphs.py);
+  5. time every preset on the device (its first call also loads its programs and checks its CUDA graph: kept only
+     where the replay equals the uncaptured call and is faster), which sizes each request's ZeroGPU duration
+     (aot/zerogpu.py);
   6. with STEP_CACHE, put diffusers' cache hooks around the installed block programs (aot/step_cache.py).
 Every choice that falls back is logged once and listed in the report (the UI's status panel and /status).
 Programs are cached under a key of everything that makes them valid: a restart with the same key loads them.
@@ -35,9 +36,10 @@ import torch
 
 from aot import hub, parallel, step_cache
 from aot.cache import cache_key, compile_into_cache, entry_files, key_digest, read_cached
-from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_quantization, fp8_candidates,
-                           pick_attention, pick_fp8)
+from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_cuda_graphs, choose_quantization,
+                           fp8_candidates, pick_attention, pick_fp8)
 from aot.families import Text
+from aot.graphs import GraphedForward
 from aot.hardware import Hardware, detect
 from aot.memory import MemoryPlan, place_pipeline_, plan_memory
 from aot.model import Model, load_model
@@ -79,6 +81,8 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     compiled = _choose(model, settings, hardware, report, stored, eager=ranks is not None)  # 1
     granularity = _probe(model, settings, hardware, report)  # 2
     plan, hardware = _plan_and_place_(model, settings, hardware, report, stored, granularity, compiled)  # 3
+    report.decide("cuda_graphs", choose_cuda_graphs(settings.cuda_graphs, hardware, compiled, report.step_cache,
+                                                    plan.low_vram))
     if compiled:  # 4-5
         _compile_or_serve_eager(model, settings, report, plan, hardware, stored)
     else:  # 5
@@ -211,6 +215,7 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
                 continue
             report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
             report.compile, report.compile_source = "none", ""
+            report.cuda_graphs, report.cuda_graphs_reason = "off", "compilation failed"
             _eager_fp8(model, report, plan.low_vram, stored)
             _time_eager(model, report, hardware)
             return
@@ -288,6 +293,8 @@ class DeviceRun:
     timings: dict = field(default_factory=dict)  # preset name -> Timing
     install_seconds: float = 0.0
     warm_up_seconds: float = 0.0
+    graphs: dict = field(default_factory=dict)  # each call shape's CUDA graph check (aot/graphs.py GraphCheck)
+    graph_decisions: dict = field(default_factory=dict)  # call shape -> kept
     error: str = ""
     adopted: dict = field(default_factory=dict)  # program shape -> the foreign package's source (aot/hub.py)
     refusals: list = field(default_factory=list)  # foreign packages refused, and why
@@ -375,11 +382,14 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
                     seconds[shape] = round(time.perf_counter() - start, 1)
                 programs.manifests[shape] = read_cached(root, key)
             start = time.perf_counter()
-            install_(model, programs)
+            graphed = install_(model, programs, report)
             installed = time.perf_counter()
             timings = time_presets(model, [p for presets in programs.groups.values() for p in presets])
+            graphs, decisions = (graphed.summary(), graphed.decisions()) if graphed else ({}, {})
+            if graphed:
+                graphed.close()
             return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2),
-                             adopted=adopted, refusals=refusals)
+                             graphs, decisions, adopted=adopted, refusals=refusals)
         except Exception as err:  # reported by the caller, which serves eager
             log.info("compiling, installing or timing the programs failed; the full error:", exc_info=err)
             return DeviceRun(seconds, error=f"{type(err).__name__}: {err}", refusals=refusals)
@@ -387,10 +397,17 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
     return gpu_task(on_device, STARTUP_TASK_SECONDS if missing else MAX_TASK_SECONDS, hardware)()
 
 
-def install_(model: Model, programs: Programs) -> None:
-    """Every program behind the dispatcher of the module it replaces (aot/programs.py)."""
-    install_programs_(model.pipe.transformer, [(programs.keys[shape][1], programs.manifests[shape]["signatures"],
-                                                programs.label(shape)) for shape in programs.groups])
+def install_(model: Model, programs: Programs, report: Report,
+             decided: dict[str, bool] | None = None) -> GraphedForward | None:
+    """Every program behind the dispatcher of the module it replaces (aot/programs.py), and with CUDA_GRAPHS the
+    transformer's calls behind graph replay (aot/graphs.py; `decided`: the shapes checked at start-up)."""
+    transformer = model.pipe.transformer
+    install_programs_(transformer, [(programs.keys[shape][1], programs.manifests[shape]["signatures"],
+                                     programs.label(shape)) for shape in programs.groups])
+    if report.cuda_graphs != "on":
+        return None
+    transformer.forward = GraphedForward(transformer, transformer.forward, decided)
+    return transformer.forward
 
 
 def compile_or_load_(model: Model, settings: Settings, report: Report, hardware: Hardware) -> None:
@@ -411,7 +428,9 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
     if hardware.zerogpu:  # what the GPU worker installed is gone with it; requests run in forks of this process
         programs.manifests.update({shape: read_cached(programs.keys[shape][1], programs.keys[shape][0])
                                    for shape in [*compiled, *run.adopted]})
-        install_(model, programs)
+        graphed = install_(model, programs, report, run.graph_decisions)
+        if graphed:
+            graphed.close()
     if compiled and settings.hub_upload:
         with _timed(report, "upload_s"):
             hub.upload_to_hub(settings.hub_upload, Path(settings.cache_dir),
@@ -421,6 +440,7 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
     report.startup["programs"] = list(programs.sources.values())
     report.startup.update(install_s=run.install_seconds, warm_up_s=run.warm_up_seconds)
     report.timings = {name: vars(timing) for name, timing in run.timings.items()}
+    _report_graphs(report, run.graphs)
     report.compile_source = ("loaded from cache" if not compiled else "compiled now" if len(compiled) == len(
         programs.groups) else f"{len(compiled)} of {len(programs.groups)} programs compiled now, the rest loaded from "
         "cache")
@@ -428,6 +448,16 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
     report.programs = [{"image_tokens": f"{programs.served[0]}..{programs.served[1]}" if programs.served
                         else tokens(presets[0]), "resolutions": [p.name for p in presets]}
                        for presets in programs.groups.values()]
+
+
+def _report_graphs(report: Report, checks: dict) -> None:
+    report.graphs = checks
+    for check in checks.values():
+        if check["error"]:
+            report.fallback("cuda graphs", f"{check['shape']}: {check['error']}; that shape runs uncaptured")
+        elif not check["kept"]:
+            report.note("cuda graphs", f"{check['shape']}: replay {check['replay_ms']} ms is not faster than "
+                                       f"{check['uncaptured_ms']} ms uncaptured; that shape runs uncaptured")
 
 
 def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) -> dict:

@@ -27,9 +27,14 @@ QUANTIZATION_CHOICES = ("auto", "fp8", "int8", "int4", "none")
 # "on" forces it, "stream" forces streaming the transformer's blocks from host memory, "off" never.
 LOW_VRAM_CHOICES = ("auto", "on", "stream", "off")
 COMPILE_CHOICES = ("auto", "aoti", "none")
-# "model": one program for the whole transformer, the fastest per step (H100, fp8: 98 ms vs 109 ms);
-# "blocks": regional AoT, one program per repeated block class, half the compile time (102 s vs 199 s).
+# "blocks" (the default): regional AoT, one program per repeated block class: three FLUX presets compile in 47 s
+# cold against 237 s per whole-model program, and load in 3 s; replayed through CUDA graphs a step runs at the whole
+# model's speed (H100, fp8: 99.0 against 98.05 ms, benchmarks/RESULTS.md run 16). "model": one program for the whole
+# transformer.
 AOT_SCOPE_CHOICES = ("blocks", "model")
+# CUDA_GRAPHS: replay each compiled call shape from a CUDA graph (aot/graphs.py); "auto" is on for CUDA where no step
+# cache or low-VRAM streaming decides per call what runs
+CUDA_GRAPHS_CHOICES = ("auto", "on", "off")
 # "auto" picks by hardware; "sdpa" is torch's own scaled_dot_product_attention; the rest are diffusers
 # attention backends (`AttentionBackendName`) such as "_native_cudnn", "_native_flash" or "_flash_3_hub".
 ATTENTION_DEFAULT = "auto"
@@ -176,6 +181,7 @@ class Settings:
     step_cache: StepCache = StepCache()  # STEP_CACHE: diffusers' cache hooks, off by default
     prompt_cache: int = PROMPT_CACHE_DEFAULT  # PROMPT_CACHE: prompts whose embeddings are kept; 0 keeps none
     zerogpu_size: str = "auto"  # ZEROGPU_SIZE: large, xlarge, or auto (large when it fits)
+    cuda_graphs: str = "auto"  # CUDA_GRAPHS: on, off, or auto (on where it applies)
 
     @property
     def tiny_family(self) -> str | None:
@@ -216,7 +222,7 @@ class Settings:
             quantization=_choice(env, "QUANTIZATION", QUANTIZATION_CHOICES, "auto"),
             attention=env.get("ATTENTION", "").strip() or ATTENTION_DEFAULT,
             compile=_choice(env, "COMPILE", COMPILE_CHOICES, "auto"),
-            aot_scope=_choice(env, "AOT_SCOPE", AOT_SCOPE_CHOICES, "model"),
+            aot_scope=_choice(env, "AOT_SCOPE", AOT_SCOPE_CHOICES, "blocks"),
             dynamic_shapes=_flag(env, "DYNAMIC_SHAPES", False),
             cache_dir=env.get("AOT_CACHE_DIR", "").strip() or os.path.join(os.getcwd(), ".aot-cache"),
             hub_repo=env.get("AOT_HUB_REPO", "").strip() or None,
@@ -230,6 +236,7 @@ class Settings:
             step_cache=parse_step_cache(env.get("STEP_CACHE", "")),
             prompt_cache=_whole(env, "PROMPT_CACHE", PROMPT_CACHE_DEFAULT),
             zerogpu_size=_choice(env, "ZEROGPU_SIZE", ZEROGPU_SIZE_CHOICES, "auto"),
+            cuda_graphs=_choice(env, "CUDA_GRAPHS", CUDA_GRAPHS_CHOICES, "auto"),
         )
         settings.check()
         return settings

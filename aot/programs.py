@@ -2,7 +2,9 @@
 compiled for its input shapes. Every program reads the modules' own parameters: one copy of the weights."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import copy
 import functools
 import gc
 import inspect
@@ -107,6 +109,21 @@ class ProgramRunner:
             return self._context.run(program, *args, **kwargs)
 
 
+# While a CUDA graph is captured (aot/graphs.py): a map from each program to that graph's own instance of it
+_GRAPH_INSTANCES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("graph_instances", default=None)
+
+
+@contextlib.contextmanager
+def graph_instances(instances: dict):
+    """Inside, every dispatched call runs its program's instance in `instances` (made on first use): a graph captures
+    instances that only it replays. Same package and same weight tensors: no copy."""
+    token = _GRAPH_INSTANCES.set(instances)
+    try:
+        yield
+    finally:
+        _GRAPH_INSTANCES.reset(token)
+
+
 class ShapeDispatch:
     """Replaces a module's `forward`: routes each call to the program whose signature its inputs match."""
 
@@ -119,7 +136,12 @@ class ShapeDispatch:
         actual = signature(named_inputs(self.module, args, kwargs))
         for expected, program, _ in self.programs:
             if matches(expected, actual):
-                return program
+                instances = _GRAPH_INSTANCES.get()
+                if instances is None:
+                    return program
+                if id(program) not in instances:
+                    instances[id(program)] = fresh_instance(program)
+                return instances[id(program)]
         served = "; ".join(label for _, _, label in self.programs)
         raise UnsupportedShape(f"no compiled program for inputs {_short(actual)} (compiled for: {served})")
 
@@ -231,22 +253,26 @@ def install_programs_(transformer: torch.nn.Module, entries: list[tuple[Path, di
                 target = name if name in signatures else name.rpartition(".")[0]  # a block: its list's name
                 program = module.__dict__.pop("forward")
                 if target != name:
-                    _own_instance_(program)
+                    program = fresh_instance(program)
                 programs.setdefault(module, []).append((signatures[target], program, label))
     runner = ProgramRunner()
     for module, by_signature in programs.items():
         module.forward = ShapeDispatch(module, by_signature, runner)
 
 
-def _own_instance_(program) -> None:
-    """Gives one block its own loaded instance of its list's program. spaces loads a block list's package once
-    and rebinds each block's weights before its call; that instance's one runner then makes every call wait for
-    the previous block to finish on the GPU (a `cudaEventSynchronize`) before its own kernels are queued, so the
-    GPU idles through the host's share of each of the 57 calls a FLUX step makes: 11-16 ms a step, regional
-    112 ms against 101.5 ms for the whole model (benchmarks/RESULTS.md run 13). An instance per block binds its
-    weights once (the same tensors: no copy) and lets the host queue block i+1 while block i runs."""
-    shared = program.model  # spaces' LazyAOTIModel: the package, loaded on first call in each context
-    program.model = type(shared)(shared.archive_file)
+def fresh_instance(program):
+    """`program` (spaces' loader bound to one module's weights) with its own loaded instance of the package.
+
+    Each block gets one: spaces loads a block list's package once and rebinds each block's weights before its call;
+    that instance's one runner then makes every call wait for the previous block to finish on the GPU (a
+    `cudaEventSynchronize`) before its own kernels are queued, so the GPU idles through the host's share of each of
+    the 57 calls a FLUX step makes: 11-16 ms a step, regional 112 ms against 101.5 ms for the whole model
+    (benchmarks/RESULTS.md run 13). An instance per block binds its weights once (the same tensors: no copy) and lets
+    the host queue block i+1 while block i runs. Each CUDA graph gets its own too (aot/graphs.py)."""
+    clone = copy.copy(program)  # spaces' LazyAOTIModelWithWeights: the weights, and the loader it calls
+    clone.model = type(program.model)(program.model.archive_file)  # loaded on its first call in each context
+    clone.first_call = True
+    return clone
 
 
 def restore_eager_(transformer: torch.nn.Module) -> None:

@@ -41,6 +41,9 @@ class Report:
     compile_scope: str = ""  # "model" | "blocks"
     compile_source: str = ""  # "compiled now" | "loaded from cache" | "1 of 2 programs compiled now, ..."
     compile_seconds: float = 0.0
+    cuda_graphs: str = "off"  # "on": compiled calls replayed from CUDA graphs (aot/graphs.py)
+    cuda_graphs_reason: str = ""
+    graphs: dict = field(default_factory=dict)  # each call shape's start-up check: exact, ms uncaptured/replayed, kept
     text: str = ""  # how prompt lengths reach the programs: fixed, padded to N, or a dynamic axis
     cache_keys: list[str] = field(default_factory=list)  # one cache entry per program
     programs: list[dict] = field(default_factory=list)

@@ -125,7 +125,8 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
     result.update(ready_s_from_process_start=round(time.perf_counter() - PROCESS_START, 1),
                   optimize_s=round(time.perf_counter() - built, 1), compile_seconds=report.compile_seconds,
                   compile_source=report.compile_source, startup=report.startup, fallbacks=report.fallbacks,
-                  quantization=report.quantization, attention=report.attention)
+                  quantization=report.quantization, attention=report.attention, cuda_graphs=report.cuda_graphs,
+                  graphs=report.graphs)
     ms, out = lib.median_ms(lambda: transformer(*args, **kwargs), device, iters=20)
     result["compiled_ms"] = round(ms, 1)
     if eager:

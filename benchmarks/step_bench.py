@@ -24,7 +24,6 @@ keeps its commas and must name presets of --presets), and a few knobs the produc
   inductor.OPTION=VALUE     one of Inductor's options over optimization.INDUCTOR_CONFIGS (epilogue_fusion=true, ...)
   bench.fp8_granularity=tensor   fp8 with one scale per tensor, not the probe's first choice (row)
   bench.shared_programs=1   regional programs with one instance per block list, as spaces installs them (run 16)
-  bench.cuda_graph=1        last, one step captured in a CUDA graph and replayed (the program then only replays)
   bench.bnb4=1              diffusers' bitsandbytes NF4 recipe on every Linear, eager, in place of optimizing;
                             served under VRAM_LIMIT_GIB if given (RESULTS.md run 19)
 Unset settings take the product's defaults (QUANTIZATION=auto, COMPILE=auto, ...). One AoT variant's weights stay
@@ -67,7 +66,7 @@ from aot.programs import capture_inputs, release_export_memory
 from settings import Settings
 
 log = logging.getLogger("step-bench")
-KNOBS = ("bench.fp8_granularity", "bench.shared_programs", "bench.cuda_graph", "bench.bnb4")
+KNOBS = ("bench.fp8_granularity", "bench.shared_programs", "bench.bnb4")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,26 +234,6 @@ def kernel_breakdown(transformer, args, kwargs, repeats: int = 3) -> dict:
                 top=[dict(ms=round(ms, 2), calls=calls, kernel=name) for ms, calls, name in kernels[:12]])
 
 
-def time_graphed_step(transformer, args, kwargs, expected, warmup: int, iters: int) -> dict:
-    """One step captured in a CUDA graph (static inputs), then replayed: does the program capture, how fast is a
-    replay, does it match the uncaptured step. After a capture the program's runner only replays (run 16)."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(warmup):
-                transformer(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # relaxed: the runner's own event queries do not invalidate the capture (global mode failed, run 16)
-        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode="relaxed"):
-            out = lib.sample(transformer(*args, **kwargs))
-        ms, _ = lib.median_ms(graph.replay, "cuda", 0, iters)
-        return dict(captured=True, ms=round(ms, 2), rel_err_vs_uncaptured=lib.rel_err(out, expected))
-    except Exception as err:  # noqa: BLE001 - a failed capture is the finding
-        return dict(captured=False, error=f"{type(err).__name__}: {str(err)[:300]}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +295,8 @@ class Bench:
                 result["inductor"] = optimization.INDUCTOR_CONFIGS
             result.update({key: getattr(report, key) for key in (
                 "quantization", "fp8_granularity", "attention", "step_cache", "text", "compile", "compile_scope",
-                "compile_seconds", "compile_source", "programs", "cache_keys", "memory", "startup", "fallbacks")})
+                "compile_seconds", "compile_source", "programs", "cache_keys", "memory", "startup", "cuda_graphs",
+                "graphs", "fallbacks")})
             if knobs.get("bench.shared_programs"):
                 share_block_programs_(transformer)
         result.update(setup_s=round(time.perf_counter() - t0, 1), peak_setup_gib=lib.peak_gib(),
@@ -336,12 +316,6 @@ class Bench:
                 result["profile"] = kernel_breakdown(transformer, *self.on_device(self.inputs[preset.name]))
                 lib.emit("profile", variant=name, **result["profile"])
         self.whole_runs(model, result, name)
-        if knobs.get("bench.cuda_graph") and self.device == "cuda" and result["steps"]:
-            args, kwargs = self.on_device(self.inputs[model.presets[0].name])
-            expected = lib.sample(transformer(*args, **kwargs)).clone()
-            warmup, iters = self.args.warmup, self.args.iters
-            result["cuda_graph"] = time_graphed_step(transformer, args, kwargs, expected, warmup, iters)
-            lib.emit("cuda_graph", variant=name, **result["cuda_graph"])
         result["peak_serving_gib"] = lib.peak_gib()
         return result
 

@@ -118,19 +118,19 @@ class Compiled:
 
 @pytest.fixture(scope="session")
 def compiled_model():
-    """The app's default settings (whole-model scope, one program per preset token count), so the app
+    """Whole-model scope (AOT_SCOPE=model): one program for the transformer per preset token count."""
+    return Compiled(aot_scope="model")
+
+
+@pytest.fixture(scope="session")
+def compiled_blocks():
+    """The app's default settings: regional scope, one program per repeated block class and token count, so the app
     later loads these very programs from the cache."""
     return Compiled()
 
 
 @pytest.fixture(scope="session")
-def compiled_blocks():
-    """Regional scope: one program per repeated block class and token count."""
-    return Compiled(aot_scope="blocks")
-
-
-@pytest.fixture(scope="session")
-def app(compiled_model):
+def app(compiled_blocks):
     """The app module; it finds the session's compiled programs in the cache and loads them."""
     import app as app_module
 

@@ -164,20 +164,22 @@ def test_api_rejects_bad_input_and_keeps_serving(client):
     assert seed == 1234 and Image.open(path).size == (48, 80)
 
 
-def test_status_api_says_what_runs(client, compiled_model):
+def test_status_api_says_what_runs(client, compiled_blocks):
     status = client.predict(api_name="/status")
     assert status["model_id"] == "tiny-flux" and status["family"] == "flux"  # MODEL_ID=tiny is short for it
     assert status["demo_model"] is True and status["weights"] == "random"  # a stand-in that draws noise
     assert status["defaults"] == {"steps": 28, "guidance": 3.5, "guidance_kind": "embedded", "max_prompt_tokens": 512,
                                   "seed": 0, "randomize_seed": False}
-    assert status["compile"] == "aoti" and status["compile_scope"] == "model"
+    assert status["compile"] == "aoti" and status["compile_scope"] == "blocks"
     assert status["compile_source"] == "loaded from cache"
-    assert status["cache_keys"] == compiled_model.report.cache_keys
+    assert status["cache_keys"] == compiled_blocks.report.cache_keys
     assert status["resolutions"] == ["64x64", "48x80", "80x48"]
     assert [p["image_tokens"] for p in status["programs"]] == [15, 16]
     # what a CPU cannot run is a note, not a fallback: nothing here degraded
     assert status["notes"] == ["quantization: fp8 needs CUDA with compute capability >= 8.9, this is cpu",
-                               "attention: no faster attention kernel for cpu"]
+                               "attention: no faster attention kernel for cpu",
+                               "cuda_graphs: CUDA graphs need a CUDA GPU"]
+    assert status["cuda_graphs"] == "off" and status["graphs"] == {}
     assert status["fallbacks"] == []
     assert status["memory"]["low_vram"] is False and status["memory"]["reason"] == "no GPU memory limit to plan for"
     assert status["device"] == "cpu" and status["dtype"] == "float32"

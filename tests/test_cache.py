@@ -37,11 +37,11 @@ def int8_small():
     return Compiled(quantization="int8", aot_cache_dir=SESSION_DIR / "int8-cache", **SMALL)
 
 
-def test_second_start_loads_from_cache_and_compiles_nothing(compiled_model, compile_calls):
+def test_second_start_loads_from_cache_and_compiles_nothing(compiled_blocks, compile_calls):
     again = Compiled()
     assert compile_calls == []
     assert again.report.compile_source == "loaded from cache"
-    assert again.report.cache_keys == compiled_model.report.cache_keys
+    assert again.report.cache_keys == compiled_blocks.report.cache_keys
     for name, out in again.run().items():
         assert rel_err(out, again.eager[name]) <= 1e-4, name
 

@@ -70,7 +70,7 @@ def test_failed_aot_compile_serves_eager_and_says_why(fresh_app, monkeypatch, tm
     assert Image.open(path).size == (80, 48) and seed == 99 and details.startswith("80x48, 2 steps")
 
 
-def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh_app, compiled_model):
+def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh_app, compiled_blocks):
     # offline (HF_HUB_OFFLINE=1) and on CPU, the FlashAttention-3 hub kernel cannot be fetched: the probe finds out
     app = fresh_app(ATTENTION="_flash_3_hub")
 
@@ -78,7 +78,7 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
     [fallback] = [f for f in app.REPORT.fallbacks if f.startswith("attention: _flash_3_hub failed on the device")]
     assert "offline" in fallback and "fastest that ran: sdpa" in fallback
     # with SDPA the programs are the ones the session compiled: same key, loaded from the cache
-    assert app.REPORT.compile == "aoti" and app.REPORT.cache_keys == compiled_model.report.cache_keys
+    assert app.REPORT.compile == "aoti" and app.REPORT.cache_keys == compiled_blocks.report.cache_keys
     banner = app._status_markdown()
     assert "attention `sdpa`" in banner and "fallback: attention: _flash_3_hub failed on the device" in banner
     assert _status_api(app)["attention"] == "sdpa"
@@ -87,10 +87,10 @@ def test_unloadable_attention_kernel_falls_back_to_sdpa_and_still_compiles(fresh
 
 
 def _fail_once_inside_the_transformer(monkeypatch, app, error: Exception):
-    """The transformer runs its compiled program and then raises `error`, once."""
-    transformer = app.MODEL.pipe.transformer
-    dispatch = transformer.forward
-    assert isinstance(dispatch, ShapeDispatch)  # the fault is raised on the compiled path
+    """The transformer's first block runs its compiled program and then raises `error`, once."""
+    block = app.MODEL.pipe.transformer.transformer_blocks[0]
+    dispatch = block.forward
+    assert isinstance(dispatch, ShapeDispatch)  # regional, the default: the fault is raised on the compiled path
     raised = []
 
     def forward(*args, **kwargs):
@@ -100,7 +100,7 @@ def _fail_once_inside_the_transformer(monkeypatch, app, error: Exception):
             raise error
         return out
 
-    monkeypatch.setattr(transformer, "forward", forward)
+    monkeypatch.setattr(block, "forward", forward)
     return raised
 
 

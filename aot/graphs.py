@@ -1,0 +1,201 @@
+"""CUDA graph replay of the compiled transformer (CUDA_GRAPHS): one graph per call shape, captured on the first call
+of that shape in a process, kept only where its replay equals the uncaptured call and is faster, then replayed.
+
+Why: regional programs make 57 block calls a FLUX step, and the host's share of each (the dispatcher, spaces'
+loader, AOTInductor's runner) left the GPU idle 11.6 ms a step; a replayed step has no host share (regional
+107.3 -> 99.0 ms, benchmarks/RESULTS.md run 16).
+
+Why a separate set of program instances per graph: AOTInductor's runner records a completion event on each call;
+recorded inside a capture, it breaks every later uncaptured call of that instance ("invalid argument", run 16). So
+the uncaptured path keeps its instances, and each graph captures fresh ones (aot/programs.py `graph_instances`) that
+only it replays: the same packages and the same weight tensors, no copy. The uncaptured path stays usable for the
+check against the graph, for a shape no graph serves, and as the fallback.
+
+A graph replays fixed memory: each call's tensors are copied into the graph's static inputs, and its static outputs
+are cloned out. All graphs of one transformer share one memory pool (they never run at once: a lock serialises
+calls), so the extra memory is about one call's activations, not one per shape.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from aot.programs import graph_instances, named_inputs, signature
+
+log = logging.getLogger("aot-space")
+
+TIMED_CALLS = 3  # each of uncaptured and replayed, at the first call of a shape; the median decides
+
+
+@dataclass
+class GraphCheck:
+    """What the first call of one shape found: whether the replay equals the uncaptured call, the time of each, and
+    the pool's growth. `kept`: replayed from then on."""
+
+    shape: str
+    exact: bool = False
+    uncaptured_ms: float = 0.0
+    replay_ms: float = 0.0
+    pool_mib: float = 0.0
+    kept: bool = False
+    error: str = ""
+
+
+class _Graph:
+    def __init__(self, graph, static_inputs: list, static_outputs: list, out_spec):
+        self.graph, self.static_inputs = graph, static_inputs
+        self.static_outputs, self.out_spec = static_outputs, out_spec
+
+    def __call__(self, tensors: list):
+        for static, tensor in zip(self.static_inputs, tensors):
+            if static.data_ptr() != tensor.data_ptr():
+                static.copy_(tensor)
+        self.graph.replay()
+        return tree_unflatten([out.clone() for out in self.static_outputs], self.out_spec)
+
+
+class GraphedForward:
+    """Replaces the transformer's `forward`: a call whose shape has a kept graph is replayed; the first call of a new
+    shape is checked (uncaptured, captured, compared, timed) and served uncaptured; anything else runs uncaptured.
+
+    `decided`: shape -> kept, from the start-up check on the device. On ZeroGPU each request runs in a new worker
+    process, where graphs are captured again: there a decided shape is captured without timing again, and still
+    compared with the uncaptured call."""
+
+    def __init__(self, module: torch.nn.Module, inner, decided: dict[str, bool] | None = None):
+        self.module, self.inner = module, inner
+        self.decided = dict(decided or {})
+        self.pool = None  # made at the first capture: on ZeroGPU this object is built where CUDA must not start
+        self.graphs: dict[str, _Graph] = {}
+        self.checks: dict[str, GraphCheck] = {}
+        self.instances: dict[str, dict] = {}  # shape -> that graph's own program instances
+        # Shapes are checked while start-up times the presets; after `close()` only shapes kept then are captured (in a
+        # ZeroGPU worker): a prompt of a new length on a dynamic text axis runs uncaptured rather than growing the pool
+        self.open = True
+        self.calls = {"replayed": 0, "uncaptured": 0}
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        inputs = named_inputs(self.module, args, kwargs)
+        shape = repr(signature(inputs))
+        with self._lock:
+            if shape in self.graphs:
+                self.calls["replayed"] += 1
+                return self.graphs[shape](_tensors(args, kwargs))
+            self.calls["uncaptured"] += 1
+            if shape not in self.checks and self.decided.get(shape, self.open):
+                return self._capture(shape, args, kwargs)
+        return self.inner(*args, **kwargs)
+
+    def close(self) -> None:
+        self.open = False
+
+    def _capture(self, shape: str, args: tuple, kwargs: dict):
+        """The first call of `shape`: uncaptured for its result, then captured on fresh instances, replayed and
+        compared; kept where equal (and, at start-up, faster). Returns the uncaptured result."""
+        label = _label(args, kwargs)
+        check = self.checks[shape] = GraphCheck(label)
+        result = self.inner(*args, **kwargs)
+        static_args, static_kwargs = _static_copy(args), _static_copy(kwargs)
+        instances = self.instances.setdefault(shape, {})
+        try:
+            with graph_instances(instances):
+                warm = self._on_side_stream(lambda: self.inner(*static_args, **static_kwargs))
+                reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+                graph, out = self._record(lambda: self.inner(*static_args, **static_kwargs))
+            out_leaves, out_spec = tree_flatten(out)
+            captured = _Graph(graph, _tensors(static_args, static_kwargs), out_leaves, out_spec)
+            replayed = captured(_tensors(static_args, static_kwargs))
+            grown = (torch.cuda.memory_reserved() - reserved) if torch.cuda.is_available() else 0
+            check.pool_mib = round(grown / 2**20, 1)
+            check.exact = all(torch.equal(a, b) for a, b in zip(tree_flatten(replayed)[0], tree_flatten(warm)[0]))
+            if not check.exact:
+                check.error = f"replay differs from the uncaptured call (max abs {_max_diff(replayed, warm):.3g})"
+            elif shape in self.decided:  # decided at start-up, on this device: not timed again
+                check.kept = True
+            else:
+                check.uncaptured_ms = _median_ms(lambda: self.inner(*args, **kwargs))
+                check.replay_ms = _median_ms(lambda: captured(_tensors(args, kwargs)))
+                check.kept = check.replay_ms < check.uncaptured_ms
+        except Exception as err:  # a capture that fails leaves the uncaptured path serving
+            check.error = f"capture failed ({type(err).__name__}: {err})"
+            log.info("CUDA graph capture at %s failed; the full error:", label, exc_info=err)
+            captured = None
+        if check.kept:
+            self.graphs[shape] = captured
+        else:
+            self.instances.pop(shape, None)
+            log.warning("CUDA graph at %s not kept: %s", label,
+                        check.error or f"replay {check.replay_ms} ms is not faster than {check.uncaptured_ms} ms")
+        return result
+
+    def _record(self, fn):
+        """Captures `fn` in a new graph; returns the graph and `fn`'s (static) outputs."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # relaxed: the runner queries its event during the call, which the default mode refuses (run 16)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="relaxed"):
+            out = fn()
+        return graph, out
+
+    @staticmethod
+    def _on_side_stream(fn):
+        """Warm-up before a capture runs on a side stream, as torch's graph docs ask (lazy set-up stays out of it)."""
+        if not torch.cuda.is_available():
+            return fn()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        return out
+
+    def summary(self) -> dict[str, dict]:
+        return {check.shape: asdict(check) for check in self.checks.values()}
+
+    def decisions(self) -> dict[str, bool]:
+        return {shape: check.kept for shape, check in self.checks.items()}
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _static_copy(value):
+    leaves, spec = tree_flatten(value)
+    return tree_unflatten([leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
+
+
+def _label(args: tuple, kwargs: dict) -> str:
+    hidden = next(iter(_tensors(args, kwargs)), None)
+    return "x".join(map(str, hidden.shape)) if hidden is not None else "no tensors"
+
+
+def _max_diff(a, b) -> float:
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(tree_flatten(a)[0], tree_flatten(b)[0])
+                if isinstance(x, torch.Tensor)), default=0.0)
+
+
+def _median_ms(fn) -> float:
+    times = []
+    for _ in range(TIMED_CALLS):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return round(statistics.median(times), 3)
