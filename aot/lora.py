@@ -37,7 +37,6 @@ from aot.streaming import tensor_parts
 from settings import LORA_DEFAULTS_KEY, LORA_MAX_RANK, LORA_NONE, LoraSpec, Settings
 
 log = logging.getLogger("aot-space")
-GiB = 2**30
 FUSING = "aot_fusing"  # the adapter name a LoRA is loaded under while it is fused or read
 
 
@@ -279,10 +278,11 @@ class Choices:
         pin = device.type == "cuda"  # pinned: asynchronous copies at the bus' speed
         self.modules = {name: transformer.get_submodule(name) for name in self.fused[LORA_NONE]}
         sizes = {}
-        for choice, layers in self.fused.items():
+        for choice in list(self.fused):  # each layer's read values dropped once served: a full FLUX LoRA's are 24 GB
+            layers = self.fused.pop(choice)
             self.served[choice], sizes[choice] = {}, 0
-            for name, values in layers.items():
-                module = self.modules[name]
+            for name in list(layers):
+                module, values = self.modules[name], layers.pop(name)
                 parts = _served(module, {k: v.to(device) for k, v in values.items()})
                 for key, sources in parts.items():
                     targets = tensor_parts(module._parameters[key])
@@ -293,7 +293,6 @@ class Choices:
                     parts[key] = [s.to("cpu").pin_memory() if pin else s.to("cpu") for s in sources]
                     sizes[choice] += sum(s.numel() * s.element_size() for s in parts[key])
                 self.served[choice][name] = parts
-        self.fused = {}
         return sizes
 
     @contextlib.contextmanager
@@ -335,9 +334,9 @@ def serve_choices_(model, report: Report) -> None:
         "cpu")
     sizes = choices.serve_(transformer, work)
     for entry in report.lora_choices:
-        entry["host_gib"] = round(sizes[entry["name"]] / GiB, 3)
-    report.memory["lora_choices"] = {"host_gib": round(sum(sizes.values()) / GiB, 3), "device_gib": 0.0,
-                                     "base_host_gib": round(sizes[LORA_NONE] / GiB, 3)}
+        entry["host_bytes"] = sizes[entry["name"]]
+    report.memory["lora_choices"] = {"host_bytes": sum(sizes.values()), "base_host_bytes": sizes[LORA_NONE],
+                                     "device_bytes": 0}
 
 
 def choices_of(model) -> Choices | None:

@@ -50,7 +50,7 @@ def lora_lines(report: Report) -> list[str]:
     def entry(lora: dict) -> str:
         extra = "".join(f", also {name}" for name in lora.get("text_encoders", []))
         extra += "".join(f", default {key} {value}" for key, value in lora.get("defaults", {}).items())
-        extra += f", {lora['host_gib']} GiB of host memory" if "host_gib" in lora else ""
+        extra += f", {lora['host_bytes'] / 2**30:.2f} GiB of host memory" if "host_bytes" in lora else ""
         return f"`{lora['name']}` (scale {lora['scale']:g}, rank {lora['rank']}, sha256 {lora['sha256'][:12]}{extra})"
 
     lines = []

@@ -54,7 +54,7 @@ class Report:
     hub_upload: dict = field(default_factory=dict)  # AOT_HUB_UPLOAD: the repo, the commit to pin, the entries
     # LORAS fused at startup (aot/lora.py): name, file, sha256, scale, layers, rank, text encoders, defaults asked
     loras: list[dict] = field(default_factory=list)
-    # LORA_CHOICES a request may pick: name, file, sha256, scale, layers, rank, host GiB kept for it
+    # LORA_CHOICES a request may pick: name, file, sha256, scale, layers, rank, host bytes kept for it
     lora_choices: list[dict] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # choices expected on this hardware: information, not degradations

@@ -146,8 +146,9 @@ def test_each_choice_is_switched_into_the_compiled_program_and_compiles_nothing(
     bound = {t.data_ptr() for _, program, _ in dispatch.programs for t in program.weights.values()}
     assert {p.data_ptr() for p in model.pipe.transformer.parameters()} <= bound
     entries = {c["name"]: c for c in served["report"].lora_choices}
-    assert entries["bee"]["scale"] == 0.5 and entries["bee"]["rank"] == 8 and entries["a"]["host_gib"] > 0
-    assert served["report"].memory["lora_choices"]["device_gib"] == 0.0
+    assert entries["bee"]["scale"] == 0.5 and entries["bee"]["rank"] == 8 and entries["a"]["host_bytes"] > 0
+    memory = served["report"].memory["lora_choices"]
+    assert memory["device_bytes"] == 0 and memory["host_bytes"] > memory["base_host_bytes"] > 0
 
 
 def test_cache_key_follows_the_fused_lora_file_and_scale_and_nothing_else(files, tmp_path):
