@@ -255,6 +255,22 @@ def _served(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> dict[st
     return {name: [part.detach() for part in tensor_parts(p)] for name, p in params.items() if p is not None}
 
 
+def _packed(layers: dict, pin: bool) -> dict:
+    """One choice's tensors moved into one host buffer, as views of it. Pinned tensors allocated one by one are
+    rounded up to powers of two by PyTorch's pinned-memory cache: about 1.7x the bytes (README, Known limits)."""
+    tensors = [t for params in layers.values() for parts in params.values() for t in parts]
+    offsets, total = [], 0
+    for t in tensors:
+        total = -(-total // 64) * 64  # every view aligned for its dtype, and for fast copies
+        offsets.append(total)
+        total += t.numel() * t.element_size()
+    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    views = iter(buffer[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+                 for o, t in zip(offsets, tensors))
+    return {name: {key: [next(views) for _ in parts] for key, parts in params.items()}
+            for name, params in layers.items()}
+
+
 @dataclass
 class Choices:
     """LORA_CHOICES in host memory, and the switch between them. `fused`: per choice ("none": the base), each touched
@@ -275,7 +291,6 @@ class Choices:
 
     def serve_(self, transformer: torch.nn.Module, device: torch.device) -> dict[str, int]:
         """Each choice's values in the layout the transformer's layers have now; returns each one's host bytes."""
-        pin = device.type == "cuda"  # pinned: asynchronous copies at the bus' speed
         self.modules = {name: transformer.get_submodule(name) for name in self.fused[LORA_NONE]}
         sizes = {}
         for choice in list(self.fused):  # each layer's read values dropped once served: a full FLUX LoRA's are 24 GB
@@ -290,9 +305,11 @@ class Choices:
                         raise LoraRefused(f"LORA_CHOICES: {choice}'s {name}.{key} would be served as "
                                           f"{[(tuple(s.shape), s.dtype) for s in sources]}, the model's as "
                                           f"{[(tuple(t.shape), t.dtype) for t in targets]}")
-                    parts[key] = [s.to("cpu").pin_memory() if pin else s.to("cpu") for s in sources]
+                    parts[key] = [s.to("cpu") for s in sources]
                     sizes[choice] += sum(s.numel() * s.element_size() for s in parts[key])
                 self.served[choice][name] = parts
+            # pinned on a GPU's host: asynchronous copies at the bus' speed
+            self.served[choice] = _packed(self.served[choice], pin=device.type == "cuda")
         return sizes
 
     @contextlib.contextmanager
