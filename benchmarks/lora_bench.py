@@ -106,7 +106,8 @@ class LoraBench:
         self.expected[LORA_NONE] = out
         model.pipe.load_lora_weights(str(self.folder), weight_name=self.files["a"].name, adapter_name="a")
         lora_ms, self.expected["a"] = self.step(model)
-        result = dict(variant=f"eager {str(self.dtype).removeprefix('torch.')}", preset=preset.name, ms=round(ms, 2), ms_unfused_lora=round(lora_ms, 2),
+        result = dict(variant=f"eager {str(self.dtype).removeprefix('torch.')}", preset=preset.name, ms=round(ms, 2),
+                      ms_unfused_lora=round(lora_ms, 2),
                       lora_changes_output=round(lib.rel_err(self.expected["a"], out), 4),
                       lora_mib=round(self.files["a"].stat().st_size / 2**20, 1))
         lib.emit("reference", **result)
