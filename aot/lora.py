@@ -156,9 +156,8 @@ def _asked_defaults(spec: LoraSpec, path: Path, metadata: dict) -> dict:
     """The defaults a fused LoRA asks for: its file's LORA_DEFAULTS_KEY metadata, then the entry's own options."""
     try:
         asked = json.loads(metadata.get(LORA_DEFAULTS_KEY, "{}"))
-        assert isinstance(asked, dict) and set(asked) <= {"steps", "guidance"}
         asked = {key: {"steps": int, "guidance": float}[key](value) for key, value in asked.items()}
-    except (ValueError, TypeError, AssertionError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # not JSON, not an object, another key, not a number
         raise LoraRefused(f"LoRA {path}: its {LORA_DEFAULTS_KEY!r} metadata is not a JSON object of steps and "
                           "guidance, e.g. {\"steps\": 8, \"guidance\": 1.0}") from None
     return {**asked, **{key: value for key, value in (("steps", spec.steps), ("guidance", spec.guidance))

@@ -176,6 +176,7 @@ def test_cache_key_follows_the_fused_lora_file_and_scale_and_nothing_else(files,
     ("corrupt", "not a readable LoRA file"),
     ("rank", "rank 8 at .* is over LORA_MAX_RANK=4"),
     ("text-choice", "changes text_encoder too, and a LORA_CHOICES entry changes the transformer only"),
+    ("defaults", "its 'aot_space.defaults' metadata is not a JSON object of steps and guidance"),
 ])
 def test_a_bad_lora_is_refused_at_startup_naming_the_file(files, tmp_path, monkeypatch, case, message):
     path = tmp_path / f"{case}.safetensors"
@@ -186,6 +187,8 @@ def test_a_bad_lora_is_refused_at_startup_naming_the_file(files, tmp_path, monke
         path = make_lora(tmp_path, case, 5, family="z-image")
     elif case == "corrupt":
         path.write_bytes(files["a"].read_bytes()[:300])
+    elif case == "defaults":
+        save_file(load_file(files["a"]), path, metadata={LORA_DEFAULTS_KEY: '{"cfg": "off"}'})
     elif case == "rank":
         monkeypatch.setattr(lora, "LORA_MAX_RANK", 4)
         path = files["b"]
