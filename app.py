@@ -33,7 +33,7 @@ RANKS = parallel.join(SETTINGS)  # None in one process; one of several ranks: RE
 MODEL = load_model(SETTINGS, hardware=HARDWARE)
 REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS, HARDWARE)
 DEFAULTS, FAMILY = MODEL.defaults, MODEL.family  # the defaults after optimizing: a fused LoRA may change them
-LORAS = [LORA_NONE, *(choice["name"] for choice in REPORT.lora_choices)]  # what a request may pick (LORA_CHOICES)
+LORA_NAMES = [LORA_NONE, *(choice["name"] for choice in REPORT.lora_choices)]  # what a request may pick (LORA_CHOICES)
 # repeated prompts skip the text encoders; in host memory under a low-VRAM layout, whose plan does not count them
 PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache, host=REPORT.memory.get("low_vram", False))
 # Every image's prompt encodings, for /status: added up here, since on ZeroGPU the cache lives in the GPU worker
@@ -168,8 +168,8 @@ def _text(value, name: str, notes: list[str], required: bool) -> str:
 def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE):
     """Checks every request before it can reach the GPU. Returns the cleaned values and notes for the user."""
     notes = []
-    if not isinstance(lora_choice, str) or lora_choice not in LORAS:
-        raise user_error(f"Unknown LoRA {lora_choice!r}. Choices: {', '.join(LORAS)}.")
+    if not isinstance(lora_choice, str) or lora_choice not in LORA_NAMES:
+        raise user_error(f"Unknown LoRA {lora_choice!r}. Choices: {', '.join(LORA_NAMES)}.")
     prompt = _text(prompt, "Prompt", notes, required=True)
     if negative_prompt and not TAKES_NEGATIVE_PROMPT:
         raise user_error(f"This {FAMILY.name} model takes no negative prompt; leave it empty.")
@@ -362,7 +362,7 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
             negative_prompt = gr.Textbox(value="", label="Negative prompt",
                                          placeholder="What the image should not show", max_lines=2,
                                          visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
-            lora_choice = gr.Dropdown(choices=LORAS, value=LORA_NONE, label="LoRA", visible=len(LORAS) > 1,
+            lora_choice = gr.Dropdown(choices=LORA_NAMES, value=LORA_NONE, label="LoRA", visible=len(LORA_NAMES) > 1,
                                       elem_id="lora")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
