@@ -16,13 +16,13 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import panel, parallel, prompts, step_cache, zerogpu
+from aot import lora, panel, parallel, programs, prompts, step_cache, zerogpu
 from aot.families import Guidance
 from aot.hardware import detect
 from aot.memory import resident_bytes
 from aot.model import load_model
 from assets import shapes
-from settings import DEMO_MODEL_ID, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
+from settings import DEMO_MODEL_ID, LORA_NONE, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("aot-space")
@@ -31,8 +31,9 @@ HARDWARE = detect()  # once: on ZeroGPU, spaces' card (aot/hardware.py)
 SETTINGS = Settings.from_env(has_cuda=HARDWARE.device == "cuda")
 RANKS = parallel.join(SETTINGS)  # None in one process; one of several ranks: README "Several GPUs"
 MODEL = load_model(SETTINGS, hardware=HARDWARE)
-DEFAULTS, FAMILY = MODEL.defaults, MODEL.family
 REPORT = optimization.optimize_pipeline_(MODEL, SETTINGS, RANKS, HARDWARE)
+DEFAULTS, FAMILY = MODEL.defaults, MODEL.family  # the defaults after optimizing: a fused LoRA may change them
+LORA_NAMES = [LORA_NONE, *(choice["name"] for choice in REPORT.lora_choices)]  # what a request may pick (LORA_CHOICES)
 # repeated prompts skip the text encoders; in host memory under a low-VRAM layout, whose plan does not count them
 PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache, host=REPORT.memory.get("low_vram", False))
 # Every image's prompt encodings, for /status: added up here, since on ZeroGPU the cache lives in the GPU worker
@@ -118,6 +119,7 @@ def status() -> dict:
                      "guidance_kind": DEFAULTS.guidance_kind.value, "max_prompt_tokens": DEFAULTS.max_sequence_length,
                      "seed": DEFAULT_SEED, "randomize_seed": False},
         **REPORT.as_dict(),
+        "compiles": sum(programs.COMPILES.values()),  # programs compiled by this process since it started
         "durations": {**DURATIONS.as_dict(), "default_request_s": _default_request_seconds()},
         "prompt_cache": {"size": SETTINGS.prompt_cache, **ENCODINGS.as_dict()},
     }
@@ -163,9 +165,11 @@ def _text(value, name: str, notes: list[str], required: bool) -> str:
     return value
 
 
-def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt=""):
+def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE):
     """Checks every request before it can reach the GPU. Returns the cleaned values and notes for the user."""
     notes = []
+    if not isinstance(lora_choice, str) or lora_choice not in LORA_NAMES:
+        raise user_error(f"Unknown LoRA {lora_choice!r}. Choices: {', '.join(LORA_NAMES)}.")
     prompt = _text(prompt, "Prompt", notes, required=True)
     if negative_prompt and not TAKES_NEGATIVE_PROMPT:
         raise user_error(f"This {FAMILY.name} model takes no negative prompt; leave it empty.")
@@ -187,7 +191,7 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     too_long = DURATIONS.too_long(MODEL.presets, PRESETS[resolution], steps, _calls(guidance))
     if too_long:
         raise user_error(f"{too_long}.")
-    return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, notes
+    return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, lora_choice, notes
 
 
 # What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
@@ -200,7 +204,7 @@ def _calls(guidance: float) -> int:
     return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
 
 
-def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="") -> int:
+def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE) -> int:
     """Seconds of GPU to ask ZeroGPU for, before spaces multiplies them by its factor. ZeroGPU ends a task at its
     duration, so it covers the slowest case; asking more spends the visitor's quota (a request asking more than is
     left is refused before it starts). A new worker's start and a program's first load count when this worker has
@@ -210,9 +214,13 @@ def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt=""
     return DURATIONS.requested(seconds)
 
 
-def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = ""):
+def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = "",
+           lora_choice: str = LORA_NONE):
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with step_cache.counting(MODEL.pipe.transformer) as counts, PROMPT_CACHE.counting() as encodings:
+    # the switch happens here, where the pipeline runs (on ZeroGPU the GPU worker, on every rank), under a lock
+    # held until the image is made
+    with (lora.using(MODEL, lora_choice), step_cache.counting(MODEL.pipe.transformer) as counts,
+          PROMPT_CACHE.counting() as encodings):
         image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator).images[0]
     # both travel with the image: on ZeroGPU this runs in the GPU worker, another process
     image.info["encodings"] = encodings
@@ -223,15 +231,15 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
 
 @spaces.GPU(duration=gpu_seconds, size=SIZE)
 def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", lora_choice: str = LORA_NONE):
     """The only GPU work per request. Arguments and result are plain, picklable CPU values. On ZeroGPU it runs in
     the GPU worker, which hands the main process a gr.Error whole but any other error as its class name alone
     ("OutOfMemoryError"), so its errors are made readable here."""
     try:
         if RANKS:  # every rank runs the same call, in lockstep
             return RANKS.run(_image, prompt=prompt, width=width, height=height, seed=seed, steps=steps,
-                             guidance=guidance, negative_prompt=negative_prompt)
-        return _image(prompt, width, height, seed, steps, guidance, negative_prompt)
+                             guidance=guidance, negative_prompt=negative_prompt, lora_choice=lora_choice)
+        return _image(prompt, width, height, seed, steps, guidance, negative_prompt, lora_choice)
     except optimization.UnsupportedShape as err:
         raise user_error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
     except torch.OutOfMemoryError:
@@ -254,14 +262,15 @@ def _slug(text: str) -> str:
 
 
 def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, randomize_seed=False, steps=DEFAULTS.steps,
-             guidance=DEFAULTS.guidance, negative_prompt="", progress=gr.Progress(track_tqdm=True)):
+             guidance=DEFAULTS.guidance, negative_prompt="", lora=LORA_NONE, progress=gr.Progress(track_tqdm=True)):
     """Text to image. Returns the image's PNG (named after prompt and seed), the seed used and a one-line summary
-    with the time taken. The seed is used as given unless randomize_seed is true; both default as in the page."""
-    prompt, preset, seed, steps, guidance, negative_prompt, notes = validate(
-        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt)
+    with the time taken. The seed is used as given unless randomize_seed is true; both default as in the page.
+    `lora`: one of LORA_CHOICES by name, or "none"."""
+    prompt, preset, seed, steps, guidance, negative_prompt, lora_choice, notes = validate(
+        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora)
     start = time.perf_counter()
     try:
-        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt)
+        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt, lora_choice)
     except Exception as err:  # ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
         if not zerogpu.answered_before_gpu_work(err):
             SERVED_SHAPES.clear()  # spaces replaces a GPU worker whose task failed; the new one loads every program
@@ -278,6 +287,8 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
     # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
     path = save_pil_to_cache(image, get_upload_folder(), name=f"{_slug(prompt)}-seed{seed}", format="png")
     details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s, {encodings}"
+    if lora_choice != LORA_NONE:
+        details += f", LoRA {lora_choice}"
     if skipped:
         details += f", {skipped}"
     if notes:
@@ -351,6 +362,8 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
             negative_prompt = gr.Textbox(value="", label="Negative prompt",
                                          placeholder="What the image should not show", max_lines=2,
                                          visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
+            lora_choice = gr.Dropdown(choices=LORA_NAMES, value=LORA_NONE, label="LoRA", visible=len(LORA_NAMES) > 1,
+                                      elem_id="lora")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
                 seed = gr.Number(label="Seed", value=DEFAULT_SEED, minimum=0, maximum=MAX_SEED, precision=0,
@@ -363,7 +376,7 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
             examples = gr.Examples(examples=[[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)],
                                    inputs=[thumbnail, prompt], cache_examples=False, api_visibility="private",
                                    elem_id="examples")
-    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt]
+    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora_choice]
     outputs = [image, used_seed, details]
     # In the browser alone: a new request closes the last one's error, which would cover the next image and the
     # title; a picked example (below the settings) brings its result into view, off-screen above on a phone or a

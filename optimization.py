@@ -2,6 +2,8 @@
 the weights, for every model family in `aot/families/`.
 
 `optimize_pipeline_(model, settings)` is the whole recipe, one step after another:
+  0. fuse LORAS into the weights, before anything quantizes them (fp8: fused in bf16, then quantized), and read
+     LORA_CHOICES' fused values into host memory (aot/lora.py);
   1. detect the hardware once (aot/hardware.py; on ZeroGPU, spaces' card and its task sizes); choose compilation
      and the weight format from it;
   2. try the guesses on the device itself (aot/probes.py): the fp8 GEMM at per-row, then per-tensor scales, and each
@@ -18,7 +20,8 @@ the weights, for every model family in `aot/families/`.
   5. time every preset on the device (its first call also loads its programs and checks its CUDA graph: kept only
      where the replay equals the uncaptured call and is faster), which sizes each request's ZeroGPU duration
      (aot/zerogpu.py);
-  6. with STEP_CACHE, put diffusers' cache hooks around the installed block programs (aot/step_cache.py).
+  6. with STEP_CACHE, put diffusers' cache hooks around the installed block programs (aot/step_cache.py);
+  7. with LORA_CHOICES, each choice's values put in the weights' final layout, for requests to switch in place.
 Every choice that falls back is logged once and listed in the report (the UI's status panel and /status).
 Programs are cached under a key of everything that makes them valid: a restart with the same key loads them.
 """
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from aot import hub, parallel, step_cache
+from aot import hub, lora, parallel, step_cache
 from aot.cache import cache_key, compile_into_cache, entry_files, key_digest, read_cached
 from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_cuda_graphs, choose_quantization,
                            fp8_candidates, pick_attention, pick_fp8)
@@ -78,6 +81,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     report = Report(device=hardware.label, dtype=str(model.pipe.transformer.dtype).removeprefix("torch."),
                     family=model.family.name, hardware=hardware)
     stored = stored_quantization(model.pipe.transformer)  # a pre-quantized checkpoint: served as stored
+    lora.fuse_(model, settings, report, stored)  # 0
     compiled = _choose(model, settings, hardware, report, stored, eager=ranks is not None)  # 1
     granularity = _probe(model, settings, hardware, report)  # 2
     plan, hardware = _plan_and_place_(model, settings, hardware, report, stored, granularity, compiled)  # 3
@@ -91,6 +95,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
         _eager_fp8(model, report, plan.low_vram, stored)
         _time_eager(model, report, hardware)
     step_cache.enable_(model.pipe.transformer, report)  # 6
+    lora.serve_choices_(model, report)  # 7
     return report
 
 

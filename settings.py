@@ -49,6 +49,15 @@ STEP_CACHE_CHOICES = ("off", "fbc", "taylorseer")
 # PROMPT_CACHE: the prompts whose embeddings are kept (aot/prompts.py, README "Prompt cache"); 0 keeps none. 16 holds
 # the examples, the blank negative prompt of a true-CFG family and a dozen visitors' current prompts
 PROMPT_CACHE_DEFAULT = 16
+# LORAS and LORA_CHOICES (aot/lora.py, README "LoRAs"): a LoRA of a higher rank is refused. A LoRA is worth its
+# name while its factors are small beside the layers they change: at 256, four times the rank-64 LoRA the figures
+# are measured with, FLUX.1's 3072-wide projections already take 1/6 of their own size in factors. Higher, it is a
+# fine-tune better served as its own MODEL_ID, and its factors, read whole into host memory at startup, grow with it.
+LORA_MAX_RANK = 256
+# The LoRA file's safetensors metadata key whose JSON object sets the defaults a fused (distillation) LoRA needs,
+# e.g. {"steps": 8, "guidance": 1.0}; a LORAS entry's own ;steps=N;guidance=G options win over it
+LORA_DEFAULTS_KEY = "aot_space.defaults"
+LORA_NONE = "none"  # the choice that serves the base weights (with LORAS fused, if any)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,71 @@ def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
     if len({(p.width, p.height) for p in presets}) != len(presets) or len({p.label for p in presets}) != len(presets):
         raise ValueError(f"PRESETS has duplicates: {text!r}; give each label and each WIDTHxHEIGHT once")
     return tuple(presets)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LORAS or LORA_CHOICES entry: `repo_or_path[:weight_name][@revision][=scale][;option=value...]`."""
+
+    source: str  # a Hub repo id, or a local file or folder
+    weight_name: str | None = None  # the .safetensors file in the repo or folder
+    revision: str | None = None
+    scale: float = 1.0
+    steps: int | None = None  # LORAS only: the default steps it is made for (a distillation LoRA)
+    guidance: float | None = None  # LORAS only: the default guidance (1.0 turns true CFG off)
+    label: str = ""  # LORA_CHOICES only: its name in the page and the API; default: the file's name
+
+    @property
+    def name(self) -> str:
+        stem = (self.weight_name or self.source).rstrip("/").rsplit("/", 1)[-1]
+        return self.label or stem.removesuffix(".safetensors")
+
+    def __str__(self) -> str:
+        return (self.source + (f":{self.weight_name}" if self.weight_name else "")
+                + (f"@{self.revision}" if self.revision else "") + (f"={self.scale:g}" if self.scale != 1 else ""))
+
+
+def parse_loras(text: str, name: str) -> tuple[LoraSpec, ...]:
+    """LORAS or LORA_CHOICES (`name`): comma-separated `repo_or_path[:weight_name][@revision][=scale]` entries, each
+    with options after `;`: steps=N and guidance=G (LORAS), name=LABEL (LORA_CHOICES)."""
+    usage = (f"give {name} as comma-separated repo_or_path[:weight_name][@revision][=scale] entries, e.g. "
+             "ByteDance/Hyper-SD:Hyper-FLUX.1-dev-8steps-lora.safetensors=0.125")
+    options = {"LORAS": ("steps", "guidance"), "LORA_CHOICES": ("name",)}[name]
+    specs = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        main, *extra = (part.strip() for part in entry.split(";"))
+        fields = {}
+        for option in extra:
+            key, sep, value = option.partition("=")
+            if key not in options or not sep or not value:
+                raise ValueError(f"{name} entry {entry!r}: option {option!r} is not one of "
+                                 f"{', '.join(o + '=...' for o in options)}")
+            try:
+                fields[{"name": "label"}.get(key, key)] = {"steps": int, "guidance": float}.get(key, str)(value)
+            except ValueError:
+                raise ValueError(f"{name} entry {entry!r}: {option!r} needs a number") from None
+        rest, sep, scale = main.rpartition("=")
+        if sep:
+            try:
+                fields["scale"] = float(scale)
+            except ValueError:
+                raise ValueError(f"{name} entry {entry!r}: scale {scale!r} is not a number; {usage}") from None
+            main = rest
+        main, sep, revision = main.partition("@")
+        source, sep_name, weight_name = main.partition(":")
+        if not source or (sep and not revision) or (sep_name and not weight_name):
+            raise ValueError(f"{name} entry {entry!r}: {usage}")
+        spec = LoraSpec(source, weight_name or None, revision or None, **fields)
+        if not 0 < abs(spec.scale) <= 10 or (spec.steps is not None and not 1 <= spec.steps <= MAX_STEPS) or (
+                spec.guidance is not None and not 0 <= spec.guidance <= MAX_GUIDANCE):
+            raise ValueError(f"{name} entry {entry!r}: the scale must be non-zero and at most 10 in size, steps from 1 "
+                             f"to {MAX_STEPS}, guidance from 0 to {MAX_GUIDANCE}")
+        specs.append(spec)
+    names = [spec.name for spec in specs]
+    if name == "LORA_CHOICES" and (len(set(names)) != len(names) or LORA_NONE in names):
+        raise ValueError(f"LORA_CHOICES names {', '.join(names)}: each must be unique and not {LORA_NONE!r}; give "
+                         "one with ;name=LABEL")
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -182,6 +256,8 @@ class Settings:
     prompt_cache: int = PROMPT_CACHE_DEFAULT  # PROMPT_CACHE: prompts whose embeddings are kept; 0 keeps none
     zerogpu_size: str = "auto"  # ZEROGPU_SIZE: large, xlarge, or auto (large when it fits)
     cuda_graphs: str = "auto"  # CUDA_GRAPHS: on, off, or auto (on where it applies)
+    loras: tuple[LoraSpec, ...] = ()  # LORAS: fused into the weights before quantizing and compiling (aot/lora.py)
+    lora_choices: tuple[LoraSpec, ...] = ()  # LORA_CHOICES: a visitor picks one, or none, per request
 
     @property
     def tiny_family(self) -> str | None:
@@ -237,6 +313,8 @@ class Settings:
             prompt_cache=_whole(env, "PROMPT_CACHE", PROMPT_CACHE_DEFAULT),
             zerogpu_size=_choice(env, "ZEROGPU_SIZE", ZEROGPU_SIZE_CHOICES, "auto"),
             cuda_graphs=_choice(env, "CUDA_GRAPHS", CUDA_GRAPHS_CHOICES, "auto"),
+            loras=parse_loras(env.get("LORAS", ""), "LORAS"),
+            lora_choices=parse_loras(env.get("LORA_CHOICES", ""), "LORA_CHOICES"),
         )
         settings.check()
         return settings

@@ -11,6 +11,7 @@
 - `cache.py`: the keyed artifact cache;
 - `hub.py`: the pinned Hub download and the upload, regional programs in spaces' per-block layout;
 - `step_cache.py`: STEP_CACHE, diffusers' cache hooks around the block programs;
+- `lora.py`: LORAS fused before quantizing and compiling, LORA_CHOICES switched per request in place;
 - `prompts.py`: PROMPT_CACHE, repeated prompts' embeddings and the text encoders' seconds;
 - `parallel.py`: several ranks, one image split across them (context parallelism);
 - `panel.py`: the page's title, its status banner's one line and the details under it, from the settings and report;

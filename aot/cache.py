@@ -56,6 +56,9 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
         "image_tokens": shape,
         "text_tokens": text,
         "inductor": inductor_configs,
+        # fused LoRAs change the weights' values, which "weights" above does not read: each one's file and scale.
+        # Absent without LoRAs, so that no other program's key changes
+        **({"loras": [[lora["sha256"], lora["scale"]] for lora in report.loras]} if report.loras else {}),
     }
 
 

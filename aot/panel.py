@@ -45,6 +45,23 @@ def startup_line(startup: dict) -> str:
     return ", ".join(parts)
 
 
+def lora_lines(report: Report) -> list[str]:
+    """LORAS fused at startup and LORA_CHOICES, each with its scale and file's hash (and its host memory)."""
+    def entry(lora: dict) -> str:
+        extra = "".join(f", also {name}" for name in lora.get("text_encoders", []))
+        extra += "".join(f", default {key} {value}" for key, value in lora.get("defaults", {}).items())
+        extra += f", {lora['host_bytes'] / 2**30:.2f} GiB of host memory" if "host_bytes" in lora else ""
+        return f"`{lora['name']}` (scale {lora['scale']:g}, rank {lora['rank']}, sha256 {lora['sha256'][:12]}{extra})"
+
+    lines = []
+    if report.loras:
+        lines.append("LoRAs fused: " + ", ".join(map(entry, report.loras)) + ".")
+    if report.lora_choices:
+        lines.append("LoRAs to switch per request: " + ", ".join(map(entry, report.lora_choices)) + "; nothing "
+                     "recompiles, a switch copies their weights in.")
+    return lines
+
+
 def details(settings: Settings, report: Report, resolutions: list[str], default_request_s: int,
             durations_source: str) -> str:
     """The banner's details: the model, how it runs, choices expected on this hardware, then every fallback.
@@ -68,6 +85,7 @@ def details(settings: Settings, report: Report, resolutions: list[str], default_
         kept = [check["shape"] for check in report.graphs.values() if check["kept"]]
         lines.append(f"CUDA graphs: replayed at {len(kept)} of {len(report.graphs)} call shape(s)"
                      + (f" ({', '.join(kept)})" if kept else "") + ".")
+    lines += lora_lines(report)
     if report.parallel:
         lines.append(parallel.describe(report.parallel))
     if report.zerogpu_size:

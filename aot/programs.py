@@ -2,6 +2,7 @@
 compiled for its input shapes. Every program reads the modules' own parameters: one copy of the weights."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import copy
@@ -26,6 +27,9 @@ from settings import Preset
 log = logging.getLogger("aot-space")
 
 CAPTURE_PROMPT = "a photo of an astronaut riding a horse on the moon"
+# Programs AOT-compiled by this process, by target ("" the whole transformer): /status shows them, so that what
+# should compile nothing (a LORA_CHOICES switch, a request) is seen to
+COMPILES: collections.Counter = collections.Counter()
 
 
 class UnsupportedShape(ValueError):
@@ -197,6 +201,7 @@ def compile_program(model: Model, scope: str, preset: Preset, served: tuple[int,
         exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
         t1 = time.perf_counter()
         spaces.aoti_compile_and_save(out_dir, exported, inductor_configs=inductor_configs, submodule=name or None)
+        COMPILES[name] += 1
         log.info("compiled %s for %s: export %.1f s, compile %.1f s", name or "transformer",
                  f"image tokens {served[0]}..{served[1]} (traced at {preset.name})" if served else preset.name,
                  t1 - t0, time.perf_counter() - t1)

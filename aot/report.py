@@ -55,6 +55,10 @@ class Report:
     # Each preset's request time measured on the device at startup: per transformer call and the rest (Timing)
     timings: dict = field(default_factory=dict)
     hub_upload: dict = field(default_factory=dict)  # AOT_HUB_UPLOAD: the repo, the commit to pin, the entries
+    # LORAS fused at startup (aot/lora.py): name, file, sha256, scale, layers, rank, text encoders, defaults asked
+    loras: list[dict] = field(default_factory=list)
+    # LORA_CHOICES a request may pick: name, file, sha256, scale, layers, rank, host bytes kept for it
+    lora_choices: list[dict] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # choices expected on this hardware: information, not degradations
 

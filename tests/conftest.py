@@ -250,6 +250,7 @@ SLOW = {
     "test_hub_layout.py": {"regional", "foreign_repo", *REUSES_COMPILES["test_hub_layout.py"]},
     "test_hardware.py": {"test_a_cpu_programs_arch_is_its_machine_and_vector_isa"},  # Inductor's ISA probes, with g++
     "test_load.py": {"small_queue_app"},
+    "test_lora.py": {"served", "lora_app"},
     "test_lowvram.py": {"test_streamed_blocks_stay_compiled_and_read_the_ring", "test_every_family_streams_its_blocks",
                         "test_a_mixed_layout_streams_some_blocks_through_one_ring_per_block_class"},
     "test_optimization.py": {"test_dynamic_shape_program_serves_every_preset_and_refuses_outside_its_range",

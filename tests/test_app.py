@@ -61,8 +61,8 @@ def _size(path: str) -> tuple[int, int]:
 
 
 def test_negative_prompt_on_a_model_without_cfg_is_refused_and_the_next_request_works(app):
-    # the cleaned request: prompt, preset, seed, steps, guidance, negative prompt, notes for the user
-    assert app.validate(**GOOD) == ("a lighthouse at dusk", app.PRESETS["48x80"], 1234, 2, 3.5, "", [])
+    # the cleaned request: prompt, preset, seed, steps, guidance, negative prompt, LoRA, notes for the user
+    assert app.validate(**GOOD) == ("a lighthouse at dusk", app.PRESETS["48x80"], 1234, 2, 3.5, "", "none", [])
     with pytest.raises(gr.Error, match="This flux model takes no negative prompt"):
         app.generate(**{**GOOD, "negative_prompt": "blurry"})
     path, seed, details = app.generate(**GOOD)
@@ -149,7 +149,7 @@ def test_page_api_and_generate_share_one_default_for_every_parameter(client, app
     from_code = {name: p.default for name, p in inspect.signature(app.generate).parameters.items()
                  if p.default is not inspect.Parameter.empty and name != "progress"}
     assert from_api == from_code == {"resolution": "64x64", "seed": 0, "randomize_seed": False, "steps": 28,
-                                     "guidance": 3.5, "negative_prompt": ""}
+                                     "guidance": 3.5, "negative_prompt": "", "lora": "none"}
     defaults = app.status()["defaults"]
     assert (defaults["seed"], defaults["randomize_seed"], defaults["steps"]) == (0, False, 28)
 
