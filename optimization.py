@@ -2,6 +2,7 @@
 the weights, for every model family in `aot/families/`.
 
 `optimize_pipeline_(model, settings)` is the whole recipe, one step after another:
+  0. with LORAS, fuse each LoRA into the weights through diffusers' loader (aot/lora.py), before anything quantizes;
   0. fuse LORAS into the weights, before anything quantizes them (fp8: fused in bf16, then quantized), and read
      LORA_CHOICES' fused values into host memory (aot/lora.py);
   1. detect the hardware once (aot/hardware.py; on ZeroGPU, spaces' card and its task sizes); choose compilation

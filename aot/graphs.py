@@ -5,11 +5,11 @@ Why: regional programs make 57 block calls a FLUX step, and the host's share of 
 loader, AOTInductor's runner) left the GPU idle 11.6 ms a step; a replayed step has no host share (regional
 107.3 -> 99.0 ms, benchmarks/RESULTS.md run 16).
 
-Why a separate set of program instances per graph: AOTInductor's runner records a completion event on each call;
-recorded inside a capture, it breaks every later uncaptured call of that instance ("invalid argument", run 16). So
-the uncaptured path keeps its instances, and each graph captures fresh ones (aot/programs.py `graph_instances`) that
-only it replays: the same packages and the same weight tensors, no copy. The uncaptured path stays usable for the
-check against the graph, for a shape no graph serves, and as the fallback.
+A graph takes the program instances it captures: AOTInductor's runner records a completion event on each call, and
+one recorded inside a capture breaks every later uncaptured call of that instance ("invalid argument", run 16). So
+the uncaptured calls a check needs come before the capture, and afterwards a program the graph took gets a fresh
+instance (the same package and weight tensors, no copy) for any uncaptured call (aot/programs.py `retire`): a shape
+no graph serves, or a graph not kept. Where every preset's graph is kept, nothing is loaded twice.
 
 A graph replays fixed memory: each call's tensors are copied into the graph's static inputs, and its static outputs
 are cloned out. All graphs of one transformer share one memory pool (they never run at once: a lock serialises
@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import statistics
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from aot.programs import graph_instances, named_inputs, signature
+from aot.programs import capturing, named_inputs, retire, signature
 
 log = logging.getLogger("aot-space")
 
@@ -34,14 +35,14 @@ TIMED_CALLS = 3  # each of uncaptured and replayed, at the first call of a shape
 
 @dataclass
 class GraphCheck:
-    """What the first call of one shape found: whether the replay equals the uncaptured call, the time of each, and
-    the pool's growth. `kept`: replayed from then on."""
+    """What the first call of one shape found: whether the replay equals the uncaptured call, and the time of each.
+    `kept`: replayed from then on."""
 
     shape: str
     exact: bool = False
     uncaptured_ms: float = 0.0
     replay_ms: float = 0.0
-    pool_mib: float = 0.0
+    check_s: float = 0.0  # the whole check's wall time: the calls below, the capture, the replay
     kept: bool = False
     error: str = ""
 
@@ -73,7 +74,7 @@ class GraphedForward:
         self.pool = None  # made at the first capture: on ZeroGPU this object is built where CUDA must not start
         self.graphs: dict[str, _Graph] = {}
         self.checks: dict[str, GraphCheck] = {}
-        self.instances: dict[str, dict] = {}  # shape -> that graph's own program instances
+        self.instances: dict[str, list] = {}  # shape -> the program instances its graph took (kept alive with it)
         # Shapes are checked while start-up times the presets; after `close()` only shapes kept then are captured (in a
         # ZeroGPU worker): a prompt of a new length on a dynamic text axis runs uncaptured rather than growing the pool
         self.open = True
@@ -96,42 +97,44 @@ class GraphedForward:
         self.open = False
 
     def _capture(self, shape: str, args: tuple, kwargs: dict):
-        """The first call of `shape`: uncaptured for its result, then captured on fresh instances, replayed and
+        """The first call of `shape`: uncaptured for its result (and, at start-up, timed), then captured, replayed and
         compared; kept where equal (and, at start-up, faster). Returns the uncaptured result."""
-        label = _label(args, kwargs)
-        check = self.checks[shape] = GraphCheck(label)
+        start = time.perf_counter()
+        check = self.checks[shape] = GraphCheck(_label(args, kwargs))
         result = self.inner(*args, **kwargs)
         static_args, static_kwargs = _static_copy(args), _static_copy(kwargs)
-        instances = self.instances.setdefault(shape, {})
+        timed = shape not in self.decided  # decided at start-up on this device: not timed again
+        if timed:
+            check.uncaptured_ms = _median_ms(lambda: self.inner(*static_args, **static_kwargs))
+        captured, instances = None, self.instances.setdefault(shape, [])
         try:
-            with graph_instances(instances):
-                warm = self._on_side_stream(lambda: self.inner(*static_args, **static_kwargs))
-                reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
-                graph, out = self._record(lambda: self.inner(*static_args, **static_kwargs))
+            self._on_side_stream(lambda: self.inner(*static_args, **static_kwargs))
+            try:
+                with capturing(instances):
+                    graph, out = self._record(lambda: self.inner(*static_args, **static_kwargs))
+            finally:
+                retire(instances)  # even a failed capture may have recorded the runners' events
             out_leaves, out_spec = tree_flatten(out)
             captured = _Graph(graph, _tensors(static_args, static_kwargs), out_leaves, out_spec)
             replayed = captured(_tensors(static_args, static_kwargs))
-            grown = (torch.cuda.memory_reserved() - reserved) if torch.cuda.is_available() else 0
-            check.pool_mib = round(grown / 2**20, 1)
-            check.exact = all(torch.equal(a, b) for a, b in zip(tree_flatten(replayed)[0], tree_flatten(warm)[0]))
+            check.exact = all(torch.equal(a, b) for a, b in zip(tree_flatten(replayed)[0], tree_flatten(result)[0]))
             if not check.exact:
-                check.error = f"replay differs from the uncaptured call (max abs {_max_diff(replayed, warm):.3g})"
-            elif shape in self.decided:  # decided at start-up, on this device: not timed again
-                check.kept = True
-            else:
-                check.uncaptured_ms = _median_ms(lambda: self.inner(*args, **kwargs))
+                check.error = f"replay differs from the uncaptured call (max abs {_max_diff(replayed, result):.3g})"
+            elif timed:
                 check.replay_ms = _median_ms(lambda: captured(_tensors(args, kwargs)))
                 check.kept = check.replay_ms < check.uncaptured_ms
+            else:
+                check.kept = True
         except Exception as err:  # a capture that fails leaves the uncaptured path serving
             check.error = f"capture failed ({type(err).__name__}: {err})"
-            log.info("CUDA graph capture at %s failed; the full error:", label, exc_info=err)
-            captured = None
+            log.info("CUDA graph capture at %s failed; the full error:", check.shape, exc_info=err)
         if check.kept:
             self.graphs[shape] = captured
         else:
             self.instances.pop(shape, None)
-            log.warning("CUDA graph at %s not kept: %s", label,
+            log.warning("CUDA graph at %s not kept: %s", check.shape,
                         check.error or f"replay {check.replay_ms} ms is not faster than {check.uncaptured_ms} ms")
+        check.check_s = round(time.perf_counter() - start, 2)
         return result
 
     def _record(self, fn):
@@ -193,8 +196,6 @@ def _median_ms(fn) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
-
             begin = time.perf_counter()
             fn()
             times.append((time.perf_counter() - begin) * 1e3)

@@ -113,19 +113,26 @@ class ProgramRunner:
             return self._context.run(program, *args, **kwargs)
 
 
-# While a CUDA graph is captured (aot/graphs.py): a map from each program to that graph's own instance of it
-_GRAPH_INSTANCES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("graph_instances", default=None)
+# While a CUDA graph is captured (aot/graphs.py): the list of the program instances it calls
+_CAPTURED: contextvars.ContextVar[list | None] = contextvars.ContextVar("captured", default=None)
 
 
 @contextlib.contextmanager
-def graph_instances(instances: dict):
-    """Inside, every dispatched call runs its program's instance in `instances` (made on first use): a graph captures
-    instances that only it replays. Same package and same weight tensors: no copy."""
-    token = _GRAPH_INSTANCES.set(instances)
+def capturing(captured: list):
+    """Inside, every dispatched call records its (dispatcher, program, instance) in `captured`. After a capture those
+    instances belong to the graph: AOTInductor's runner records a completion event on each call, and one recorded
+    inside a capture breaks every later uncaptured call of that instance ("invalid argument", RESULTS.md run 16).
+    `retire` then gives their programs a fresh instance for any uncaptured call."""
+    token = _CAPTURED.set(captured)
     try:
         yield
     finally:
-        _GRAPH_INSTANCES.reset(token)
+        _CAPTURED.reset(token)
+
+
+def retire(captured: list) -> None:
+    for dispatch, program, _ in captured:
+        dispatch.live[id(program)] = None
 
 
 class ShapeDispatch:
@@ -135,17 +142,19 @@ class ShapeDispatch:
         self.module = module
         self.programs = programs  # (signature, program, the resolutions it serves)
         self.runner = runner
+        self.live: dict[int, object] = {}  # a program a CUDA graph took -> its fresh instance (None: not made yet)
 
     def program_for(self, args: tuple, kwargs: dict):
         actual = signature(named_inputs(self.module, args, kwargs))
         for expected, program, _ in self.programs:
             if matches(expected, actual):
-                instances = _GRAPH_INSTANCES.get()
-                if instances is None:
-                    return program
-                if id(program) not in instances:
-                    instances[id(program)] = fresh_instance(program)
-                return instances[id(program)]
+                instance = self.live.get(id(program), program)
+                if instance is None:
+                    instance = self.live[id(program)] = fresh_instance(program)
+                captured = _CAPTURED.get()
+                if captured is not None:
+                    captured.append((self, program, instance))
+                return instance
         served = "; ".join(label for _, _, label in self.programs)
         raise UnsupportedShape(f"no compiled program for inputs {_short(actual)} (compiled for: {served})")
 
@@ -273,7 +282,7 @@ def fresh_instance(program):
     `cudaEventSynchronize`) before its own kernels are queued, so the GPU idles through the host's share of each of
     the 57 calls a FLUX step makes: 11-16 ms a step, regional 112 ms against 101.5 ms for the whole model
     (benchmarks/RESULTS.md run 13). An instance per block binds its weights once (the same tensors: no copy) and lets
-    the host queue block i+1 while block i runs. Each CUDA graph gets its own too (aot/graphs.py)."""
+    the host queue block i+1 while block i runs. A program whose instance a CUDA graph took gets another (`retire`)."""
     clone = copy.copy(program)  # spaces' LazyAOTIModelWithWeights: the weights, and the loader it calls
     clone.model = type(program.model)(program.model.archive_file)  # loaded on its first call in each context
     clone.first_call = True

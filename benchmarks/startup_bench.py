@@ -7,6 +7,7 @@ Phases (each a new Python process; the cache directories carry over between them
   model-cold    AOT_SCOPE=model, square preset only, another empty cache
   model-warm    the same again
   blocks-warm-probe  blocks-warm with Inductor's ISA probe left on (as before `trust_host_isa_`), to measure it
+  blocks-warm-nographs  blocks-warm with CUDA_GRAPHS=off: what the graphs cost in start-up time and memory
   blocks-newkey AOT_SCOPE=blocks with one more preset, in blocks-cold's cache: one new key, whose kernels can
                 come from the Inductor/Triton cache kept beside the programs
 
@@ -44,9 +45,10 @@ PHASES = {  # name: (scope, presets, cache, eager reference)
     "blocks-warm-probe": ("blocks", "square=1024x1024,portrait=832x1216,landscape=1216x832", "blocks", False),
     "blocks-newkey": ("blocks", "square=1024x1024,portrait=832x1216,landscape=1216x832,wide=1344x768", "blocks",
                       False),
+    "blocks-warm-nographs": ("blocks", "square=1024x1024,portrait=832x1216,landscape=1216x832", "blocks", False),
 }
 ESTIMATE_S = {"blocks-cold": 120, "blocks-warm": 45, "model-cold": 300, "model-warm": 45, "blocks-warm-probe": 70,
-              "blocks-newkey": 90}
+              "blocks-newkey": 90, "blocks-warm-nographs": 45}
 
 WAITED: dict[str, list[float]] = defaultdict(list)  # external command -> seconds of each run
 
@@ -111,7 +113,8 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
     pipe, _ = lib.real_pipeline(family, device, tiny=smoke, dtype=torch.float32 if smoke else torch.bfloat16)
     transformer = pipe.transformer
     settings = Settings.from_env({"MODEL_ID": "tiny-flux", "COMPILE": "aoti", "AOT_SCOPE": scope, "PRESETS": presets,
-                                  "AOT_CACHE_DIR": str(workdir / cache)}, has_cuda=not smoke)
+                                  "AOT_CACHE_DIR": str(workdir / cache),
+                                  "CUDA_GRAPHS": "off" if name.endswith("-nographs") else "auto"}, has_cuda=not smoke)
     model = load_model(settings, pipe)
     square = model.presets[0]
     args, kwargs = capture_inputs(model, transformer, square)
@@ -135,6 +138,7 @@ def phase(name: str, workdir: Path, profile_steps: bool, smoke: bool) -> dict:
     if profile_steps:
         result["profile"] = step_profile(transformer, args, kwargs)
     result["peak_gib"] = lib.peak_gib()
+    result["reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2) if not smoke else 0.0
     result["external_commands"] = {cmd: {"count": len(s), "seconds": round(sum(s), 1)} for cmd, s in WAITED.items()}
     return result
 
