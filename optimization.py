@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from aot import hub, lora, parallel, step_cache
-from aot.cache import cache_key, compile_into_cache, entry_files, key_digest, read_cached
+from aot.cache import (cache_key, compile_into_cache, entry_files, key_digest, measured_path, read_cached,
+                       read_measured, write_measured)
 from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_cuda_graphs, choose_quantization,
                            fp8_candidates, pick_attention, pick_fp8)
 from aot.families import Text
@@ -300,7 +301,8 @@ class DeviceRun:
     install_seconds: float = 0.0
     warm_up_seconds: float = 0.0
     graphs: dict = field(default_factory=dict)  # each call shape's CUDA graph check (aot/graphs.py GraphCheck)
-    graph_decisions: dict = field(default_factory=dict)  # call shape -> kept
+    graph_decisions: dict = field(default_factory=dict)  # call shape -> its check
+    timed_now: bool = True  # False: the timings and graph checks are an earlier start's on this card
     error: str = ""
     adopted: dict = field(default_factory=dict)  # program shape -> the foreign package's source (aot/hub.py)
     refusals: list = field(default_factory=list)  # foreign packages refused, and why
@@ -316,6 +318,7 @@ class Programs:
     served: tuple[int, int] | None  # a dynamic-shape program's image-token range
     manifests: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # program shape -> the start-up record of how it came
+    measured: Path | None = None  # this card's timings and graph checks from an earlier start (aot/cache.py)
 
     def label(self, shape) -> str:
         return ", ".join(p.name for p in self.groups[shape])
@@ -336,7 +339,9 @@ def plan_programs(model: Model, settings: Settings, report: Report, hardware: Ha
                         report.compile_scope, list(served) if served else shape, settings.dynamic_shapes,
                         report.text, INDUCTOR_CONFIGS)
         keys[shape] = (key, Path(settings.cache_dir) / key_digest(key))
-    return Programs(groups, keys, served)
+    measured = measured_path(Path(settings.cache_dir), [root.name for _, root in keys.values()],
+                             [p.name for p in model.presets], hardware.name)
+    return Programs(groups, keys, served, measured=measured)
 
 
 def fetch_or_compile(model: Model, programs: Programs, settings: Settings, report: Report,
@@ -387,15 +392,23 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
                                                                            programs.served, out), root, key)
                     seconds[shape] = round(time.perf_counter() - start, 1)
                 programs.manifests[shape] = read_cached(root, key)
+            # a warm start on a card measured before with these programs: each program loaded (its graph captured and
+            # checked for equality, not timed), not every preset timed again
+            measured = None if missing else read_measured(programs.measured)
             start = time.perf_counter()
-            graphed = install_(model, programs, report)
+            graphed = install_(model, programs, report, measured and measured["graphs"])
             installed = time.perf_counter()
-            timings = time_presets(model, [p for presets in programs.groups.values() for p in presets])
+            if measured:
+                for presets in programs.groups.values():
+                    first_call(model, presets[0])
+                timings = {name: Timing(**timing) for name, timing in measured["timings"].items()}
+            else:
+                timings = time_presets(model, [p for presets in programs.groups.values() for p in presets])
             graphs, decisions = (graphed.summary(), graphed.decisions()) if graphed else ({}, {})
             if graphed:
                 graphed.close()
             return DeviceRun(seconds, timings, round(installed - start, 2), round(time.perf_counter() - installed, 2),
-                             graphs, decisions, adopted=adopted, refusals=refusals)
+                             graphs, decisions, timed_now=not measured, adopted=adopted, refusals=refusals)
         except Exception as err:  # reported by the caller, which serves eager
             log.info("compiling, installing or timing the programs failed; the full error:", exc_info=err)
             return DeviceRun(seconds, error=f"{type(err).__name__}: {err}", refusals=refusals)
@@ -446,6 +459,9 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
     report.startup["programs"] = list(programs.sources.values())
     report.startup.update(install_s=run.install_seconds, warm_up_s=run.warm_up_seconds)
     report.timings = {name: vars(timing) for name, timing in run.timings.items()}
+    report.startup["timings"] = "measured now" if run.timed_now else "this card's, kept from an earlier start"
+    if run.timed_now:
+        write_measured(programs.measured, report.timings, run.graph_decisions)
     _report_graphs(report, run.graphs)
     report.compile_source = ("loaded from cache" if not compiled else "compiled now" if len(compiled) == len(
         programs.groups) else f"{len(compiled)} of {len(programs.groups)} programs compiled now, the rest loaded from "
@@ -479,14 +495,20 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
     calls = 2 if model.does_cfg(model.defaults.guidance) else 1
     timings = {}
     for preset in presets:
+        first_call(model, preset)
         with torch.inference_mode():
-            latents = model(CAPTURE_PROMPT, preset, steps=1, output_type="latent").images
-            if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
-                raise RuntimeError(f"the program for {preset.name} returned non-finite values")
             one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n)) for n in (1, TIMED_STEPS))
         call = max(many - one, 0.0) / (TIMED_STEPS - 1) / calls
         timings[preset.name] = Timing(round(call, 4), round(max(one - calls * call, 0.0), 4))
     return timings
+
+
+def first_call(model: Model, preset: Preset) -> None:
+    """A 1-step call at `preset`, which loads its programs (and checks its CUDA graph); it must give finite latents."""
+    with torch.inference_mode():
+        latents = model(CAPTURE_PROMPT, preset, steps=1, output_type="latent").images
+    if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
+        raise RuntimeError(f"the program for {preset.name} returned non-finite values")
 
 
 def _seconds(fn) -> float:

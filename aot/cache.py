@@ -149,3 +149,28 @@ def compile_into_cache(compile_to: Callable[[Path], dict], root: Path, key: dict
 def entry_files(root: Path) -> list[str]:
     """What makes up cache entry `root`, relative to it: the manifest and its packages (not local bookkeeping)."""
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != VERIFIED)
+
+
+def measured_path(cache_dir: Path, digests: list[str], presets: list[str], card: str) -> Path:
+    """Where a start's measurements on `card` are kept: each preset's timing and each call shape's CUDA graph check,
+    for the programs `digests` at `presets`. Local bookkeeping, never uploaded: another card of the same
+    architecture compiles to the same programs but runs them at another speed."""
+    digest = hashlib.sha256(json.dumps([sorted(digests), sorted(presets), card]).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "measured" / f"{digest}.json"
+
+
+def read_measured(path: Path) -> dict | None:
+    try:
+        measured = json.loads(path.read_text())
+        return measured if isinstance(measured.get("timings"), dict) and isinstance(measured.get("graphs"), dict) \
+            else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_measured(path: Path, timings: dict, graphs: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"timings": timings, "graphs": graphs}, indent=1))
+    except OSError as err:  # a read-only cache: the next start measures again
+        log.info("AoT cache: could not keep this start's measurements in %s (%s)", path, err)

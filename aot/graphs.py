@@ -64,11 +64,12 @@ class GraphedForward:
     """Replaces the transformer's `forward`: a call whose shape has a kept graph is replayed; the first call of a new
     shape is checked (uncaptured, captured, compared, timed) and served uncaptured; anything else runs uncaptured.
 
-    `decided`: shape -> kept, from the start-up check on the device. On ZeroGPU each request runs in a new worker
-    process, where graphs are captured again: there a decided shape is captured without timing again, and still
+    `decided`: shape -> its check on this card at start-up (`decisions()`), or at an earlier start with the same
+    programs (optimization.py keeps them in the cache). On ZeroGPU each request runs in a new worker process, where
+    graphs are captured again. A decided shape is captured only if it was kept, without timing it again, and still
     compared with the uncaptured call."""
 
-    def __init__(self, module: torch.nn.Module, inner, decided: dict[str, bool] | None = None):
+    def __init__(self, module: torch.nn.Module, inner, decided: dict[str, dict] | None = None):
         self.module, self.inner = module, inner
         self.decided = dict(decided or {})
         self.pool = None  # made at the first capture: on ZeroGPU this object is built where CUDA must not start
@@ -89,18 +90,18 @@ class GraphedForward:
                 self.calls["replayed"] += 1
                 return self.graphs[shape](_tensors(args, kwargs))
             self.calls["uncaptured"] += 1
-            if shape not in self.checks and self.decided.get(shape, self.open):
-                return self._capture(shape, args, kwargs)
+            if shape not in self.checks and (self.decided[shape]["kept"] if shape in self.decided else self.open):
+                return self._capture(shape, _label(inputs), args, kwargs)
         return self.inner(*args, **kwargs)
 
     def close(self) -> None:
         self.open = False
 
-    def _capture(self, shape: str, args: tuple, kwargs: dict):
+    def _capture(self, shape: str, label: str, args: tuple, kwargs: dict):
         """The first call of `shape`: uncaptured for its result (and, at start-up, timed), then captured, replayed and
         compared; kept where equal (and, at start-up, faster). Returns the uncaptured result."""
         start = time.perf_counter()
-        check = self.checks[shape] = GraphCheck(_label(args, kwargs))
+        check = self.checks[shape] = GraphCheck(label)
         result = self.inner(*args, **kwargs)
         static_args, static_kwargs = _static_copy(args), _static_copy(kwargs)
         timed = shape not in self.decided  # decided at start-up on this device: not timed again
@@ -124,6 +125,7 @@ class GraphedForward:
                 check.replay_ms = _median_ms(lambda: captured(_tensors(args, kwargs)))
                 check.kept = check.replay_ms < check.uncaptured_ms
             else:
+                check.uncaptured_ms, check.replay_ms = (self.decided[shape][k] for k in ("uncaptured_ms", "replay_ms"))
                 check.kept = True
         except Exception as err:  # a capture that fails leaves the uncaptured path serving
             check.error = f"capture failed ({type(err).__name__}: {err})"
@@ -162,8 +164,8 @@ class GraphedForward:
     def summary(self) -> dict[str, dict]:
         return {check.shape: asdict(check) for check in self.checks.values()}
 
-    def decisions(self) -> dict[str, bool]:
-        return {shape: check.kept for shape, check in self.checks.items()}
+    def decisions(self) -> dict[str, dict]:
+        return {shape: asdict(check) for shape, check in self.checks.items()}
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -175,9 +177,12 @@ def _static_copy(value):
     return tree_unflatten([leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
 
 
-def _label(args: tuple, kwargs: dict) -> str:
-    hidden = next(iter(_tensors(args, kwargs)), None)
-    return "x".join(map(str, hidden.shape)) if hidden is not None else "no tensors"
+def _label(inputs: dict) -> str:
+    """The call's 3-D tensors (image and text tokens, in every family here) by argument name: two calls of a step
+    with prompts of different lengths (a true-CFG family's negative prompt) are two shapes."""
+    shapes = [f"{name} {'x'.join(map(str, leaf.shape))}" for name, value in inputs.items()
+              for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor) and leaf.dim() == 3]
+    return ", ".join(shapes) or "no 3-D tensors"
 
 
 def _max_diff(a, b) -> float:

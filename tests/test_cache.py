@@ -37,11 +37,19 @@ def int8_small():
     return Compiled(quantization="int8", aot_cache_dir=SESSION_DIR / "int8-cache", **SMALL)
 
 
+def entries(cache: Path) -> list[str]:
+    """A cache directory's program entries: beside them, Inductor's cache and this card's measurements."""
+    return sorted(p.name for p in cache.iterdir() if p.name not in ("inductor", "measured"))
+
+
 def test_second_start_loads_from_cache_and_compiles_nothing(compiled_blocks, compile_calls):
     again = Compiled()
     assert compile_calls == []
     assert again.report.compile_source == "loaded from cache"
     assert again.report.cache_keys == compiled_blocks.report.cache_keys
+    # and this card's timings from the earlier start: each program loaded by one call, no preset timed again
+    assert again.report.startup["timings"] == "this card's, kept from an earlier start"
+    assert again.report.timings == compiled_blocks.report.timings
     for name, out in again.run().items():
         assert rel_err(out, again.eager[name]) <= 1e-4, name
 
@@ -59,8 +67,8 @@ def test_adding_a_preset_compiles_only_its_program(tmp_path, compile_calls):
     assert both.report.compile_source == "1 of 2 programs compiled now, the rest loaded from cache"
     assert both.report.cache_keys[0] == small_key and len(set(both.report.cache_keys)) == 2
     assert small_package.stat().st_mtime_ns == written  # the cached program was loaded, not rewritten
-    # no staging left; beside the entries, Inductor's own cache (kernels a later key can reuse)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "inductor") == sorted(both.report.cache_keys)
+    # no staging left; beside the entries, Inductor's own cache (kernels a later key can reuse) and the timings
+    assert sorted(entries(tmp_path)) == sorted(both.report.cache_keys)
     assert [p["image_tokens"] for p in both.report.programs] == [4, 6]
     outputs = both.run()
     assert set(outputs) == {"32x32", "48x32"}
@@ -211,7 +219,7 @@ def test_a_hub_repo_holds_programs_for_several_architectures_and_a_start_takes_i
     fetched = Compiled(aot_hub_repo=pinned, aot_cache_dir=tmp_path / "start-1", **SMALL)
     assert asked == [[f"{digest}/*"]] and compile_calls == []
     assert fetched.report.startup["programs"][0]["source"] == "downloaded" and fetched.report.fallbacks == []
-    assert sorted(p.name for p in (tmp_path / "start-1").iterdir() if p.name != "inductor") == [digest]
+    assert entries(tmp_path / "start-1") == [digest]
     shutil.rmtree(hub / digest)  # the repo now holds the other architecture's entry only
     compiled = Compiled(aot_hub_repo=pinned, aot_cache_dir=tmp_path / "start-2", **SMALL)
     assert compiled.report.compile_source == "compiled now" and len(compile_calls) == 1
