@@ -225,12 +225,14 @@ def test_a_shape_outside_the_presets_is_refused(family):
 # --- the app, started for the family, serving its programs from the session's cache -------------------------
 @pytest.fixture(scope="session")
 def family_app(family):
-    """(app module, gradio client): a fresh copy of app.py with MODEL_ID=tiny-<name>, as the Space starts it."""
+    """(app module, gradio client): a fresh copy of app.py with MODEL_ID=tiny-<name>, as the Space starts it, at the
+    family fixture's scope (AOT_SCOPE=model), so that it loads those programs rather than compiling others."""
     from gradio_client import Client
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MODEL_ID", f"tiny-{family.name}")
         env.setenv("COMPILE", "aoti")
+        env.setenv("AOT_SCOPE", "model")
         env.setenv("AOT_CACHE_DIR", family.settings.cache_dir)
         spec = importlib.util.spec_from_file_location(f"app_for_{family.name.replace('-', '_')}", ROOT / "app.py")
         module = importlib.util.module_from_spec(spec)
