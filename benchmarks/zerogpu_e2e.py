@@ -211,12 +211,13 @@ class Run:
             record.update({key: status.get(key) for key in (
                 "device", "zerogpu_size", "zerogpu_size_reason", "quantization", "fp8_granularity", "attention",
                 "attention_reason", "probes", "compile", "compile_source", "compile_seconds", "startup", "timings",
-                "durations", "fallbacks", "notes")})
+                "durations", "cuda_graphs", "graphs", "fallbacks", "notes")})
             record["memory"] = {k: status["memory"].get(k) for k in ("layout", "budget_gib", "packed_gib", "need_gib",
                                                                      "xlarge_threshold_gib", "fits")}
         self.phases[phase] = record
         log(f"{phase}: ready={ready} in {self.app.ready_s} s, {record.get('compile')} "
-            f"({record.get('compile_source')}), fallbacks {record.get('fallbacks')}")
+            f"({record.get('compile_source')}), graphs {record.get('cuda_graphs')} {record.get('graphs')}, "
+            f"fallbacks {record.get('fallbacks')}")
         return ready
 
     def stop(self) -> None:
