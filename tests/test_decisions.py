@@ -1,7 +1,7 @@
 """Settings parsing and the hardware-gated choices, as plain functions: hardware in, choice out."""
 import pytest
 
-from aot.decisions import attention_candidates, choose_compile, choose_quantization, pick_attention
+from aot.decisions import attention_candidates, choose_compile, choose_cuda_graphs, choose_quantization, pick_attention
 from aot.families import FAMILIES, FLUX
 from aot.hardware import Hardware
 from conftest import cpu
@@ -79,6 +79,28 @@ def test_compile_auto_is_on_for_cuda_and_off_but_reported_on_cpu():
     decision = choose_compile("auto", cpu())
     assert decision.value == "none" and "COMPILE=aoti" in decision.reason
     assert decision.expected and not decision.fell_back
+
+
+@pytest.mark.parametrize("capability", [AMPERE, HOPPER, BLACKWELL_RTX])
+def test_cuda_graphs_are_on_for_compiled_programs_on_cuda_and_off_where_a_call_decides_what_runs(capability):
+    gpu = hardware("cuda", capability)
+    assert choose_cuda_graphs("auto", gpu, compiled=True, step_cache="off", low_vram=False).value == "on"
+    for compiled, step_cache, low_vram, why in [(False, "off", False, "compilation is off"),
+                                                (True, "fbc:0.05", False, "STEP_CACHE=fbc:0.05"),
+                                                (True, "off", True, "low-VRAM mode")]:
+        auto = choose_cuda_graphs("auto", gpu, compiled, step_cache, low_vram)
+        assert auto.value == "off" and why in auto.reason and auto.expected and not auto.fell_back
+        asked = choose_cuda_graphs("on", gpu, compiled, step_cache, low_vram)  # asked for, and not done: a fallback
+        assert asked.value == "off" and asked.fell_back
+    off = choose_cuda_graphs("off", gpu, compiled=True, step_cache="off", low_vram=False)
+    assert off.value == "off" and off.reason == "requested"
+
+
+def test_cuda_graphs_on_a_cpu_are_a_note_and_asking_for_them_stops_startup():
+    decision = choose_cuda_graphs("auto", cpu(), compiled=True, step_cache="off", low_vram=False)
+    assert decision.value == "off" and decision.expected and "CUDA" in decision.reason
+    with pytest.raises(ValueError, match="CUDA_GRAPHS=on needs a CUDA GPU"):
+        choose_cuda_graphs("on", cpu(), compiled=True, step_cache="off", low_vram=False)
 
 
 @pytest.fixture(scope="module")
