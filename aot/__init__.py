@@ -8,6 +8,7 @@
 - `quantize.py`: fp8 (torchao), the template's int8/int4 weight-only layers, and pre-quantized checkpoints;
 - `streaming.py`: streamed blocks' weights copied through fixed rings of GPU buffers (low-VRAM mode);
 - `programs.py`: capture, export, AOT-compile, install, and the shape dispatcher;
+- `graphs.py`: CUDA graph replay of the compiled transformer, one graph per call shape, checked before it is kept;
 - `cache.py`: the keyed artifact cache;
 - `hub.py`: the pinned Hub download and the upload, regional programs in spaces' per-block layout;
 - `step_cache.py`: STEP_CACHE, diffusers' cache hooks around the block programs;
