@@ -27,6 +27,10 @@ FIXED_SECONDS = 3  # at least, for the text encoders, the VAE and the hand-over 
 WORKER_START_SECONDS, WORKER_SECONDS_PER_GIB = 4, 1.0
 # A shape's first call in a worker loads its programs: 0.1-2.8 s measured (runs 15-17)
 PROGRAM_LOAD_SECONDS = 5
+# A LORA_CHOICES switch copies host values into the weights: 8.0 GiB in 0.16 s from pinned memory on an H200 (RESULTS.md
+# run 22). ZeroGPU's main process cannot pin, so its workers copy from pageable memory: asked at 4 GiB/s, an assumption
+# (not measured) well under the pinned rate
+SWITCH_SECONDS_PER_GIB = 0.25
 # Before anything is measured on the device (or when measuring failed): an H100's FLUX.1-dev step at 1024x1024,
 # 98-115 ms compiled and 183 ms eager (RESULTS.md runs 13, 16), asked with a 1.3-1.5x margin, per transformer call
 H100_CALL_SECONDS = {True: 0.15, False: 0.25}
@@ -114,6 +118,7 @@ class Durations:
     factor: float = 1.0  # spaces' duration factor for this size (1 off ZeroGPU or on `xlarge`)
     quota_factor: int = 1  # `xlarge` costs twice the quota
     limited: bool = False  # on ZeroGPU: a request must fit MAX_TASK_SECONDS
+    switch_gib: float = 0.0  # the most a LORA_CHOICES switch copies: the largest choice in, the largest other out
 
     def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool) -> float:
         """The seconds a request's task needs, margin included. `calls`: transformer calls a step (2 with CFG)."""
@@ -127,6 +132,8 @@ class Durations:
         extra = (WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * self.weight_gib) if new_worker else 0.0
         if self.compiled and first_shape:
             extra += PROGRAM_LOAD_SECONDS
+        # a worker's weights may hold another choice than the request's (none included): any request may switch
+        extra += SWITCH_SECONDS_PER_GIB * self.switch_gib
         return fixed + extra + calls * steps * call
 
     def requested(self, seconds: float) -> int:
@@ -163,6 +170,7 @@ class Durations:
                 "slowdown_vs_h100": None if self.timings else self.slowdown,
                 "per_preset": {name: {"call_s": t.call_s, "fixed_s": t.fixed_s} for name, t in self.timings.items()},
                 "margin": MARGIN, "duration_factor": self.factor, "quota_factor": self.quota_factor,
+                "lora_switch_s": round(SWITCH_SECONDS_PER_GIB * self.switch_gib, 2),
                 "max_task_seconds": MAX_TASK_SECONDS}
 
 
@@ -171,6 +179,7 @@ def durations(report: Report, step_cost: float, weight_gib: float) -> Durations:
     hardware = report.hardware
     card, size = hardware.zerogpu, hardware.size
     name = card.model if card else hardware.name
+    choices = sorted((entry.get("host_bytes", 0) for entry in report.lora_choices), reverse=True)
     return Durations({name: Timing(**t) for name, t in report.timings.items()}, report.compile == "aoti", step_cost,
                      slowdown(name, hardware.sm_count, size), weight_gib, card.factor_for(size) if card else 1.0,
-                     2 if size is Size.XLARGE else 1, card is not None)
+                     2 if size is Size.XLARGE else 1, card is not None, sum(choices[:2]) / 2**30)

@@ -20,8 +20,9 @@ from conftest import cpu
 from aot.memory import ACTIVATION_BYTES_PER_TOKEN, SLACK_BYTES, Footprint, choose_resident_plan
 from aot.probes import AttentionShape, Probe, probe_attention, probe_fp8, run_probes
 from aot.report import Report
-from aot.zerogpu import (FIXED_SECONDS, MARGIN, MAX_TASK_SECONDS, PROGRAM_LOAD_SECONDS, WORKER_SECONDS_PER_GIB,
-                         WORKER_START_SECONDS, Durations, Timing, choose_size, durations, gpu_task, slowdown)
+from aot.zerogpu import (FIXED_SECONDS, MARGIN, MAX_TASK_SECONDS, PROGRAM_LOAD_SECONDS, SWITCH_SECONDS_PER_GIB,
+                         WORKER_SECONDS_PER_GIB, WORKER_START_SECONDS, Durations, Timing, choose_size, durations,
+                         gpu_task, slowdown)
 from settings import Preset
 
 GB, GiB = 10**9, 2**30
@@ -467,6 +468,19 @@ def test_durations_for_each_size(rtx):
     report.hardware = cpu()
     off = durations(report, 1.0, 20.0)
     assert (off.factor, off.quota_factor, off.limited) == (1.0, 1, False)
+
+
+def test_lora_choices_add_the_largest_switch_to_every_request(rtx):
+    report = Report(device="cuda", dtype="bfloat16", compile="aoti", hardware=on_card(rtx, Size.LARGE),
+                    timings={"1024x1024": {"call_s": 0.4, "fixed_s": 1.0}})
+    plain = durations(report, 1.0, 20.0)
+    report.lora_choices = [{"name": name, "host_bytes": gib * 2**30} for name, gib in (("a", 8), ("b", 2), ("c", 6))]
+    switching = durations(report, 1.0, 20.0)
+    assert switching.switch_gib == 14  # the largest choice switched in, the next largest restored to the base
+    square = PRESETS[0]
+    for new_worker in (False, True):
+        assert switching.task_seconds(square, 28, 1, new_worker, False) == pytest.approx(
+            plain.task_seconds(square, 28, 1, new_worker, False) + SWITCH_SECONDS_PER_GIB * 14)
 
 
 def test_slowdown_table_and_sm_count():
