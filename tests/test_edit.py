@@ -1,15 +1,24 @@
 """Images in: every untrusted input image refused with what is allowed or converted as stated (aot/images.py), and
 FLUX.1 Kontext (tiny-flux-kontext) compiled on CPU, matching eager with an input image at every preset, and served
 by the app through gradio_client."""
+import importlib.util
 import struct
 import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import optimization
 from aot import images
+from aot.families.flux_kontext import FLUX_KONTEXT, PREFERRED
 from aot.images import BadImage
+from conftest import ROOT, Compiled, rel_err
+from settings import Preset, parse_presets
+
+TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
+STEPS = 2
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -120,3 +129,155 @@ def test_more_images_than_the_family_takes_are_refused():
         images.check_count(1, 0, "flux")
     with pytest.raises(BadImage, match="takes at most 1 input image; got 2."):
         images.check_count(2, 1, "flux-kontext")
+
+
+# --- FLUX.1 Kontext: the family's resize mirrors the pipeline's; compiled equals eager with an input image --------
+def test_kontext_presets_and_resize_are_the_pipelines_own():
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    assert list(PREFERRED) == PREFERRED_KONTEXT_RESOLUTIONS
+    presets = parse_presets(FLUX_KONTEXT.presets, FLUX_KONTEXT.multiple)
+    for width, height in [(1000, 1000), (4032, 3024), (3024, 4032), (1080, 1920), (500, 1300), (2000, 900), (37, 41)]:
+        aspect = width / height  # FluxKontextPipeline.__call__'s choice with _auto_resize
+        _, want_w, want_h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        picked = FLUX_KONTEXT.image_size(width, height, presets)
+        assert (picked.width, picked.height) == (want_w, want_h), (width, height)
+    for preset in presets:  # pinned to the preset's area, the pipeline's output rescale keeps the preset
+        area = FLUX_KONTEXT.call_args(preset.width, preset.height)["max_area"]
+        aspect = preset.width / preset.height
+        assert (round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)) == (preset.width, preset.height)
+
+
+def _edits(presets) -> dict[str, dict]:
+    """Whole-pipeline runs: at each preset an edit whose input (5 times larger, another aspect ratio) is resized
+    to the next preset; the largest edit (square on square: the range's top); text to image."""
+    runs = {}
+    for i, preset in enumerate(presets):
+        ref = presets[(i + 1) % len(presets)]
+        runs[f"edit at {preset.name}"] = dict(preset=preset, images=(_noise(size=(ref.width * 5, ref.height * 5)),))
+    square = presets[0]
+    runs["largest edit"] = dict(preset=square, images=(_noise(size=(square.width, square.height)),))
+    runs["text to image"] = dict(preset=presets[-1])
+    return runs
+
+
+class KontextCompiled(Compiled):
+    """tiny-flux-kontext after `optimize_pipeline_` (whole-model scope), its eager edits recorded before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-flux-kontext", aot_scope="model")
+
+    def check_model(self) -> None:
+        assert self.model.family is FLUX_KONTEXT and self.model.presets == parse_presets(
+            FLUX_KONTEXT.tiny_presets, FLUX_KONTEXT.multiple)
+
+    def record_eager(self) -> None:
+        self.runs = _edits(self.model.presets)
+        self.eager_latents = {name: self.latents(**run) for name, run in self.runs.items()}
+
+    def latents(self, preset: Preset, images=()) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return self.model("make it blue", preset, steps=STEPS, generator=generator, output_type="latent",
+                              images=images).images
+
+
+@pytest.fixture(scope="session")
+def kontext() -> KontextCompiled:
+    return KontextCompiled()
+
+
+def test_kontext_edits_match_eager_through_one_dynamic_program(kontext):
+    model, report = kontext.model, kontext.report
+    assert report.programs == [{"image_tokens": "15..32", "resolutions": ["64x64", "48x80", "80x48"]}]
+    assert any(note.startswith("programs: one over a dynamic image-token range for flux-kontext") for note in
+               report.notes)
+    lengths = []  # each transformer call's image tokens: the output's and the input's, known before the call
+    hook = model.pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        for name, run in kontext.runs.items():
+            lengths.clear()
+            latents = kontext.latents(**run)
+            assert torch.isfinite(latents).all(), name
+            assert rel_err(latents, kontext.eager_latents[name]) <= TOLERANCE, name
+            preset, given = run["preset"], run.get("images", ())
+            refs = [model.input_preset(*image.size) for image in given]
+            expected = sum(FLUX_KONTEXT.image_tokens(p.width, p.height) for p in [preset, *refs])
+            assert lengths == [expected] * STEPS, name
+    finally:
+        hook.remove()
+    # the input reached the transformer: the edit differs from text to image at the same preset
+    edit = kontext.eager_latents[f"edit at {model.presets[-1].name}"]
+    assert rel_err(edit, kontext.eager_latents["text to image"]) > 1e-3
+
+
+def test_kontext_refuses_what_no_program_covers(kontext):
+    with pytest.raises(optimization.UnsupportedShape, match=r"no compiled program for inputs .*compiled for: 64x64"):
+        kontext.latents(Preset("off-preset", 160, 160))  # 100 tokens, over the range's 32
+
+
+# --- the app serving tiny-flux-kontext through gradio_client ------------------------------------------------------
+@pytest.fixture(scope="session")
+def kontext_app(kontext):
+    """(app module, gradio client): app.py with MODEL_ID=tiny-flux-kontext, loading `kontext`'s program."""
+    from gradio_client import Client
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MODEL_ID", "tiny-flux-kontext")
+        env.setenv("AOT_SCOPE", "model")
+        env.setenv("AOT_CACHE_DIR", kontext.settings.cache_dir)
+        spec = importlib.util.spec_from_file_location("app_for_flux_kontext", ROOT / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    module.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        yield module, Client(module.demo.local_url, verbose=False)
+    finally:
+        module.demo.close()
+
+
+EDIT = dict(prompt="make the cube blue", resolution="48x80", seed=7, randomize_seed=False, steps=STEPS, guidance=2.5)
+
+
+def test_app_serves_an_edit_refuses_a_bad_image_and_serves_the_next(kontext_app, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    app, client = kontext_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache" and status["inputs"]["images"] == 1
+    assert status["inputs"]["max_pixels"] == images.MAX_PIXELS and status["inputs"]["formats"][0] == "PNG"
+    photo = _transparent("RGBA").resize((96, 160))  # portrait, with alpha
+    path, seed, details = client.predict(**EDIT, image=handle_file(_saved(tmp_path, photo, "in.png")),
+                                         api_name="/generate")
+    with Image.open(path) as out:
+        assert out.size == (48, 80)
+    assert seed == 7 and "RGBA transparency composited on white" in details
+    assert "input 96x160 resized to 48x80" in details
+    text_only, _, text_details = client.predict(**EDIT, api_name="/generate")  # no image: text to image
+    assert "input" not in text_details and _pixels(text_only) != _pixels(path)
+    for bad, message in [(_png_claiming(50_000, 50_000), "claims more than 50,000,000 pixels"),
+                         (b"GIF89a not really", "Not an image this Space reads")]:
+        upload = tmp_path / "bad.png"
+        upload.write_bytes(bad)
+        with pytest.raises(AppError, match=message):
+            client.predict(**EDIT, image=handle_file(str(upload)), api_name="/generate")
+    again, _, _ = client.predict(**EDIT, image=handle_file(_saved(tmp_path, photo, "in.png")), api_name="/generate")
+    assert _pixels(again) == _pixels(path)  # served again, the same edit
+
+
+def _pixels(path: str) -> bytes:
+    with Image.open(path) as image:
+        return image.tobytes()
+
+
+def test_a_text_only_family_has_no_image_input_and_refuses_one(app, client, tmp_path):
+    assert app.FAMILY.max_images == 0 and client.predict(api_name="/status")["inputs"] == {"text": True, "images": 0}
+    assert "image" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"][
+        "parameters"].__repr__()
+    path, _, _ = client.predict(prompt="a lighthouse", resolution="48x80", steps=STEPS, api_name="/generate")
+    assert _pixels(path)
+    upload = {"path": _saved(tmp_path, _noise(), "in.png")}  # as Gradio hands an upload to the handler
+    with pytest.raises(Exception, match="This flux model takes no input image; got 1."):
+        app.generate(prompt="a lighthouse", resolution="48x80", steps=STEPS, image=upload)
