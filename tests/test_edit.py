@@ -282,3 +282,15 @@ def test_a_text_only_family_has_no_image_input_and_refuses_one(app, client, tmp_
     upload = {"path": _saved(tmp_path, _noise(), "in.png")}  # as Gradio hands an upload to the handler
     with pytest.raises(gr.Error, match="This flux model takes no input image; got 1."):
         app.generate(prompt="a lighthouse", resolution="48x80", steps=STEPS, image=upload)
+
+
+def test_readme_edit_snippet_runs_as_written(kontext_app, monkeypatch):
+    import re
+
+    app, _ = kontext_app
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    [snippet] = [block for block in blocks if "handle_file(" in block]
+    monkeypatch.chdir(ROOT)  # its picture's path is the repo's
+    namespace = {}
+    exec(compile(snippet.replace("http://127.0.0.1:7860/", app.demo.local_url), "README.md", "exec"), namespace)
+    assert namespace["seed"] == 0 and "input 128x128 resized to 64x64" in namespace["details"]
