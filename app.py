@@ -16,7 +16,7 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import lora, panel, parallel, programs, prompts, step_cache, zerogpu
+from aot import images, lora, panel, parallel, programs, prompts, step_cache, zerogpu
 from aot.families import Guidance
 from aot.hardware import detect
 from aot.memory import resident_bytes
@@ -41,6 +41,8 @@ ENCODINGS = prompts.Encodings()
 PRESETS = {preset.name: preset for preset in MODEL.presets}
 USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
 TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
+if FAMILY.max_images > 1:  # the page has one image input and /generate one `image` argument
+    raise SystemExit(f"The {FAMILY.name} family takes up to {FAMILY.max_images} input images; this app serves one.")
 SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes the current GPU worker has generated (gpu_seconds)
 # The page and the API start from this seed with randomize_seed off, so a seed sent is the seed used.
 DEFAULT_SEED = 0
@@ -107,6 +109,15 @@ def _default_request_seconds() -> int:
     return DURATIONS.granted(seconds)
 
 
+def _inputs() -> dict:
+    """What a request brings beside its settings, and an input image's limits (aot/images.py)."""
+    if not FAMILY.max_images:
+        return {"text": True, "images": 0}
+    return {"text": True, "images": FAMILY.max_images, "image_required": False, "formats": list(images.FORMATS),
+            "max_pixels": images.MAX_PIXELS, "min_side": images.MIN_SIDE, "max_aspect": images.MAX_ASPECT,
+            "alpha_background": "white", "resized_to": "the resolution nearest its aspect ratio"}
+
+
 def status() -> dict:
     """What runs and how it was optimized: fallbacks, and choices expected on this hardware (`notes`).
     Also served as the /status API."""
@@ -115,6 +126,7 @@ def status() -> dict:
         "demo_model": SETTINGS.demo_model,  # a built-in stand-in: the trained demo or a tiny model that draws noise
         "weights": "random" if SETTINGS.tiny_family else "trained",
         "resolutions": list(PRESETS),
+        "inputs": _inputs(),
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance,
                      "guidance_kind": DEFAULTS.guidance_kind.value, "max_prompt_tokens": DEFAULTS.max_sequence_length,
                      "seed": DEFAULT_SEED, "randomize_seed": False},
@@ -194,6 +206,24 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, lora_choice, notes
 
 
+def _input_images(image, notes: list[str]) -> tuple:
+    """The request's input image, checked and normalised (aot/images.py), each conversion and the preset it is
+    resized to added to `notes`: none, or one. `image` is Gradio's file record of an upload, already in its cache."""
+    given = [] if image is None else [image]
+    for value in given:
+        if not (isinstance(value, dict) and isinstance(value.get("path"), str)):
+            raise user_error("image must be an image file: gradio_client.handle_file(path or URL) in the API.")
+    try:
+        images.check_count(len(given), FAMILY.max_images, FAMILY.name)
+        checked = [images.load(value["path"]) for value in given]
+    except images.BadImage as err:
+        raise user_error(str(err)) from None
+    for one in checked:
+        preset = MODEL.input_preset(*one.image.size)
+        notes += [*one.notes, f"input {one.image.width}x{one.image.height} resized to {preset.name}"]
+    return tuple(one.image for one in checked)
+
+
 # What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
 # steps and transformer calls, plus a new worker's start and a program's first load (aot/zerogpu.py)
 DURATIONS = zerogpu.durations(REPORT, FAMILY.step_cost, resident_bytes(MODEL.pipe) / 2**30)
@@ -204,24 +234,26 @@ def _calls(guidance: float) -> int:
     return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
 
 
-def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE) -> int:
+def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE,
+                images=()) -> int:
     """Seconds of GPU to ask ZeroGPU for, before spaces multiplies them by its factor. ZeroGPU ends a task at its
     duration, so it covers the slowest case; asking more spends the visitor's quota (a request asking more than is
     left is refused before it starts). A new worker's start and a program's first load count when this worker has
-    not run the shape yet."""
+    not run the shape yet. An edit's input images are covered: start-up timed each preset with the largest."""
     seconds = DURATIONS.task_seconds(PRESETS[f"{width}x{height}"], steps, _calls(guidance),
                                      new_worker=not SERVED_SHAPES, first_shape=(width, height) not in SERVED_SHAPES)
     return DURATIONS.requested(seconds)
 
 
 def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = "",
-           lora_choice: str = LORA_NONE):
+           lora_choice: str = LORA_NONE, images: tuple = ()):
     generator = torch.Generator(device="cpu").manual_seed(seed)
     # the switch happens here, where the pipeline runs (on ZeroGPU the GPU worker, on every rank), under a lock
     # held until the image is made
     with (lora.using(MODEL, lora_choice), step_cache.counting(MODEL.pipe.transformer) as counts,
           PROMPT_CACHE.counting() as encodings):
-        image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator).images[0]
+        image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator,
+                      images).images[0]
     # both travel with the image: on ZeroGPU this runs in the GPU worker, another process
     image.info["encodings"] = encodings
     if counts is not None:
@@ -231,15 +263,16 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
 
 @spaces.GPU(duration=gpu_seconds, size=SIZE)
 def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float,
-                 negative_prompt: str = "", lora_choice: str = LORA_NONE):
+                 negative_prompt: str = "", lora_choice: str = LORA_NONE, images: tuple = ()):
     """The only GPU work per request. Arguments and result are plain, picklable CPU values. On ZeroGPU it runs in
     the GPU worker, which hands the main process a gr.Error whole but any other error as its class name alone
     ("OutOfMemoryError"), so its errors are made readable here."""
     try:
         if RANKS:  # every rank runs the same call, in lockstep
             return RANKS.run(_image, prompt=prompt, width=width, height=height, seed=seed, steps=steps,
-                             guidance=guidance, negative_prompt=negative_prompt, lora_choice=lora_choice)
-        return _image(prompt, width, height, seed, steps, guidance, negative_prompt, lora_choice)
+                             guidance=guidance, negative_prompt=negative_prompt, lora_choice=lora_choice,
+                             images=images)
+        return _image(prompt, width, height, seed, steps, guidance, negative_prompt, lora_choice, images)
     except optimization.UnsupportedShape as err:
         raise user_error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
     except torch.OutOfMemoryError:
@@ -262,15 +295,20 @@ def _slug(text: str) -> str:
 
 
 def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, randomize_seed=False, steps=DEFAULTS.steps,
-             guidance=DEFAULTS.guidance, negative_prompt="", lora=LORA_NONE, progress=gr.Progress(track_tqdm=True)):
-    """Text to image. Returns the image's PNG (named after prompt and seed), the seed used and a one-line summary
-    with the time taken. The seed is used as given unless randomize_seed is true; both default as in the page.
+             guidance=DEFAULTS.guidance, negative_prompt="", lora=LORA_NONE, image=None,
+             progress=gr.Progress(track_tqdm=True)):
+    """Text to image, or with an editing family an edit of `image` (the page's upload; in the API
+    `gradio_client.handle_file(...)`; none: text to image). Returns the image's PNG (named after prompt and seed),
+    the seed used and a one-line summary with the time taken and any conversion of the input. The seed is used as
+    given unless randomize_seed is true; both default as in the page.
     `lora`: one of LORA_CHOICES by name, or "none"."""
     prompt, preset, seed, steps, guidance, negative_prompt, lora_choice, notes = validate(
         prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora)
+    inputs = _input_images(image, notes)
     start = time.perf_counter()
     try:
-        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt, lora_choice)
+        image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt, lora_choice,
+                             inputs)
     except Exception as err:  # ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
         if not zerogpu.answered_before_gpu_work(err):
             SERVED_SHAPES.clear()  # spaces replaces a GPU worker whose task failed; the new one loads every program
@@ -346,8 +384,13 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
         status_json = gr.JSON(label="/status API", elem_id="status-json")
     with gr.Row(elem_id="main"):
         with gr.Column(min_width=300, elem_id="ask"):
-            prompt = gr.Textbox(label="Prompt", placeholder="Describe an image and press Enter", max_lines=4,
-                                info=_vocabulary_hint(), elem_id="prompt")
+            prompt = gr.Textbox(label="Prompt", placeholder=("Describe the edit, or an image, and press Enter"
+                                                             if FAMILY.max_images else
+                                                             "Describe an image and press Enter"),
+                                max_lines=4, info=_vocabulary_hint(), elem_id="prompt")
+            # An editing family's input, left of the result: upload, paste or webcam; the request checks it
+            input_images = [gr.Image(label="Input image (optional)", sources=["upload", "clipboard", "webcam"],
+                                     type="filepath", elem_id="input-image") for _ in range(FAMILY.max_images)]
             run_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(min_width=300, elem_id="result"):
             # no label drawn: on a phone the image fills the width, and the label covered its corner
@@ -376,7 +419,7 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
             examples = gr.Examples(examples=[[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)],
                                    inputs=[thumbnail, prompt], cache_examples=False, api_visibility="private",
                                    elem_id="examples")
-    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora_choice]
+    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora_choice, *input_images]
     outputs = [image, used_seed, details]
     # In the browser alone: a new request closes the last one's error, which would cover the next image and the
     # title; a picked example (below the settings) brings its result into view, off-screen above on a phone or a

@@ -275,7 +275,7 @@ def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple,
     with DYNAMIC_SHAPES, or a family whose block programs take any size, one program (keyed by the largest
     preset, which it is traced at) serves them all."""
     family = model.family
-    if dynamic or (family.one_program and scope == "blocks"):
+    if dynamic or family.dynamic_tokens or (family.one_program and scope == "blocks"):
         largest = max(model.presets, key=lambda p: family.image_tokens(p.width, p.height))
         return {family.image_tokens(largest.width, largest.height):
                 [largest, *(p for p in model.presets if p != largest)]}
@@ -286,9 +286,10 @@ def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple,
 
 
 def token_range(model: Model) -> tuple[int, int]:
-    """Image-token lengths a dynamic-shape program accepts: from the smallest preset to twice the largest."""
+    """Image-token lengths a dynamic-shape program accepts: from the smallest preset to twice the largest, or an
+    editing family's largest edit if that is more (its output's tokens and its inputs')."""
     tokens = [model.family.image_tokens(p.width, p.height) for p in model.presets]
-    return max(2, min(tokens)), 2 * max(tokens)
+    return max(2, min(tokens)), max(2 * max(tokens), model.max_image_tokens)
 
 
 @dataclass(frozen=True)
@@ -331,12 +332,16 @@ class Programs:
 def plan_programs(model: Model, settings: Settings, report: Report, hardware: Hardware) -> Programs:
     """Step 4's plan: one program per preset shape (or one dynamic-shape program for all), each under the key of
     everything that makes it valid."""
-    served = token_range(model) if settings.dynamic_shapes else None
-    groups = program_groups(model, report.compile_scope, settings.dynamic_shapes)
+    dynamic = settings.dynamic_shapes or model.family.dynamic_tokens is not None
+    if model.family.dynamic_tokens and not settings.dynamic_shapes:
+        report.note("programs", f"one over a dynamic image-token range for {model.family.name}: "
+                                f"{model.family.dynamic_tokens}")
+    served = token_range(model) if dynamic else None
+    groups = program_groups(model, report.compile_scope, dynamic)
     keys = {}
     for shape in groups:
         key = cache_key(model.pipe, model.family.name, settings.model_id, settings.revision, report, hardware,
-                        report.compile_scope, list(served) if served else shape, settings.dynamic_shapes,
+                        report.compile_scope, list(served) if served else shape, dynamic,
                         report.text, INDUCTOR_CONFIGS)
         keys[shape] = (key, Path(settings.cache_dir) / key_digest(key))
     measured = measured_path(Path(settings.cache_dir), [root.name for _, root in keys.values()],
@@ -496,8 +501,9 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
     timings = {}
     for preset in presets:
         first_call(model, preset)
-        with torch.inference_mode():
-            one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n)) for n in (1, TIMED_STEPS))
+        with torch.inference_mode():  # an editing family's with its largest input: the durations cover every edit
+            one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n, images=model.sample_images()))
+                         for n in (1, TIMED_STEPS))
         call = max(many - one, 0.0) / (TIMED_STEPS - 1) / calls
         timings[preset.name] = Timing(round(call, 4), round(max(one - calls * call, 0.0), 4))
     return timings
@@ -506,7 +512,7 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
 def first_call(model: Model, preset: Preset) -> None:
     """A 1-step call at `preset`, which loads its programs (and checks its CUDA graph); it must give finite latents."""
     with torch.inference_mode():
-        latents = model(CAPTURE_PROMPT, preset, steps=1, output_type="latent").images
+        latents = model(CAPTURE_PROMPT, preset, steps=1, output_type="latent", images=model.sample_images()).images
     if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
         raise RuntimeError(f"the program for {preset.name} returned non-finite values")
 

@@ -1,7 +1,8 @@
 """The machinery behind `optimization.py`, one job per file:
 
 - `family.py`: the types of a family entry (`Family`, `Guidance`, `Text`, `Defaults`, `RealSize`);
-- `families/`: what differs between model families (one entry each);
+- `families/`: what differs between model families (one entry each; an editing family declares its input images);
+- `images.py`: an input image checked and normalised (untrusted: size, format, mode, orientation, frames);
 - `model.py`: loading a pipeline (or building a tiny one) and calling it the family's way;
 - `decisions.py`: attention, quantization and compilation chosen from the hardware;
 - `memory.py`: whether the pipeline fits the GPU, and the low-VRAM layout when it does not;

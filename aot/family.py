@@ -75,6 +75,17 @@ class Family:
     one_program: bool = False
     # Why only regional programs work for this family, if so: AOT_SCOPE=model then compiles blocks, reported
     regional_only: str | None = None
+    # Its inputs beside the prompt: none (text to image), or at most this many images (an editing family). The page
+    # and the API are built from this: an image input each, and /status lists it
+    max_images: int = 0
+    image_arg: str = "image"  # the pipeline argument that takes them
+    # The served preset an input image of (width, height) is resized to: the family mirrors its pipeline's own
+    # resize, so that the reference tokens, and with them the program that serves an edit, are known before the call
+    image_size: Callable[[int, int, tuple], object] | None = None
+    # Extra pipeline arguments for an output of (width, height) (Kontext: its own rescale and resize turned off)
+    call_args: Callable[[int, int], dict] | None = None
+    # Why this family's programs always take a dynamic image-token axis (DYNAMIC_SHAPES or not), if they do
+    dynamic_tokens: str | None = None
     real_size: RealSize | None = field(default=None, compare=False)  # for the benchmarks only (dicts: not hashed)
 
     def image_tokens(self, width: int, height: int) -> int:

@@ -37,14 +37,21 @@ class Model:
     load_seconds: float = 0.0  # loading (or building) the pipeline, for the start-up breakdown
 
     def __call__(self, prompt: str, preset: Preset, steps: int, guidance: float | None = None,
-                 negative_prompt: str | None = None, generator: torch.Generator | None = None, **kwargs):
-        """One pipeline call with the family's arguments: guidance under its own name, the text length, and a
+                 negative_prompt: str | None = None, generator: torch.Generator | None = None,
+                 images: tuple = (), **kwargs):
+        """One pipeline call with the family's arguments: guidance under its own name, the text length, a
         negative prompt where the family does true CFG (a blank one when none is given, as the families'
-        own examples do: the pipelines skip CFG without one)."""
+        own examples do: the pipelines skip CFG without one), and an editing family's input images (RGB, checked
+        by aot/images.py), each resized to its preset (`input_preset`)."""
         guidance = self.defaults.guidance if guidance is None else guidance
         extra = {self.family.guidance_arg: guidance}
+        if self.family.call_args:
+            extra.update(self.family.call_args(preset.width, preset.height))
         if self.does_cfg(guidance) and self.family.negative_prompt_arg:
             extra[self.family.negative_prompt_arg] = negative_prompt or " "
+        if images:
+            resized = [self.resized(image) for image in images]
+            extra[self.family.image_arg] = resized[0] if self.family.max_images == 1 else resized
         return self.pipe(prompt=prompt, width=preset.width, height=preset.height, num_inference_steps=steps,
                          max_sequence_length=self.defaults.max_sequence_length, generator=generator, **extra, **kwargs)
 
@@ -52,9 +59,30 @@ class Model:
         """Whether a call runs the transformer twice per step (true classifier-free guidance)."""
         return self.defaults.guidance_kind is Guidance.CFG and guidance > 1
 
+    def input_preset(self, width: int, height: int) -> Preset:
+        """The served preset an input image of `width` x `height` is resized to (the family's own rule)."""
+        return self.family.image_size(width, height, self.presets)
+
+    def resized(self, image):
+        """`image` at its preset's size, resized as the pipeline's own image processor resizes."""
+        preset = self.input_preset(*image.size)
+        if image.size == (preset.width, preset.height):
+            return image
+        return self.pipe.image_processor.resize(image, preset.height, preset.width)
+
+    def sample_images(self) -> tuple:
+        """Input images at the largest preset, as many as the family takes: what start-up times an edit with, so
+        that each request's GPU duration covers the longest one. none for a text-to-image family."""
+        from PIL import Image
+
+        largest = max(self.presets, key=lambda p: self.family.image_tokens(p.width, p.height))
+        return (Image.new("RGB", (largest.width, largest.height), (128, 128, 128)),) * self.family.max_images
+
     @property
     def max_image_tokens(self) -> int:
-        return max(self.family.image_tokens(p.width, p.height) for p in self.presets)
+        """The most image tokens a call carries: its output's, and an editing family's inputs' (each at a preset)."""
+        tokens = max(self.family.image_tokens(p.width, p.height) for p in self.presets)
+        return tokens * (1 + self.family.max_images)
 
 
 def build_tiny(family: Family):

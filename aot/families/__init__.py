@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from aot.families.flux import FLUX
 from aot.families.flux2 import FLUX2, FLUX2_KLEIN
+from aot.families.flux_kontext import FLUX_KONTEXT
 from aot.families.qwen_image import QWEN_IMAGE
 from aot.families.z_image import Z_IMAGE
 from aot.family import Defaults, Family, Guidance, RealSize, Text
 
 __all__ = ["FAMILIES", "Defaults", "Family", "Guidance", "RealSize", "Text", "family_named"]
 
-FAMILIES: tuple[Family, ...] = (FLUX, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, Z_IMAGE)
+FAMILIES: tuple[Family, ...] = (FLUX, FLUX_KONTEXT, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, Z_IMAGE)
 
 
 def family_named(name: str) -> Family:
