@@ -2,6 +2,7 @@
 
 Everything about speed lives in optimization.py, every setting in settings.py.
 """
+import inspect
 import logging
 import math
 import random
@@ -349,6 +350,13 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         details += " | note: " + "; ".join(notes)
     return path, seed, details
 
+
+# Gradio and gradio_client read an argument's default from the signature, which names no **more_images: the later
+# images as optional keyword arguments there, so that a caller may leave them out
+_signature = inspect.signature(generate)
+generate.__signature__ = _signature.replace(parameters=[
+    *(p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in IMAGE_ARGS[1:])])
 
 EXAMPLE_RESULTS: dict[tuple[int, str], tuple] = {}  # (example, resolution) -> what generate() returned
 
