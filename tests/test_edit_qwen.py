@@ -14,7 +14,7 @@ from PIL import Image
 
 import optimization
 from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, calculate_dimensions
-from conftest import ROOT, Compiled, rel_err
+from conftest import ROOT, Compiled, rel_err, tiny_model
 from settings import Preset
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -40,6 +40,24 @@ def test_input_sizes_are_the_pipelines_own():
             1024 * 1024, ratio)[:2]
     assert (QWEN_IMAGE_EDIT.max_images, QWEN_IMAGE_EDIT_PLUS.max_images) == (1, 3)
     assert QWEN_IMAGE_EDIT.min_images == QWEN_IMAGE_EDIT_PLUS.min_images == 1
+
+
+@pytest.mark.parametrize("name", ["qwen-image-edit", "qwen-image-edit-plus"])
+def test_the_text_axis_covers_every_inputs_vision_tokens(name):
+    """At the aspect ratios allowed, each input's vision tokens (and the words around them) within the bound the
+    programs' text axis is built from. The condition images are the pipelines' own: the VAE's image (Edit) or one
+    of about 384 x 384 (Edit Plus)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+    model = tiny_model(model_id=f"tiny-{name}")
+    family, pipe = model.family, model.pipe
+    for width, height in [(4000, 1000), (1000, 4000), (1000, 1000), (1000, 1001), (148, 37)]:
+        size = calculate_dimensions(CONDITION_IMAGE_SIZE if family.max_images > 1 else 1024 * 1024, width / height)
+        condition = [_noise(*size)] * family.max_images
+        with torch.inference_mode():
+            embeds, _ = pipe.encode_prompt(PROMPT, image=condition if family.max_images > 1 else condition[0])
+        added = embeds.shape[1] - family.prompt_tokens(pipe, PROMPT)
+        assert 0 < added <= family.max_images * family.image_text_tokens(pipe), (width, height)
 
 
 class EditPlusCompiled(Compiled):

@@ -22,8 +22,10 @@ from aot.families import qwen_image
 from aot.families.qwen_image import QWEN_IMAGE
 from settings import Preset
 
-# The pipelines' VAE_IMAGE_SIZE (diffusers 0.42.1): each input's area for its latents, whatever the output's size
+# The pipelines' VAE_IMAGE_SIZE (diffusers 0.42.1): each input's area for its latents, whatever the output's size;
+# Edit hands the vision tower the same image, Edit Plus one of CONDITION_IMAGE_SIZE
 INPUT_AREA = 1024 * 1024
+CONDITION_AREA = 384 * 384
 VISION = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")  # Qwen2.5-VL's markers
 # Around each image's vision tokens in the text: "Picture N: " and the start and end markers (EditPlus; Edit has
 # the markers alone), in Qwen's vocabulary about 5 tokens; bounded here by its characters, which the tiny tokenizer
@@ -48,12 +50,19 @@ def input_size(width: int, height: int, presets: tuple) -> Preset:
     return Preset(f"{w}x{h}", w, h)
 
 
-def image_text_tokens(pipe) -> int:
-    """Vision tokens one input adds to the text at most: its processor's pixel cap over the pixels per token (14
-    pixel patches, merged 2x2), and the words around them."""
-    processor = pipe.processor.image_processor
-    pixels_per_token = (processor.patch_size * processor.merge_size) ** 2
-    return processor.size["longest_edge"] // pixels_per_token + WRAPPER_TOKENS  # its max_pixels
+def vision_tokens(area: int):
+    """Vision tokens one input adds to the text at most, where the pipeline hands the processor the input at about
+    `area` pixels: that area, or the processor's pixel cap if lower, over the pixels per token (14-pixel patches
+    merged 2x2), a row and a column more for each of the two roundings of its sides (to 32 pixels by the pipeline,
+    to 28 by the processor) at up to 4:1, and the words around them."""
+    def image_text_tokens(pipe) -> int:
+        processor = pipe.processor.image_processor
+        token = processor.patch_size * processor.merge_size
+        pixels = min(area, processor.size["longest_edge"])  # the processor's max_pixels
+        rounding = 2 * math.ceil(2.5 * math.sqrt(pixels) / token + 1)  # 2.5 sqrt(pixels): both sides at 4:1
+        return pixels // token**2 + rounding + WRAPPER_TOKENS
+
+    return image_text_tokens
 
 
 def dynamic_spec(kwargs: dict, dim) -> dict:
@@ -111,7 +120,7 @@ QWEN_IMAGE_EDIT = dataclasses.replace(
     min_images=1,  # the pipeline reads its output size from the input: it draws nothing without one
     image_size=input_size,
     resizes_inputs=True,
-    image_text_tokens=image_text_tokens,
+    image_text_tokens=vision_tokens(INPUT_AREA),
     dynamic_spec=dynamic_spec,
     dynamic_tokens=WHY_DYNAMIC,
 )
@@ -120,5 +129,6 @@ QWEN_IMAGE_EDIT_PLUS = dataclasses.replace(
     name="qwen-image-edit-plus",
     pipelines=("QwenImageEditPlusPipeline",),
     build_tiny=build_tiny_edit_plus,
-    max_images=3,  # the model card's: "Picture 1" to "Picture 3"
+    max_images=3,  # the model card's: best with one to three input images
+    image_text_tokens=vision_tokens(CONDITION_AREA),
 )
