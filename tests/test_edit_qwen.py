@@ -5,6 +5,7 @@ images, and the app serves several images through gradio_client, refusing too ma
 The pipeline resizes every input to about 1 MP whatever the output's size, so even the tiny pipeline's edits carry
 about 4100 image tokens per input: one preset (PRESETS) keeps start-up's timing to one call of each length."""
 import importlib.util
+import math
 
 import gradio as gr
 import numpy as np
@@ -107,8 +108,17 @@ def test_edits_match_eager_through_one_block_program(edit_plus):
             assert lengths == [16 + sum(p.width * p.height // 256 for p in inputs)] * STEPS, name
     finally:
         hook.remove()
+    assert any(note.startswith("programs: one over a dynamic image-token range for qwen-image-edit-plus") for note in
+               report.notes)
     # the two more inputs reached the transformer (random tiny weights: a small difference, well past the tolerance)
     assert rel_err(edit_plus.eager_latents["one image"], edit_plus.eager_latents["three images"]) > 3 * TOLERANCE
+
+
+def test_an_edit_past_the_programs_range_is_refused(edit_plus):
+    high = optimization.token_range(edit_plus.model)[1]
+    side = 16 * math.ceil(math.sqrt(high))  # an output alone past the range's top
+    with pytest.raises(optimization.UnsupportedShape, match=r"no compiled program for inputs .*compiled for: 64x64"):
+        edit_plus.latents((_noise(64, 64),), Preset("off-preset", side, side))
 
 
 # --- the app serving tiny-qwen-image-edit-plus through gradio_client ----------------------------------------------
