@@ -2,6 +2,7 @@
 
 Everything about speed lives in optimization.py, every setting in settings.py.
 """
+import inspect
 import logging
 import math
 import random
@@ -41,8 +42,9 @@ ENCODINGS = prompts.Encodings()
 PRESETS = {preset.name: preset for preset in MODEL.presets}
 USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
 TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
-if FAMILY.max_images > 1:  # the page has one image input and /generate one `image` argument
-    raise SystemExit(f"The {FAMILY.name} family takes up to {FAMILY.max_images} input images; this app serves one.")
+# /generate's image arguments, one per image the family takes: `image` (the first slice's, kept for its callers),
+# then `image_2`, `image_3`, ... trailing, each optional; gradio_client callers pass them by name
+IMAGE_ARGS = [f"image_{i}" if i > 1 else "image" for i in range(1, FAMILY.max_images + 1)]
 SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes the current GPU worker has generated (gpu_seconds)
 # The page and the API start from this seed with randomize_seed off, so a seed sent is the seed used.
 DEFAULT_SEED = 0
@@ -113,9 +115,12 @@ def _inputs() -> dict:
     """What a request brings beside its settings, and an input image's limits (aot/images.py)."""
     if not FAMILY.max_images:
         return {"text": True, "images": 0}
-    return {"text": True, "images": FAMILY.max_images, "image_required": False, "formats": list(images.FORMATS),
+    return {"text": True, "images": FAMILY.max_images, "image_args": IMAGE_ARGS,
+            "image_required": FAMILY.min_images > 0, "formats": list(images.FORMATS),
             "max_pixels": images.MAX_PIXELS, "min_side": images.MIN_SIDE, "max_aspect": images.MAX_ASPECT,
-            "alpha_background": "white", "resized_to": "the resolution nearest its aspect ratio"}
+            "alpha_background": "white",
+            "resized_to": ("the pipeline's own size for its aspect ratio (about 1 MP)" if FAMILY.resizes_inputs
+                           else "the resolution nearest its aspect ratio")}
 
 
 def status() -> dict:
@@ -206,22 +211,29 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, lora_choice, notes
 
 
-def _input_images(image, notes: list[str]) -> tuple:
-    """The request's input image, checked and normalised (aot/images.py), each conversion and the preset it is
-    resized to added to `notes`: none, or one. `image` is Gradio's file record of an upload, already in its cache."""
-    given = [] if image is None else [image]
-    for value in given:
+def _input_images(given: dict, notes: list[str]) -> tuple:
+    """The request's input images, by argument name (Gradio's file records of uploads, already in its cache; None
+    for an input left empty), checked and normalised (aot/images.py), in order; each conversion and the preset
+    each is resized to added to `notes`, named by its argument where the family takes several."""
+    given = {name: value for name, value in given.items() if value is not None}
+    for name, value in given.items():
         if not (isinstance(value, dict) and isinstance(value.get("path"), str)):
-            raise user_error("image must be an image file: gradio_client.handle_file(path or URL) in the API.")
+            raise user_error(f"{name} must be an image file: gradio_client.handle_file(path or URL) in the API.")
     try:
-        images.check_count(len(given), FAMILY.max_images, FAMILY.name)
-        checked = [images.load(value["path"]) for value in given]
+        images.check_count(len(given), FAMILY.max_images, FAMILY.name, FAMILY.min_images)
     except images.BadImage as err:
         raise user_error(str(err)) from None
-    for one in checked:
+    checked = {}
+    for name, value in given.items():
+        try:
+            checked[name] = images.load(value["path"])
+        except images.BadImage as err:
+            raise user_error(f"{name}: {err}" if FAMILY.max_images > 1 else str(err)) from None
+    for name, one in checked.items():
         preset = MODEL.input_preset(*one.image.size)
-        notes += [*one.notes, f"input {one.image.width}x{one.image.height} resized to {preset.name}"]
-    return tuple(one.image for one in checked)
+        label = name.replace("image", "input") if FAMILY.max_images > 1 else "input"
+        notes += [*one.notes, f"{label} {one.image.width}x{one.image.height} resized to {preset.name}"]
+    return tuple(one.image for one in checked.values())
 
 
 # What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
@@ -296,15 +308,20 @@ def _slug(text: str) -> str:
 
 def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, randomize_seed=False, steps=DEFAULTS.steps,
              guidance=DEFAULTS.guidance, negative_prompt="", lora=LORA_NONE, image=None,
-             progress=gr.Progress(track_tqdm=True)):
+             progress=gr.Progress(track_tqdm=True), **more_images):
     """Text to image, or with an editing family an edit of `image` (the page's upload; in the API
-    `gradio_client.handle_file(...)`; none: text to image). Returns the image's PNG (named after prompt and seed),
+    `gradio_client.handle_file(...)`; none: text to image) and, where the family takes several, of `image_2`,
+    `image_3`, ... (IMAGE_ARGS). Returns the image's PNG (named after prompt and seed),
     the seed used and a one-line summary with the time taken and any conversion of the input. The seed is used as
     given unless randomize_seed is true; both default as in the page.
     `lora`: one of LORA_CHOICES by name, or "none"."""
     prompt, preset, seed, steps, guidance, negative_prompt, lora_choice, notes = validate(
         prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora)
-    inputs = _input_images(image, notes)
+    # Gradio passes IMAGE_ARGS alone; called directly, image_4 and on count as images (refused past the family's)
+    unknown = [name for name in more_images if not re.fullmatch(r"image_\d+", name)]
+    if unknown:
+        raise user_error(f"Unknown argument {', '.join(unknown)}; input images are {', '.join(IMAGE_ARGS) or 'none'}.")
+    inputs = _input_images({"image": image, **more_images}, notes)
     start = time.perf_counter()
     try:
         image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt, lora_choice,
@@ -333,6 +350,13 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         details += " | note: " + "; ".join(notes)
     return path, seed, details
 
+
+# Gradio and gradio_client read an argument's default from the signature, which names no **more_images: the later
+# images as optional keyword arguments there, so that a caller may leave them out
+_signature = inspect.signature(generate)
+generate.__signature__ = _signature.replace(parameters=[
+    *(p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in IMAGE_ARGS[1:])])
 
 EXAMPLE_RESULTS: dict[tuple[int, str], tuple] = {}  # (example, resolution) -> what generate() returned
 
@@ -389,8 +413,11 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
                                                              "Describe an image and press Enter"),
                                 max_lines=4, info=_vocabulary_hint(), elem_id="prompt")
             # An editing family's input, left of the result: upload, paste or webcam; the request checks it
-            input_images = [gr.Image(label="Input image (optional)", sources=["upload", "clipboard", "webcam"],
-                                     type="filepath", elem_id="input-image") for _ in range(FAMILY.max_images)]
+            input_images = [gr.Image(label=f"Input image{f' {i}' if FAMILY.max_images > 1 else ''}"
+                                           f"{'' if i <= FAMILY.min_images else ' (optional)'}",
+                                     sources=["upload", "clipboard", "webcam"], type="filepath",
+                                     elem_id="input-image" + (f"-{i}" if i > 1 else ""))
+                            for i in range(1, FAMILY.max_images + 1)]
             run_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(min_width=300, elem_id="result"):
             # no label drawn: on a phone the image fills the width, and the label covered its corner
@@ -419,7 +446,9 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
             examples = gr.Examples(examples=[[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)],
                                    inputs=[thumbnail, prompt], cache_examples=False, api_visibility="private",
                                    elem_id="examples")
-    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora_choice, *input_images]
+    # the first image positionally, the others by name (generate's **more_images): the API lists them last, in order
+    inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora_choice,
+              *input_images[:1]]
     outputs = [image, used_seed, details]
     # In the browser alone: a new request closes the last one's error, which would cover the next image and the
     # title; a picked example (below the settings) brings its result into view, off-screen above on a phone or a
@@ -432,7 +461,8 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
     # failing inside a component's preprocess, which Gradio reports only as an opaque "upstream" error.
     # Both make images on the one pipeline, so they share one queue: one image at a time.
     made = [gr.on([run_button.click, prompt.submit], generate, inputs, outputs, api_name="generate", preprocess=False,
-                  show_progress_on=[image], concurrency_id="pipeline"),
+                  inputs_kwargs=dict(zip(IMAGE_ARGS[1:], input_images[1:])), show_progress_on=[image],
+                  concurrency_id="pipeline"),
             # Picking an example fills the prompt and shows that example at the chosen resolution.
             examples.dataset.click(example, [examples.dataset, resolution], outputs, show_progress_on=[image],
                                    concurrency_id="pipeline", api_visibility="private")]

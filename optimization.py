@@ -160,7 +160,7 @@ def _probe(model: Model, settings: Settings, hardware: Hardware, report: Report)
         report.decide("attention", decided)
     if not fp8 and not attention:
         return None
-    tokens = model.max_image_tokens + model.defaults.max_sequence_length
+    tokens = model.max_image_tokens + model.max_text_tokens
     shape = AttentionShape.of(model.pipe.transformer, tokens) if attention else None
     try:
         results = gpu_task(run_probes, PROBE_TASK_SECONDS, hardware)(fp8, attention, shape)
@@ -245,7 +245,7 @@ class CompileFailed(RuntimeError):
 
 
 def _text_handling(model: Model) -> str:
-    length = model.defaults.max_sequence_length
+    length = model.max_text_tokens  # an edit's: its images' vision tokens too (Qwen-Image-Edit)
     return {Text.FIXED: f"fixed: the pipeline pads prompts to {length} tokens",
             Text.DYNAMIC: f"dynamic axis up to {length} tokens: one program serves every prompt"}[model.family.text]
 

@@ -1,7 +1,8 @@
 """The machinery behind `optimization.py`, one job per file:
 
 - `family.py`: the types of a family entry (`Family`, `Guidance`, `Text`, `Defaults`, `RealSize`);
-- `families/`: what differs between model families (one entry each; an editing family declares its input images);
+- `families/`: what differs between model families (one entry each, or a mode built from another's: Kontext from
+  FLUX.1's, Qwen-Image-Edit from Qwen-Image's; an editing family declares its input images);
 - `images.py`: an input image checked and normalised (untrusted: size, format, mode, orientation, frames);
 - `model.py`: loading a pipeline (or building a tiny one) and calling it the family's way;
 - `decisions.py`: attention, quantization and compilation chosen from the hardware;

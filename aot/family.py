@@ -78,10 +78,17 @@ class Family:
     # Its inputs beside the prompt: none (text to image), or at most this many images (an editing family). The page
     # and the API are built from this: an image input each, and /status lists it
     max_images: int = 0
+    min_images: int = 0  # the inputs a call needs: 1 where the pipeline cannot draw from the prompt alone
     image_arg: str = "image"  # the pipeline argument that takes them
     # The served preset an input image of (width, height) is resized to: the family mirrors its pipeline's own
     # resize, so that the reference tokens, and with them the program that serves an edit, are known before the call
     image_size: Callable[[int, int, tuple], object] | None = None
+    # Whether the pipeline resizes each input itself, by the rule `image_size` mirrors, with no way to turn it off
+    # (Qwen-Image-Edit): the inputs then go in as checked, since a resize of ours would be resized again
+    resizes_inputs: bool = False
+    # Text tokens each input image adds at most to the text stream (Qwen-Image-Edit: its vision tokens inside the
+    # prompt), from the loaded pipeline: the programs' dynamic text axis covers the prompt's and these
+    image_text_tokens: Callable[[object], int] | None = None
     # Extra pipeline arguments for an output of (width, height) (Kontext: its own rescale and resize turned off)
     call_args: Callable[[int, int], dict] | None = None
     # Why this family's programs always take a dynamic image-token axis (DYNAMIC_SHAPES or not), if they do

@@ -64,9 +64,10 @@ class Model:
         return self.family.image_size(width, height, self.presets)
 
     def resized(self, image):
-        """`image` at its preset's size, resized as the pipeline's own image processor resizes."""
+        """`image` at its preset's size, resized as the pipeline's own image processor resizes; as it is where the
+        pipeline resizes it itself (`resizes_inputs`)."""
         preset = self.input_preset(*image.size)
-        if image.size == (preset.width, preset.height):
+        if self.family.resizes_inputs or image.size == (preset.width, preset.height):
             return image
         return self.pipe.image_processor.resize(image, preset.height, preset.width)
 
@@ -80,9 +81,33 @@ class Model:
 
     @property
     def max_image_tokens(self) -> int:
-        """The most image tokens a call carries: its output's, and an editing family's inputs' (each at a preset)."""
+        """The most image tokens a call carries: its output's, and an editing family's inputs' (each at the size
+        `image_size` maps it to, at most `max_input_tokens`)."""
         tokens = max(self.family.image_tokens(p.width, p.height) for p in self.presets)
-        return tokens * (1 + self.family.max_images)
+        return tokens + self.family.max_images * self.max_input_tokens
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The most image tokens one input image maps to, over the aspect ratios aot/images.py lets in (1:4 to 4:1)
+        in steps of a thousandth: a preset (Kontext), or the pipeline's own size (Qwen-Image-Edit). That size's sides
+        round to 32 pixels, and a ratio between two steps can round a side up where neither step did: one such
+        step (two token rows of the longer side) is added for those families."""
+        if not self.family.max_images:
+            return 0
+        from aot.images import MAX_ASPECT
+
+        steps = int((MAX_ASPECT - 1 / MAX_ASPECT) * 1000)
+        sizes = [self.input_preset(round(1000 / MAX_ASPECT) + i, 1000) for i in range(steps + 1)]
+        tokens = max(self.family.image_tokens(s.width, s.height) for s in sizes)
+        if self.family.resizes_inputs:
+            tokens += 2 * max(max(s.width, s.height) for s in sizes) // self.family.multiple
+        return tokens
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The most text tokens a call carries: the prompt's, and what its input images add to the text stream."""
+        per_image = self.family.image_text_tokens(self.pipe) if self.family.image_text_tokens else 0
+        return self.defaults.max_sequence_length + self.family.max_images * per_image
 
 
 def build_tiny(family: Family):

@@ -181,7 +181,8 @@ def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset,
                    prompt: str = CAPTURE_PROMPT) -> tuple[tuple, dict]:
     """`module`'s real first call for one preset, recorded without running it."""
     with spaces.aoti_capture(module) as call:
-        model(prompt, preset, steps=1, output_type="latent")
+        # a family that needs an input image (Qwen-Image-Edit) gets its largest: the pipeline draws nothing without one
+        model(prompt, preset, steps=1, output_type="latent", images=model.sample_images()[:model.family.min_images])
     return call.args, call.kwargs
 
 
@@ -189,11 +190,20 @@ def export_spec(model: Model, args: tuple, kwargs: dict, served: tuple[int, int]
     """Which axes of a captured call stay dynamic in its program, keyed by argument name: the image tokens
     over `served` (a DYNAMIC_SHAPES program), or the text tokens of a Text.DYNAMIC family; None: all static."""
     family = model.family
-    if served:
-        return family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]))
-    if family.text is Text.DYNAMIC:
-        return family.text_spec(args, kwargs, model.defaults.max_sequence_length)
-    return None
+    image = served and family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]))
+    text = family.text is Text.DYNAMIC and family.text_spec(args, kwargs, model.max_text_tokens)
+    if image and text:  # both axes (Qwen-Image-Edit): each argument's dynamic axes from either spec
+        return {name: _merged(image[name], text[name]) for name in image}
+    return image or text or None
+
+
+def _merged(a, b):
+    """Two specs of one argument merged: None (static), an {axis: Dim} dict, or a tuple of those."""
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, tuple):
+        return tuple(map(_merged, a, b))
+    return {**a, **b}
 
 
 def compile_program(model: Model, scope: str, preset: Preset, served: tuple[int, int] | None, out_dir: Path,

@@ -35,11 +35,15 @@ import torch  # noqa: E402
 
 import optimization  # noqa: E402
 from aot.cache import key_digest  # noqa: E402
+from aot.families import FAMILIES  # noqa: E402
 from aot.hardware import Hardware  # noqa: E402
 from aot.model import Model, load_model  # noqa: E402
 from aot.programs import capture_inputs  # noqa: E402
 from settings import Preset, Settings  # noqa: E402
 
+# The families that draw from a prompt alone: the tests that run every family text-only run these. Those that need
+# an input image (Qwen-Image-Edit) are tested with images in tests/test_edit_qwen.py.
+TEXT_FAMILIES = tuple(family for family in FAMILIES if not family.min_images)
 SEQ = 512  # the tiny FLUX model embeds guidance, so it follows FLUX.1-dev's text length
 LATENTS_PRESET = Preset("landscape", 80, 48)  # where `Compiled.latents` runs the whole tiny FLUX pipeline
 
@@ -246,6 +250,7 @@ SLOW = {
                            "test_aot_compiled_draws_what_eager_draws"},
     "test_families.py": {"family", "family_app"},
     "test_edit.py": {"kontext", "kontext_app"},
+    "test_edit_qwen.py": {"edit_plus", "edit_plus_app"},
     "test_faults.py": {"fresh_app"},
     "test_fuzz.py": {"fuzz_client", "test_request_text_reaches_no_file_path_or_shell"},
     "test_hub_layout.py": {"regional", "foreign_repo", *REUSES_COMPILES["test_hub_layout.py"]},

@@ -130,6 +130,10 @@ def test_more_images_than_the_family_takes_are_refused():
         images.check_count(1, 0, "flux")
     with pytest.raises(BadImage, match="takes at most 1 input image; got 2."):
         images.check_count(2, 1, "flux-kontext")
+    with pytest.raises(BadImage, match="takes at most 3 input images; got 4."):
+        images.check_count(4, 3, "qwen-image-edit-plus", 1)
+    with pytest.raises(BadImage, match=r"edits an image: give at least 1 input image \(up to 3\); got 0."):
+        images.check_count(0, 3, "qwen-image-edit-plus", 1)
 
 
 # --- FLUX.1 Kontext: the family's resize mirrors the pipeline's; compiled equals eager with an input image --------
@@ -249,6 +253,9 @@ def test_app_serves_an_edit_refuses_a_bad_image_and_serves_the_next(kontext_app,
     status = client.predict(api_name="/status")
     assert status["compile_source"] == "loaded from cache" and status["inputs"]["images"] == 1
     assert status["inputs"]["max_pixels"] == images.MAX_PIXELS and status["inputs"]["formats"][0] == "PNG"
+    assert status["inputs"]["image_args"] == ["image"] and status["inputs"]["image_required"] is False
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert parameters[-1]["parameter_name"] == "image" and parameters[-1]["parameter_has_default"]  # as before
     photo = _transparent("RGBA").resize((96, 160))  # portrait, with alpha
     path, seed, details = client.predict(**EDIT, image=handle_file(_saved(tmp_path, photo, "in.png")),
                                          api_name="/generate")
@@ -289,7 +296,7 @@ def test_readme_edit_snippet_runs_as_written(kontext_app, monkeypatch):
 
     app, _ = kontext_app
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
-    [snippet] = [block for block in blocks if "handle_file(" in block]
+    [snippet] = [block for block in blocks if "handle_file(" in block and "image_2" not in block]  # Kontext's
     monkeypatch.chdir(ROOT)  # its picture's path is the repo's
     namespace = {}
     exec(compile(snippet.replace("http://127.0.0.1:7860/", app.demo.local_url), "README.md", "exec"), namespace)

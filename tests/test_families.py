@@ -1,4 +1,5 @@
-"""Every model family in `aot.families.FAMILIES`, on its tiny random-weight pipeline (MODEL_ID=tiny-<name>),
+"""Every model family in `aot.families.FAMILIES` (those drawing from a prompt alone),
+on its tiny random-weight pipeline (MODEL_ID=tiny-<name>),
 AoT-compiled on CPU with whole-model scope (or regional, where a family says it must be and reports it) at its
 tiny presets: compiled matches eager (the transformer's captured inputs and whole pipeline runs), each preset
 runs its own program, all programs read one copy of the weights, a shape outside the presets is refused, and
@@ -18,9 +19,9 @@ import torch
 from PIL import Image
 
 import optimization
-from aot.families import FAMILIES, Guidance
+from aot.families import Guidance
 from aot.programs import ShapeDispatch, compile_targets
-from conftest import ROOT, Compiled, eager_outputs, rel_err
+from conftest import ROOT, TEXT_FAMILIES, Compiled, eager_outputs, rel_err
 from settings import Preset, parse_presets
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
@@ -72,7 +73,7 @@ class FamilyCompiled(Compiled):
             return self.model(prompt, preset, steps=STEPS, generator=generator, output_type="latent", **kwargs).images
 
 
-@pytest.fixture(scope="session", params=[family.name for family in FAMILIES])
+@pytest.fixture(scope="session", params=[family.name for family in TEXT_FAMILIES])
 def family(request) -> FamilyCompiled:
     return FamilyCompiled(request.param)
 

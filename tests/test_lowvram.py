@@ -7,14 +7,13 @@ import pytest
 import torch
 
 import optimization
-from aot.families import FAMILIES
 from aot.memory import (GiB, MemoryPlan, _own_bytes, choose_memory_plan, measure_footprint, place_pipeline_,
                         streamed_blocks, text_encoders, transformer_blocks)
 from aot.model import Model, load_model
 from aot.programs import capture_inputs
 from aot.quantize import GROUP_SIZE, WeightOnlyLinear, quantize_
 from aot.streaming import BlockStream
-from conftest import SEQ, eager_outputs, rel_err, settings_for, tiny_model, transformer_inputs
+from conftest import SEQ, TEXT_FAMILIES, eager_outputs, rel_err, settings_for, tiny_model, transformer_inputs
 from settings import Preset, Settings
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
@@ -338,7 +337,7 @@ def test_every_family_streams_its_blocks():
     """LOW_VRAM=stream on each family's tiny pipeline, eagerly: the same result as resident, whatever its block
     lists and their order (Z-Image's refiners run before its layers; blocks of one class but another layout get
     their own ring), and after the first call every copy is made ahead of its block."""
-    for family in FAMILIES:
+    for family in TEXT_FAMILIES:
         settings = {"model_id": f"tiny-{family.name}", "quantization": "none", "compile": "none"}
         resident, model = tiny_model(**settings), tiny_model(**settings)
         report = optimization.optimize_pipeline_(model, settings_for(low_vram="stream", **settings))

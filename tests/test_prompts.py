@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aot.families import FAMILIES
 from aot.prompts import PromptCache, cache_prompts_
-from conftest import ROOT, tiny_model
+from conftest import ROOT, TEXT_FAMILIES, tiny_model
 from settings import PROMPT_CACHE_DEFAULT, Settings
 
 PROMPT, OTHER, THIRD = "a red cube", "a blue sphere on a table", "a green cone"
@@ -57,7 +56,7 @@ def _tensors(result) -> list[torch.Tensor]:
     return [leaf for leaf in torch.utils._pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
 
 
-@pytest.mark.parametrize("name", [family.name for family in FAMILIES])
+@pytest.mark.parametrize("name", [family.name for family in TEXT_FAMILIES])
 def test_a_repeated_prompt_runs_no_text_encoder_and_gives_the_uncached_latents(name):
     model = _model(name)
     encoders = EncoderCalls(model.pipe)
@@ -86,7 +85,7 @@ def test_a_repeated_prompt_runs_no_text_encoder_and_gives_the_uncached_latents(n
         assert str(negative).endswith(", 1 of 2 from the cache")
 
 
-@pytest.mark.parametrize("name", [family.name for family in FAMILIES])
+@pytest.mark.parametrize("name", [family.name for family in TEXT_FAMILIES])
 def test_the_bound_evicts(name):
     model = _model(name)
     encoders = EncoderCalls(model.pipe)

@@ -9,12 +9,14 @@ from aot.families.flux import FLUX
 from aot.families.flux2 import FLUX2, FLUX2_KLEIN
 from aot.families.flux_kontext import FLUX_KONTEXT
 from aot.families.qwen_image import QWEN_IMAGE
+from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from aot.families.z_image import Z_IMAGE
 from aot.family import Defaults, Family, Guidance, RealSize, Text
 
 __all__ = ["FAMILIES", "Defaults", "Family", "Guidance", "RealSize", "Text", "family_named"]
 
-FAMILIES: tuple[Family, ...] = (FLUX, FLUX_KONTEXT, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, Z_IMAGE)
+FAMILIES: tuple[Family, ...] = (FLUX, FLUX_KONTEXT, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, QWEN_IMAGE_EDIT,
+                                QWEN_IMAGE_EDIT_PLUS, Z_IMAGE)
 
 
 def family_named(name: str) -> Family:

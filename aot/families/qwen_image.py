@@ -89,17 +89,30 @@ def build_tiny():
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(),
                              transformer=transformer)
-    # The pipeline drops the template's first `prompt_template_encode_start_idx` tokens (its system part):
-    # give the template's words single tokens so that the system part has exactly that many, as with Qwen's.
-    system = pipe.prompt_template_encode.split("{}")[0]
-    pieces = [piece for chunk in re.split(r"<\|im_(?:start|end)\|>", system)
+    fit_tokenizer_(pipe)
+    return pipe.to(torch.float32)
+
+
+def fit_tokenizer_(pipe, specials=()) -> None:
+    """Gives `pipe` a tiny tokenizer that makes its template's system part exactly the tokens the pipeline drops
+    (`prompt_template_encode_start_idx`), as Qwen's does: the template's words single tokens. `specials`: more
+    tokens matched whole (Qwen-Image-Edit's vision markers)."""
+    # The pipeline drops the template's first `prompt_template_encode_start_idx` tokens (its system part, and an
+    # edit's "user" line up to its image): give the template's words single tokens so that this part has exactly
+    # that many, as with Qwen's.
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pieces = [piece for chunk in re.split(r"<\|\w+\|>", prefix)
               for piece, _ in pipe.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(chunk)]
-    pipe.register_modules(tokenizer=_tokenizer([p for p in pieces if len(p) > 1] + ["assistant"]))
-    drop = len(pipe.tokenizer(system)["input_ids"])
+    words = [p for p in pieces if len(p) > 1] + ["assistant"]
+    # words after a space ("Ġcolor") first: a merge of two bare letters made earlier ("c", "o" for "color") would
+    # apply inside them first, and their own chain of merges would no longer reach the whole word
+    tokenizer = _tokenizer(sorted(words, key=lambda word: not word.startswith("Ġ")))
+    tokenizer.add_tokens(list(specials), special_tokens=True)
+    pipe.register_modules(tokenizer=tokenizer)
+    drop = len(pipe.tokenizer(prefix.split("<|vision_start|>")[0])["input_ids"])
     if drop != pipe.prompt_template_encode_start_idx:
         raise RuntimeError(f"the tiny tokenizer makes the template's system part {drop} tokens, not "
                            f"{pipe.prompt_template_encode_start_idx}")
-    return pipe.to(torch.float32)
 
 
 REAL_SIZE = RealSize(  # as released, as we read the published configs; the VAE class's defaults are the real VAE
