@@ -19,6 +19,7 @@ from gradio.utils import get_upload_folder
 import optimization
 from aot import images, lora, panel, parallel, programs, prompts, step_cache, zerogpu
 from aot.families import Guidance
+from aot.graphs import GraphedForward
 from aot.hardware import detect
 from aot.memory import resident_bytes
 from aot.model import load_model
@@ -118,7 +119,7 @@ def _inputs() -> dict:
     return {"text": True, "images": FAMILY.max_images, "image_args": IMAGE_ARGS,
             "image_required": FAMILY.min_images > 0, "formats": list(images.FORMATS),
             "max_pixels": images.MAX_PIXELS, "min_side": images.MIN_SIDE, "max_aspect": images.MAX_ASPECT,
-            "alpha_background": "white",
+            "alpha_background": list(images.BACKGROUND),
             "resized_to": ("the pipeline's own size for its aspect ratio (about 1 MP)" if FAMILY.resizes_inputs
                            else "the resolution nearest its aspect ratio")}
 
@@ -266,10 +267,14 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
           PROMPT_CACHE.counting() as encodings):
         image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator,
                       images).images[0]
-    # both travel with the image: on ZeroGPU this runs in the GPU worker, another process
+    # these travel with the image: on ZeroGPU this runs in the GPU worker, another process, which checks its own CUDA
+    # graphs at its first requests
     image.info["encodings"] = encodings
     if counts is not None:
         image.info["step_cache"] = str(counts)
+    graphed = MODEL.pipe.transformer.__dict__.get("forward")
+    if isinstance(graphed, GraphedForward):
+        image.info["graph_failures"] = graphed.failures()
     return image
 
 
@@ -335,6 +340,8 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         raise gr.Error(f"Generation failed: {type(err).__name__}: {err}", print_exception=False) from None
     seconds = time.perf_counter() - start
     skipped = image.info.pop("step_cache", None)  # what the step cache skipped (_image), not kept in the PNG
+    for failure in image.info.pop("graph_failures", ()):  # a GPU worker's graph that failed its check
+        REPORT.fallback("cuda graphs", failure)
     encodings = image.info.pop("encodings")
     ENCODINGS.add_(encodings)
     SERVED_SHAPES.add((preset.width, preset.height))

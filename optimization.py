@@ -44,7 +44,7 @@ from aot.cache import (cache_key, compile_into_cache, entry_files, key_digest, m
 from aot.decisions import (SDPA, attention_candidates, choose_compile, choose_cuda_graphs, choose_quantization,
                            fp8_candidates, pick_attention, pick_fp8)
 from aot.families import Text
-from aot.graphs import GraphedForward
+from aot.graphs import GraphedForward, failed
 from aot.hardware import Hardware, detect
 from aot.memory import MemoryPlan, place_pipeline_, plan_memory
 from aot.model import Model, load_model
@@ -345,7 +345,9 @@ def plan_programs(model: Model, settings: Settings, report: Report, hardware: Ha
                         report.text, INDUCTOR_CONFIGS)
         keys[shape] = (key, Path(settings.cache_dir) / key_digest(key))
     measured = measured_path(Path(settings.cache_dir), [root.name for _, root in keys.values()],
-                             [p.name for p in model.presets], hardware.name)
+                             [p.name for p in model.presets],
+                             # half a ZeroGPU card steps slower than all of it: its timings are its own
+                             f"{hardware.name} {hardware.size.value}" if hardware.size else hardware.name)
     return Programs(groups, keys, served, measured=measured)
 
 
@@ -480,8 +482,8 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
 def _report_graphs(report: Report, checks: dict) -> None:
     report.graphs = checks
     for check in checks.values():
-        if check["error"]:
-            report.fallback("cuda graphs", f"{check['shape']}: {check['error']}; that shape runs uncaptured")
+        if failed(check):
+            report.fallback("cuda graphs", failed(check))
         elif not check["kept"]:
             report.note("cuda graphs", f"{check['shape']}: replay {check['replay_ms']} ms is not faster than "
                                        f"{check['uncaptured_ms']} ms uncaptured; that shape runs uncaptured")

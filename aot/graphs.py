@@ -167,6 +167,17 @@ class GraphedForward:
     def decisions(self) -> dict[str, dict]:
         return {shape: asdict(check) for shape, check in self.checks.items()}
 
+    def failures(self) -> list[str]:
+        """Each shape whose graph this process could not keep (a failed capture, a differing replay), as a fallback's
+        reason. On ZeroGPU a worker's own checks happen at its first requests, so app.py carries these back with the
+        image to the main process's report."""
+        return [failure for check in self.summary().values() if (failure := failed(check))]
+
+
+def failed(check: dict) -> str | None:
+    """The fallback's reason for a check (`GraphCheck` as a dict) that failed; None for one kept or only not faster."""
+    return f"{check['shape']}: {check['error']}; that shape runs uncaptured" if check["error"] else None
+
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]

@@ -63,8 +63,11 @@ class Report:
     notes: list[str] = field(default_factory=list)  # choices expected on this hardware: information, not degradations
 
     def fallback(self, what: str, reason: str) -> None:
-        """Every degradation goes through here: logged once, kept for the UI and the API."""
+        """Every degradation goes through here: logged once, kept for the UI and the API. The same one again (a GPU
+        worker's finding, met again by the next worker) is not repeated."""
         message = f"{what}: {reason.splitlines()[0][:300]}"
+        if message in self.fallbacks:
+            return
         log.warning("FALLBACK %s", message)
         self.fallbacks.append(message)
 

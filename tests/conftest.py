@@ -141,6 +141,26 @@ def app(compiled_blocks):
     return app_module
 
 
+def served_app(name: str, env: dict):
+    """(app module, gradio client): a fresh copy of app.py imported under `env` (on top of the session's), as a Space
+    starts it, then launched; closed after. A generator, for session fixtures to `yield from`."""
+    import importlib.util
+
+    from gradio_client import Client
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        spec = importlib.util.spec_from_file_location(f"app_for_{name.replace('-', '_')}", ROOT / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    module.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        yield module, Client(module.demo.local_url, verbose=False)
+    finally:
+        module.demo.close()
+
+
 @pytest.fixture(scope="session")
 def client(app):
     from gradio_client import Client

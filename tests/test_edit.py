@@ -1,7 +1,6 @@
 """Images in: every untrusted input image refused with what is allowed or converted as stated (aot/images.py), and
 FLUX.1 Kontext (tiny-flux-kontext) compiled on CPU, matching eager with an input image at every preset, and served
 by the app through gradio_client."""
-import importlib.util
 import struct
 import zlib
 
@@ -15,7 +14,7 @@ import optimization
 from aot import images
 from aot.families.flux_kontext import FLUX_KONTEXT, PREFERRED
 from aot.images import BadImage
-from conftest import ROOT, Compiled, rel_err
+from conftest import ROOT, Compiled, rel_err, served_app
 from settings import Preset, parse_presets
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -226,20 +225,8 @@ def test_kontext_refuses_what_no_program_covers(kontext):
 @pytest.fixture(scope="session")
 def kontext_app(kontext):
     """(app module, gradio client): app.py with MODEL_ID=tiny-flux-kontext, loading `kontext`'s program."""
-    from gradio_client import Client
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MODEL_ID", "tiny-flux-kontext")
-        env.setenv("AOT_SCOPE", "model")
-        env.setenv("AOT_CACHE_DIR", kontext.settings.cache_dir)
-        spec = importlib.util.spec_from_file_location("app_for_flux_kontext", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    module.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        yield module, Client(module.demo.local_url, verbose=False)
-    finally:
-        module.demo.close()
+    yield from served_app("flux-kontext", {"MODEL_ID": "tiny-flux-kontext", "AOT_SCOPE": "model",
+                                           "AOT_CACHE_DIR": kontext.settings.cache_dir})
 
 
 EDIT = dict(prompt="make the cube blue", resolution="48x80", seed=7, randomize_seed=False, steps=STEPS, guidance=2.5)

@@ -4,7 +4,6 @@ images, and the app serves several images through gradio_client, refusing too ma
 
 The pipeline resizes every input to about 1 MP whatever the output's size, so even the tiny pipeline's edits carry
 about 4100 image tokens per input: one preset (PRESETS) keeps start-up's timing to one call of each length."""
-import importlib.util
 import math
 
 import gradio as gr
@@ -15,7 +14,7 @@ from PIL import Image
 
 import optimization
 from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, calculate_dimensions
-from conftest import ROOT, Compiled, rel_err, tiny_model
+from conftest import ROOT, Compiled, rel_err, served_app, tiny_model
 from settings import Preset
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -125,20 +124,8 @@ def test_an_edit_past_the_programs_range_is_refused(edit_plus):
 @pytest.fixture(scope="session")
 def edit_plus_app(edit_plus):
     """(app module, gradio client): app.py with MODEL_ID=tiny-qwen-image-edit-plus, loading `edit_plus`'s program."""
-    from gradio_client import Client
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MODEL_ID", "tiny-qwen-image-edit-plus")
-        env.setenv("PRESETS", PRESET)
-        env.setenv("AOT_CACHE_DIR", edit_plus.settings.cache_dir)
-        spec = importlib.util.spec_from_file_location("app_for_qwen_image_edit_plus", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    module.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        yield module, Client(module.demo.local_url, verbose=False)
-    finally:
-        module.demo.close()
+    yield from served_app("qwen-image-edit-plus", {"MODEL_ID": "tiny-qwen-image-edit-plus", "PRESETS": PRESET,
+                                                   "AOT_CACHE_DIR": edit_plus.settings.cache_dir})
 
 
 EDIT = dict(prompt=PROMPT, resolution="64x64", seed=7, randomize_seed=False, steps=STEPS, guidance=1.0)

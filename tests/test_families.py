@@ -10,7 +10,6 @@ session's cache, and the app started for the family loads them from there.
 """
 import contextlib
 import hashlib
-import importlib.util
 import json
 import re
 
@@ -21,7 +20,7 @@ from PIL import Image
 import optimization
 from aot.families import Guidance
 from aot.programs import ShapeDispatch, compile_targets
-from conftest import ROOT, TEXT_FAMILIES, Compiled, eager_outputs, rel_err
+from conftest import TEXT_FAMILIES, Compiled, eager_outputs, rel_err, served_app
 from settings import Preset, parse_presets
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
@@ -229,21 +228,8 @@ def test_a_shape_outside_the_presets_is_refused(family):
 def family_app(family):
     """(app module, gradio client): a fresh copy of app.py with MODEL_ID=tiny-<name>, as the Space starts it, at the
     family fixture's scope (AOT_SCOPE=model), so that it loads those programs rather than compiling others."""
-    from gradio_client import Client
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MODEL_ID", f"tiny-{family.name}")
-        env.setenv("COMPILE", "aoti")
-        env.setenv("AOT_SCOPE", "model")
-        env.setenv("AOT_CACHE_DIR", family.settings.cache_dir)
-        spec = importlib.util.spec_from_file_location(f"app_for_{family.name.replace('-', '_')}", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    module.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        yield module, Client(module.demo.local_url, verbose=False)
-    finally:
-        module.demo.close()
+    yield from served_app(family.name, {"MODEL_ID": f"tiny-{family.name}", "COMPILE": "aoti", "AOT_SCOPE": "model",
+                                        "AOT_CACHE_DIR": family.settings.cache_dir})
 
 
 def _request(app, **changes) -> dict:

@@ -9,6 +9,7 @@ import torch
 from conftest import rel_err
 
 from aot.graphs import GraphedForward
+from aot.report import Report
 from aot.programs import named_inputs, signature
 
 
@@ -88,6 +89,8 @@ def test_a_replay_that_differs_is_not_kept_and_the_shape_runs_uncaptured(compile
     assert all(rel_err(out, eager) < 2e-2 for out in outputs)
     (check,) = graphs.summary().values()
     assert not check["exact"] and not check["kept"] and "replay differs" in check["error"], check
+    # the fallback's reason, which app.py carries back from a GPU worker to the report
+    assert graphs.failures() == [f"{check['shape']}: {check['error']}; that shape runs uncaptured"]
     assert graphs.calls == {"replayed": 0, "uncaptured": 3} and not graphs.graphs and not graphs.instances
     # the calls after the capture ran on fresh instances of the same packages, reading the same weights
     dispatch = compiled_blocks.pipe.transformer.transformer_blocks[0].forward
@@ -116,3 +119,11 @@ def test_on_the_cpu_graphs_are_off_and_said_so(compiled_blocks):
     report = compiled_blocks.report
     assert report.cuda_graphs == "off" and "CUDA" in report.cuda_graphs_reason and not report.graphs
     assert any(note.startswith("cuda_graphs:") for note in report.notes)
+
+
+def test_a_fallback_met_again_is_reported_once():
+    """A GPU worker's graph failure comes back with each image it makes; the report says it once."""
+    report = Report(device="cpu", dtype="float32")
+    for _ in range(3):
+        report.fallback("cuda graphs", "hidden_states 1x16x64: capture failed (X); that shape runs uncaptured")
+    assert report.fallbacks == ["cuda graphs: hidden_states 1x16x64: capture failed (X); that shape runs uncaptured"]
