@@ -177,12 +177,13 @@ def compile_targets(transformer: torch.nn.Module, scope: str) -> dict[str, torch
     return targets
 
 
-def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset,
-                   prompt: str = CAPTURE_PROMPT) -> tuple[tuple, dict]:
-    """`module`'s real first call for one preset, recorded without running it."""
+def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset, prompt: str = CAPTURE_PROMPT,
+                   images: int | None = None) -> tuple[tuple, dict]:
+    """`module`'s real first call for one preset, recorded without running it; with `images` input images at the
+    largest preset (default: as many as the family needs, since Qwen-Image-Edit draws nothing without one)."""
+    count = model.family.min_images if images is None else images
     with spaces.aoti_capture(module) as call:
-        # a family that needs an input image (Qwen-Image-Edit) gets its largest: the pipeline draws nothing without one
-        model(prompt, preset, steps=1, output_type="latent", images=model.sample_images()[:model.family.min_images])
+        model(prompt, preset, steps=1, output_type="latent", images=model.sample_images()[:count])
     return call.args, call.kwargs
 
 

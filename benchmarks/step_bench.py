@@ -26,6 +26,8 @@ keeps its commas and must name presets of --presets), and a few knobs the produc
   bench.shared_programs=1   regional programs with one instance per block list, as spaces installs them (run 16)
   bench.bnb4=1              diffusers' bitsandbytes NF4 recipe on every Linear, eager, in place of optimizing;
                             served under VRAM_LIMIT_GIB if given (RESULTS.md run 19)
+  bench.static_edit=1       an editing family's programs static, one per preset, traced with --inputs images, in
+                            place of its one dynamic image-token program (the comparison issue 31 asks for)
 Unset settings take the product's defaults (QUANTIZATION=auto, COMPILE=auto, ...). One AoT variant's weights stay
 allocated after it (RESULTS.md run 7; `left_gib`): give a capped variant a process of its own.
 
@@ -34,6 +36,8 @@ allocated after it (RESULTS.md run 7; `left_gib`): give a capped variant a proce
     python benchmarks/step_bench.py --family flux --config num_layers=4,num_single_layers=8 \\
         --variant QUANTIZATION=fp8 --variant QUANTIZATION=fp8,inductor.epilogue_fusion=true
     python benchmarks/step_bench.py --family flux --tiny --device cpu --variant COMPILE=none   # smoke test
+    python benchmarks/step_bench.py --family flux-kontext --presets square=1024x1024 --inputs 1 \\
+        --variant QUANTIZATION=fp8 --variant QUANTIZATION=fp8,bench.static_edit=1 --image 1
 
 Prints one RESULT line per figure, a table, then one JSON document on its last line. Translations of the commands
 in RESULTS.md (flux_bench, family_bench, lowvram_bench, bigmodel_bench): benchmarks/README.md.
@@ -44,6 +48,7 @@ import lib  # first: it corrects CXX before torch is imported, and puts the proj
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import gc
 import logging
@@ -66,7 +71,7 @@ from aot.programs import capture_inputs, release_export_memory
 from settings import Settings
 
 log = logging.getLogger("step-bench")
-KNOBS = ("bench.fp8_granularity", "bench.shared_programs", "bench.bnb4")
+KNOBS = ("bench.fp8_granularity", "bench.shared_programs", "bench.bnb4", "bench.static_edit")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,14 +149,14 @@ def to_bnb4_(transformer: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------
 # What is measured beyond one step.
 # ---------------------------------------------------------------------------------------------------
-def final_latents(model, preset, steps: int) -> torch.Tensor:
+def final_latents(model, preset, steps: int, inputs: int) -> torch.Tensor:
     """The latents after `steps` denoising steps from a fixed seed: how far a variant drifts over a run."""
     with torch.inference_mode():
         return model(lib.PROMPT, preset, steps, generator=torch.Generator("cpu").manual_seed(7),
-                     output_type="latent").images.float().cpu()
+                     output_type="latent", images=model.sample_images()[:inputs]).images.float().cpu()
 
 
-def time_image(model, preset, steps: int, device: str, repeats: int) -> dict:
+def time_image(model, preset, steps: int, device: str, repeats: int, inputs: int) -> dict:
     """One whole image as the app makes it (text encoders, `steps` steps, VAE decode, PIL), and where the time goes.
     Seconds, median over `repeats` after a one-step warm-up."""
     pipe = model.pipe
@@ -187,7 +192,8 @@ def time_image(model, preset, steps: int, device: str, repeats: int) -> dict:
             lib.sync(device)
             t0 = time.perf_counter()
             with torch.inference_mode(), step_cache.counting(pipe.transformer) as counts:
-                model(lib.PROMPT, preset, steps if run else 1, generator=torch.Generator("cpu").manual_seed(run))
+                model(lib.PROMPT, preset, steps if run else 1, generator=torch.Generator("cpu").manual_seed(run),
+                      images=model.sample_images()[:inputs])
             lib.sync(device)
             if run:
                 part = {key: sum(s.ms() for s in spans[key]) / 1000 for key in spans}
@@ -271,6 +277,8 @@ class Bench:
         settings = Settings.from_env({**self.base, **(env if text is not None else {"COMPILE": "none"})},
                                      has_cuda=self.device == "cuda")
         model = load_model(settings, self.build(settings, host=text is not None and not knobs.get("bench.bnb4")))
+        if knobs.get("bench.static_edit"):  # traced with the inputs, so each preset's program is its edit's shape
+            model.family = dataclasses.replace(model.family, dynamic_tokens=None, min_images=self.args.inputs)
         transformer, name = model.pipe.transformer, "eager" if text is None else text
         assert {p.name for p in model.presets} <= {p.name for p in getattr(self, "presets", model.presets)}, \
             f"{name}: PRESETS beyond the reference's"
@@ -305,7 +313,8 @@ class Bench:
         if self.args.first_image:  # a cold or warm start as a user sees it: optimized, then one whole image
             t1 = time.perf_counter()
             with torch.inference_mode():
-                model("a first image", model.presets[0], self.steps, generator=torch.Generator("cpu").manual_seed(0))
+                model("a first image", model.presets[0], self.steps, generator=torch.Generator("cpu").manual_seed(0),
+                      images=model.sample_images()[:self.args.inputs])
             lib.sync(self.device)
             result["first_image"] = dict(image_s=round(time.perf_counter() - t1, 2),
                                          since_process_start_s=round(time.perf_counter() - lib.PROCESS_START, 1))
@@ -324,7 +333,7 @@ class Bench:
         against eager bf16, and beside the ceilings."""
         transformer = model.pipe.transformer
         if preset.name not in self.inputs:
-            call = capture_inputs(model, transformer, preset)
+            call = capture_inputs(model, transformer, preset, images=self.args.inputs)
             self.inputs[preset.name] = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, call)
             self.flops[preset.name] = lib.count_flops(transformer, *call)
         args, kwargs = self.on_device(self.inputs[preset.name])
@@ -347,7 +356,7 @@ class Bench:
             assert preset == self.presets[0], f"{name}: its final latents need the reference's first preset"
             if stream:
                 stream.loads = stream.late_loads = 0
-            latents = final_latents(model, preset, self.args.latent_error)
+            latents = final_latents(model, preset, self.args.latent_error, self.args.inputs)
             self.latents = latents if self.latents is None else self.latents
             result["latent_rel_err"] = round(lib.rel_err(latents, self.latents), 5)
             lib.emit("latent_error", variant=name, steps=self.args.latent_error, rel_err=result["latent_rel_err"])
@@ -356,7 +365,7 @@ class Bench:
                 result.update(copies_per_call=round(stream.loads / calls, 1),
                               late_per_call=round(stream.late_loads / calls, 1))
         if self.args.image:
-            result["image"] = time_image(model, preset, self.steps, self.device, self.args.image)
+            result["image"] = time_image(model, preset, self.steps, self.device, self.args.image, self.args.inputs)
             lib.emit("image", variant=name, preset=preset.name, **result["image"])
 
     def on_device(self, tree):
@@ -424,6 +433,9 @@ def main() -> int:
     parser.add_argument("--latent-error", type=int, default=0, metavar="STEPS",
                         help="relative L2 of each variant's final latents after STEPS steps against eager bf16's")
     parser.add_argument("--first-image", action="store_true", help="time one whole image right after optimizing")
+    parser.add_argument("--inputs", type=int, default=None, metavar="N",
+                        help="an editing family's input images per call, at the largest preset (default: as many as "
+                             "it needs)")
     parser.add_argument("--profile", action="store_true", help="GPU time per step by kernel family (profiler)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -439,6 +451,10 @@ def main() -> int:
         faulthandler.dump_traceback_later(args.stack_dump, repeat=True)
     if (args.device == "cuda") != torch.cuda.is_available():
         parser.error(f"--device {args.device}, but torch {'sees no' if args.device == 'cuda' else 'sees a'} GPU")
+    family = family_named(args.family)
+    args.inputs = family.min_images if args.inputs is None else args.inputs
+    if not family.min_images <= args.inputs <= family.max_images:
+        parser.error(f"--inputs {args.inputs}: {args.family} takes {family.min_images} to {family.max_images}")
     temporary = not args.cache_dir
     args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="step-bench-aot-")
 
@@ -446,7 +462,7 @@ def main() -> int:
     for text in args.variant:  # conflicting or unknown settings fail now, not after the reference
         Settings.from_env({**bench.base, **parse_variant(text)[0]}, has_cuda=args.device == "cuda")
     document = dict(bench="step", family=args.family, tiny=args.tiny, text=args.text, config=bench.config,
-                    copy=lib.copy_rate_gb_s(args.device), eager=bench.measure(None), variants=[])
+                    inputs=args.inputs, copy=lib.copy_rate_gb_s(args.device), eager=bench.measure(None), variants=[])
     document.update(presets=[p.name for p in bench.presets], steps=bench.steps, calls_per_step=bench.calls)
     for text in args.variant or [""]:
         release()
