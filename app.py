@@ -68,7 +68,16 @@ def _example_prompts() -> list[str]:
     return REAL_MODEL_EXAMPLES
 
 
-EXAMPLES = _example_prompts()
+# An editing family's examples: one of the demo's pictures (DEMO_THUMBNAILS) as the input, and an edit of it that any
+# editing model can follow (the tiny random-weight families draw noise); picking one fills both and makes the edit
+EDIT_EXAMPLES = [
+    ("example-1.png", "make the circle blue"),
+    ("example-2.png", "move the square to the bottom"),
+    ("example-3.png", "make the background white"),
+    ("example-7.png", "swap the places of the triangle and the circle"),
+    ("example-5.png", "turn it into a watercolour painting"),
+]
+EXAMPLES = [prompt for _, prompt in EDIT_EXAMPLES] if FAMILY.max_images else _example_prompts()
 # The demo model knows only its training captions' words (assets/shapes.py); other models list none
 VOCABULARY = frozenset(shapes.VOCABULARY) if SETTINGS.model_id == DEMO_MODEL_ID else frozenset()
 
@@ -104,6 +113,13 @@ def _thumbnails() -> list[str | None]:
     shipped = (SETTINGS.model_id == DEMO_MODEL_ID and not SETTINGS.presets_text and REPORT.quantization == "none"
                and REPORT.step_cache == "off")
     return [str(DEMO_THUMBNAILS / f"example-{i}.png") if shipped else None for i in range(1, len(EXAMPLES) + 1)]
+
+
+def _examples() -> list[list]:
+    """The examples' rows: an editing family's input picture and edit, else the prompt with its picture (or None)."""
+    if FAMILY.max_images:
+        return [[str(DEMO_THUMBNAILS / name), prompt] for name, prompt in EDIT_EXAMPLES]
+    return [[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)]
 
 
 def _default_request_seconds() -> int:
@@ -378,7 +394,9 @@ def example(picked: tuple[int, list], resolution):
     if key in EXAMPLE_RESULTS:
         path, seed, details = EXAMPLE_RESULTS[key]
         return path, seed, f"{details}, example shown again"
-    EXAMPLE_RESULTS[key] = generate(EXAMPLES[index], resolution)  # an unknown resolution raises: nothing is kept
+    picture = {"path": str(DEMO_THUMBNAILS / EDIT_EXAMPLES[index][0])} if FAMILY.max_images else None
+    # an unknown resolution raises: nothing is kept
+    EXAMPLE_RESULTS[key] = generate(EXAMPLES[index], resolution, image=picture)
     return EXAMPLE_RESULTS[key]
 
 
@@ -448,11 +466,11 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
                 steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps)
                 guidance = gr.Slider(label="Guidance", minimum=0, maximum=MAX_GUIDANCE, step=0.1,
                                      value=DEFAULTS.guidance, interactive=USES_GUIDANCE)
-            # A picked example's picture also lands here, unseen; without pictures this column is left out
-            thumbnail = gr.Image(type="filepath", visible=False)
-            examples = gr.Examples(examples=[[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)],
-                                   inputs=[thumbnail, prompt], cache_examples=False, api_visibility="private",
-                                   elem_id="examples")
+            # A picked example's picture lands in the input image of an editing family, else here, unseen (and without
+            # pictures this column is left out)
+            picture = input_images[0] if FAMILY.max_images else gr.Image(type="filepath", visible=False)
+            examples = gr.Examples(examples=_examples(), inputs=[picture, prompt], cache_examples=False,
+                                   api_visibility="private", elem_id="examples")
     # the first image positionally, the others by name (generate's **more_images): the API lists them last, in order
     inputs = [prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora_choice,
               *input_images[:1]]

@@ -262,6 +262,19 @@ def test_app_serves_an_edit_refuses_a_bad_image_and_serves_the_next(kontext_app,
     assert _pixels(again) == _pixels(path)  # served again, the same edit
 
 
+def test_an_edit_example_brings_its_input_picture_and_makes_that_edit(kontext_app):
+    app, _ = kontext_app
+    rows = app._examples()
+    assert rows[0] == [str(app.DEMO_THUMBNAILS / "example-1.png"), "make the circle blue"] == [
+        str(app.DEMO_THUMBNAILS / app.EDIT_EXAMPLES[0][0]), app.EXAMPLES[0]]
+    assert all(Image.open(picture).size == (128, 128) for picture, _ in rows)  # shipped, and in the allowed range
+    path, seed, details = app.example((0, rows[0]), "48x80")
+    with Image.open(path) as out:
+        assert out.size == (48, 80)
+    assert "input 128x128 resized to 64x64" in details  # the picture went in, resized to its nearest preset
+    assert app.example((0, rows[0]), "48x80") == (path, seed, details + ", example shown again")
+
+
 def _pixels(path: str) -> bytes:
     with Image.open(path) as image:
         return image.tobytes()
