@@ -14,7 +14,8 @@ from PIL import Image
 
 import optimization
 from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, calculate_dimensions
-from conftest import ROOT, Compiled, rel_err, served_app, tiny_model
+from aot.model import load_model
+from conftest import ROOT, Compiled, rel_err, served_app, settings_for, tiny_model
 from settings import Preset
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -180,3 +181,33 @@ def test_readme_several_images_snippet_runs_as_written(edit_plus_app, monkeypatc
     exec(compile(snippet.replace("http://127.0.0.1:7860/", app.demo.local_url), "README.md", "exec"), namespace)
     assert "input 128x128 resized to 1024x1024" in namespace["details"]
     assert "input_2 128x128 resized to 1024x1024" in namespace["details"]
+
+
+def test_2511s_zero_timestep_for_references_matches_eager(tmp_path):
+    """Qwen-Image-Edit-2511's transformer (`zero_cond_t`): the reference tokens are modulated at timestep 0, so each
+    block takes a doubled `temb` and a `modulate_index` along the image tokens, which the block program's dynamic
+    image axis must carry too (aot/families/qwen_image_edit.py `dynamic_spec`)."""
+    settings = settings_for(model_id="tiny-qwen-image-edit-plus", presets=PRESET, aot_cache_dir=str(tmp_path))
+    model = load_model(settings)
+    transformer = model.pipe.transformer
+    torch.manual_seed(0)
+    model.pipe.register_modules(transformer=type(transformer).from_config(transformer.config, zero_cond_t=True).eval())
+    images = (_noise(300, 200), _noise(128, 128, 2))
+
+    def latents():
+        with torch.inference_mode():
+            return model(PROMPT, model.presets[0], steps=STEPS, guidance=1.0, images=images, output_type="latent",
+                         generator=torch.Generator().manual_seed(5)).images
+
+    indexes = []
+    block = model.pipe.transformer.transformer_blocks[0]
+    hook = block.register_forward_pre_hook(lambda _, args, kwargs: indexes.append(kwargs["modulate_index"]),
+                                           with_kwargs=True)
+    eager = latents()
+    hook.remove()
+    inputs = sum(p.width * p.height // 256 for p in (model.input_preset(*image.size) for image in images))
+    assert [index.shape[1] for index in indexes] == [16 + inputs] * STEPS and int(indexes[0].sum()) == inputs
+    report = optimization.optimize_pipeline_(model, settings)
+    assert report.compile == "aoti" and report.compile_scope == "blocks", report.fallbacks
+    compiled = latents()
+    assert torch.isfinite(compiled).all() and rel_err(compiled, eager) <= TOLERANCE
