@@ -1,0 +1,98 @@
+"""Video families, on Wan's tiny random-weight pipeline (MODEL_ID=tiny-wan: two experts, as Wan 2.2 A14B):
+AoT-compiled on CPU at block scope (the default), compiled matches eager at every preset for both experts, each
+expert's programs read that expert's own weights (one copy each), and the compile work is shared (one program per
+token count, installed on both experts).
+
+One compile per program for the module: `wan` is compiled once and every test reads it.
+"""
+import pytest
+import torch
+
+from aot.model import experts
+from aot.programs import ShapeDispatch
+from conftest import Compiled, rel_err
+
+TOLERANCE = 1e-4  # fp32, compiled vs eager
+PROMPT = "a red cube spinning"
+
+
+class WanCompiled(Compiled):
+    """tiny-wan after `optimize_pipeline_`, with both experts' eager outputs at every preset (on the first expert's
+    captured inputs: the experts share an architecture) and a whole run through both experts, recorded before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-wan")
+
+    def check_model(self) -> None:
+        assert self.model.family.name == "wan" and len(experts(self.pipe)) == 2
+
+    def record_eager(self) -> None:
+        self.eager_experts = self.run_experts()
+        self.eager_latents = self.latents()
+
+    def run_experts(self) -> dict[tuple[str, str], torch.Tensor]:
+        with torch.inference_mode():
+            return {(name, preset): expert(*args, **kwargs)[0].clone()
+                    for name, expert in zip(("transformer", "transformer_2"), experts(self.pipe))
+                    for preset, (args, kwargs) in self.inputs.items()}
+
+    def latents(self) -> torch.Tensor:
+        """Two steps at the first preset: the first on the high-noise expert, the second on the low-noise one."""
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return self.model.outputs(self.model(PROMPT, self.model.presets[0], steps=2, generator=generator,
+                                                 output_type="latent"))
+
+
+@pytest.fixture(scope="module")
+def wan() -> WanCompiled:
+    return WanCompiled()
+
+
+def _dispatchers(module: torch.nn.Module) -> dict[torch.nn.Module, ShapeDispatch]:
+    return {m: m.__dict__["forward"] for m in module.modules() if isinstance(m.__dict__.get("forward"), ShapeDispatch)}
+
+
+def test_compiled_matches_eager_at_every_preset_on_both_experts(wan):
+    assert wan.report.compile == "aoti" and wan.report.compile_scope == "blocks", wan.report.fallbacks
+    compiled = wan.run_experts()
+    assert {preset for _, preset in compiled} == {p.name for p in wan.model.presets}
+    for key, out in compiled.items():
+        assert torch.isfinite(out).all(), key
+        assert rel_err(out, wan.eager_experts[key]) <= TOLERANCE, key
+    # the experts differ, so matching each one's eager output checks that each runs its own weights
+    for preset in wan.inputs:
+        assert rel_err(compiled["transformer", preset], compiled["transformer_2", preset]) > 1e-2
+
+
+def test_a_run_through_both_experts_matches_eager(wan):
+    calls = {name: 0 for name in ("transformer", "transformer_2")}
+    hooks = [expert.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, expert in zip(calls, experts(wan.pipe))]
+    try:
+        latents = wan.latents()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"transformer": 2, "transformer_2": 2}  # one step each, two calls a step (true CFG)
+    assert rel_err(latents, wan.eager_latents) <= TOLERANCE
+
+
+def test_the_experts_share_the_compile_work_and_each_reads_its_own_weights(wan):
+    # 64x32x5 and 32x64x5 are 16 tokens, 48x48x5 is 18: two programs, compiled once for both experts
+    assert wan.report.programs == [{"image_tokens": 16, "resolutions": ["64x32x5", "32x64x5"]},
+                                   {"image_tokens": 18, "resolutions": ["48x48x5"]}]
+    assert wan.report.cuda_graphs == "off"
+    for expert in experts(wan.pipe):
+        dispatchers = _dispatchers(expert)
+        assert sorted(map(id, dispatchers)) == sorted(map(id, expert.blocks))
+        for block, dispatch in dispatchers.items():
+            own = {t.untyped_storage().data_ptr() for t in block.state_dict().values()}
+            for _, program, _ in dispatch.programs:
+                assert {t.untyped_storage().data_ptr() for t in program.weights.values()} == own
+    # no weight is stored twice: the experts' storages are disjoint, and the programs add none
+    first, second = ({t.untyped_storage().data_ptr() for t in e.state_dict().values()} for e in experts(wan.pipe))
+    assert not first & second
+    packages = {program.model.archive_file for e in experts(wan.pipe) for d in _dispatchers(e).values()
+                for _, program, _ in d.programs}
+    assert len(packages) == 2  # one package per program, installed on both experts' blocks
