@@ -8,9 +8,11 @@ One compile per program for the module: `wan` is compiled once and every test re
 import pytest
 import torch
 
+from aot.families import WAN
+from aot.memory import measure_footprint
 from aot.model import experts
 from aot.programs import ShapeDispatch
-from conftest import Compiled, rel_err
+from conftest import Compiled, rel_err, tiny_model
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
 PROMPT = "a red cube spinning"
@@ -96,3 +98,33 @@ def test_the_experts_share_the_compile_work_and_each_reads_its_own_weights(wan):
     packages = {program.model.archive_file for e in experts(wan.pipe) for d in _dispatchers(e).values()
                 for _, program, _ in d.programs}
     assert len(packages) == 2  # one package per program, installed on both experts' blocks
+
+
+def test_video_presets_carry_frames_the_vae_makes():
+    from settings import check_frames, parse_presets
+
+    presets = parse_presets("landscape=832x480x81,short=832x480x33", 16)
+    assert [(p.name, p.size, p.frames) for p in presets] == [("832x480x81", "832x480", 81),
+                                                             ("832x480x33", "832x480", 33)]
+    check_frames(presets, WAN.video, "wan")
+    for text, message in [("a=832x480x80", "must be 4k\\+1 .* at most 81"), ("a=832x480x85", "at most 81"),
+                          ("a=832x480", "wan makes videos; give WIDTHxHEIGHTxFRAMES, e.g. 832x480x81")]:
+        with pytest.raises(ValueError, match=message):
+            check_frames(parse_presets(text, 16), WAN.video, "wan")
+    with pytest.raises(ValueError, match="flux makes images; give WIDTHxHEIGHT"):
+        check_frames(parse_presets("a=64x64x5", 16), None, "flux")
+    with pytest.raises(ValueError, match="LABEL=WIDTHxHEIGHTxFRAMES"):
+        parse_presets("a=64x64x5x2", 16)
+    assert WAN.tokens(presets[0]) == 21 * 52 * 30  # 81 frames are 21 latent frames of 52x30 tokens
+
+
+def test_the_memory_plan_counts_both_experts():
+    model = tiny_model(model_id="tiny-wan")
+    first, second = experts(model.pipe)
+    footprint = measure_footprint(model.pipe, model.max_image_tokens)
+    assert footprint.transformer["none"] == sum(
+        t.numel() * t.element_size() for e in (first, second) for t in [*e.parameters(), *e.buffers()])
+    assert len(footprint.blocks["fp8"]) == len(first.blocks) + len(second.blocks) == 4
+    # neither expert is counted again among the always-resident rest
+    vae = model.pipe.vae
+    assert footprint.other == sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
