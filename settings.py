@@ -21,6 +21,7 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 MAX_PROMPT_CHARS = 2000  # a cheap bound before tokenising; the token limit is checked too
+MAX_FPS = 60  # a video's frame rate: only the encoding's, the frames are the same at any
 
 QUANTIZATION_CHOICES = ("auto", "fp8", "int8", "int4", "none")
 # Low-VRAM mode (optimization.choose_memory_plan): "auto" turns it on when the pipeline does not fit the GPU,

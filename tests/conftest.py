@@ -285,7 +285,7 @@ SLOW = {
     "test_prequantized.py": {"checkpoint", "int8_checkpoint", "fp8_served", "served"},
     "test_startup.py": {"first_start"},
     "test_step_cache.py": {"compiled", "eager", "uncached"},
-    "test_video.py": {"wan"},
+    "test_video.py": {"wan", "wan_app"},
 }
 
 

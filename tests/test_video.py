@@ -5,6 +5,7 @@ token count, installed on both experts).
 
 One compile per program for the module: `wan` is compiled once and every test reads it.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from aot.families import WAN
 from aot.memory import measure_footprint
 from aot.model import experts
 from aot.programs import ShapeDispatch
-from conftest import Compiled, rel_err, tiny_model
+from conftest import Compiled, rel_err, served_app, tiny_model
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
 PROMPT = "a red cube spinning"
@@ -128,3 +129,53 @@ def test_the_memory_plan_counts_both_experts():
     # neither expert is counted again among the always-resident rest
     vae = model.pipe.vae
     assert footprint.other == sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
+
+
+# --- the app serving tiny-wan through gradio_client --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan_app(wan):
+    """(app module, gradio client): app.py with MODEL_ID=tiny-wan, loading `wan`'s programs from the cache."""
+    yield from served_app("wan", {"MODEL_ID": "tiny-wan", "AOT_CACHE_DIR": wan.settings.cache_dir})
+
+
+REQUEST = dict(prompt="a red cube spinning", resolution="64x32", seed=7, randomize_seed=False, steps=2)
+
+
+def _decoded(result) -> tuple[list[np.ndarray], int, tuple[int, int], str]:
+    """A returned video's frames, its frame rate, (width, height) and pixel format, decoded with PyAV."""
+    import av
+
+    path = result["video"] if isinstance(result, dict) else result
+    assert path.endswith(".mp4"), path
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return (frames, int(stream.average_rate), (stream.width, stream.height),
+                f"{stream.codec_context.name} {stream.codec_context.pix_fmt}")
+
+
+def test_app_serves_a_video_refuses_bad_frames_and_serves_the_next(wan_app):
+    from gradio_client.exceptions import AppError
+
+    app, client = wan_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache" and status["resolutions"] == ["64x32", "32x64", "48x48"]
+    assert status["output"] == {"kind": "video", "format": "mp4 (H.264, yuv420p)", "max_frames": 81, "frame_step": 4,
+                                "frames": {"64x32": [5], "32x64": [5], "48x48": [5]}, "fps": 16, "max_fps": 60}
+    assert status["defaults"]["steps"] == 40 and status["defaults"]["guidance"] == 4.0
+    video, seed, details = client.predict(**REQUEST, frames=5, fps=8, api_name="/generate")
+    frames, fps, size, codec = _decoded(video)
+    assert (len(frames), fps, size, codec) == (5, 8, (64, 32), "h264 yuv420p")
+    assert seed == 7 and details.startswith("64x32, 5 frames at 8 fps, 2 steps")
+    for bad, message in [(4, r"Frames: 4 frames: the count must be 4k\+1 \(1, 5, 9, ...\) and at most 81"),
+                         (85, "Frames must be from 1 to 81; got 85"),
+                         (9, r"64x32 is served at 5 frames, each a compiled program of its own; got 9. "
+                             r"PRESETS=label=64x32x9 adds it")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(**REQUEST, frames=bad, api_name="/generate")
+    # served again: the same seed, the same frames (at the same fps: x264's rate control reads the frame rate)
+    again, _, _ = client.predict(**REQUEST, fps=8, api_name="/generate")  # frames left out: the size's 5
+    assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
+    other, _, _ = client.predict(**{**REQUEST, "seed": 8}, api_name="/generate")
+    other_frames, fps, _, _ = _decoded(other)
+    assert fps == 16 and len(other_frames) == 5 and not np.array_equal(other_frames[0], frames[0])
