@@ -17,14 +17,15 @@ from gradio.processing_utils import save_pil_to_cache
 from gradio.utils import get_upload_folder
 
 import optimization
-from aot import images, lora, panel, parallel, programs, prompts, step_cache, zerogpu
+from aot import images, lora, panel, parallel, programs, prompts, step_cache, video, zerogpu
 from aot.families import Guidance
 from aot.graphs import GraphedForward
 from aot.hardware import detect
 from aot.memory import resident_bytes
 from aot.model import load_model
 from assets import shapes
-from settings import DEMO_MODEL_ID, LORA_NONE, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, Settings
+from settings import (DEMO_MODEL_ID, LORA_NONE, MAX_FPS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS,
+                      Settings, frames_refused)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("aot-space")
@@ -41,6 +42,11 @@ PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache, host=RE
 # Every image's prompt encodings, for /status: added up here, since on ZeroGPU the cache lives in the GPU worker
 ENCODINGS = prompts.Encodings()
 PRESETS = {preset.name: preset for preset in MODEL.presets}
+VIDEO = FAMILY.video  # None for an image family; a video family's presets also carry their frame counts
+# What a request's `resolution` names (WIDTHxHEIGHT), and the presets at each size: a video's frame count picks one
+SIZES: dict[str, list] = {}
+for _preset in MODEL.presets:
+    SIZES.setdefault(_preset.size, []).append(_preset)
 USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
 TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
 # /generate's image arguments, one per image the family takes: `image` (the first slice's, kept for its callers),
@@ -122,6 +128,16 @@ def _examples() -> list[list]:
     return [[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)]
 
 
+def _output() -> dict:
+    """What a request returns: an image, or a video with the frame counts each size serves (one compiled program
+    each: README "Video") and its frame rate."""
+    if not VIDEO:
+        return {"kind": "image", "format": "png"}
+    return {"kind": "video", "format": "mp4 (H.264, yuv420p)",
+            "frames": {size: [p.frames for p in presets] for size, presets in SIZES.items()},
+            "max_frames": VIDEO.max_frames, "frame_step": VIDEO.frame_step, "fps": VIDEO.fps, "max_fps": MAX_FPS}
+
+
 def _default_request_seconds() -> int:
     """The GPU seconds a default request at the first preset gets (after spaces' factor), on a warm worker."""
     seconds = DURATIONS.task_seconds(MODEL.presets[0], DEFAULTS.steps, _calls(DEFAULTS.guidance), False, False)
@@ -147,8 +163,9 @@ def status() -> dict:
         "model_id": SETTINGS.model_id,
         "demo_model": SETTINGS.demo_model,  # a built-in stand-in: the trained demo or a tiny model that draws noise
         "weights": "random" if SETTINGS.tiny_family else "trained",
-        "resolutions": list(PRESETS),
+        "resolutions": list(SIZES),
         "inputs": _inputs(),
+        "output": _output(),
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance,
                      "guidance_kind": DEFAULTS.guidance_kind.value, "max_prompt_tokens": DEFAULTS.max_sequence_length,
                      "seed": DEFAULT_SEED, "randomize_seed": False},
@@ -199,7 +216,34 @@ def _text(value, name: str, notes: list[str], required: bool) -> str:
     return value
 
 
-def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE):
+def _preset(resolution: str, frames):
+    """The preset a request asks for: its size, and for a video its frame count (None: the most that size serves).
+    Each frame count has its own compiled program (Wan's blocks see frames x height x width tokens), so a count is
+    served only where a preset gives it; PRESETS adds more."""
+    presets = SIZES[resolution]
+    if not VIDEO:
+        if frames is not None:
+            raise user_error(f"This {FAMILY.name} model makes images; leave frames out.")
+        return presets[0]
+    if frames is None:
+        return max(presets, key=lambda p: p.frames)
+    frames = _integer(frames, "Frames", 1, VIDEO.max_frames)
+    why = frames_refused(frames, VIDEO.max_frames, VIDEO.frame_step)
+    if why:
+        raise user_error(f"Frames: {why}.")
+    served = [p.frames for p in presets]
+    if frames not in served:
+        raise user_error(f"Frames: {resolution} is served at {', '.join(map(str, served))} frames, each a compiled "
+                         f"program of its own; got {frames}. PRESETS=label={resolution}x{frames} adds it.")
+    return next(p for p in presets if p.frames == frames)
+
+
+def _fps(fps) -> int:
+    return VIDEO.fps if fps is None else _integer(fps, "fps", 1, MAX_FPS)
+
+
+def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE,
+             frames=None):
     """Checks every request before it can reach the GPU. Returns the cleaned values and notes for the user."""
     notes = []
     if not isinstance(lora_choice, str) or lora_choice not in LORA_NAMES:
@@ -208,8 +252,9 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     if negative_prompt and not TAKES_NEGATIVE_PROMPT:
         raise user_error(f"This {FAMILY.name} model takes no negative prompt; leave it empty.")
     negative_prompt = _text(negative_prompt, "Negative prompt", notes, required=False)
-    if not isinstance(resolution, str) or resolution not in PRESETS:
-        raise user_error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(PRESETS)}.")
+    if not isinstance(resolution, str) or resolution not in SIZES:
+        raise user_error(f"Unknown resolution {resolution!r}. Allowed: {', '.join(SIZES)}.")
+    preset = _preset(resolution, frames)
     if not isinstance(randomize_seed, bool):
         raise user_error(f"randomize_seed must be true or false; got {randomize_seed!r}.")
     seed = random.randint(0, MAX_SEED) if randomize_seed else _integer(seed, "Seed", 0, MAX_SEED)
@@ -222,10 +267,10 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     if guidance != DEFAULTS.guidance and not USES_GUIDANCE:
         raise user_error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; "
                          f"use {DEFAULTS.guidance}.")
-    too_long = DURATIONS.too_long(MODEL.presets, PRESETS[resolution], steps, _calls(guidance))
+    too_long = DURATIONS.too_long(MODEL.presets, preset, steps, _calls(guidance))
     if too_long:
         raise user_error(f"{too_long}.")
-    return prompt, PRESETS[resolution], seed, steps, float(guidance), negative_prompt, lora_choice, notes
+    return prompt, preset, seed, steps, float(guidance), negative_prompt, lora_choice, notes
 
 
 def _input_images(given: dict, notes: list[str]) -> tuple:
@@ -263,26 +308,38 @@ def _calls(guidance: float) -> int:
     return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
 
 
+def _shape(width: int, height: int, frames: int) -> tuple:
+    return (width, height, frames) if frames else (width, height)
+
+
+def _served_preset(width: int, height: int, frames: int):
+    return PRESETS["x".join(map(str, _shape(width, height, frames)))]
+
+
 def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE,
-                images=()) -> int:
+                images=(), frames=0) -> int:
     """Seconds of GPU to ask ZeroGPU for, before spaces multiplies them by its factor. ZeroGPU ends a task at its
     duration, so it covers the slowest case; asking more spends the visitor's quota (a request asking more than is
     left is refused before it starts). A new worker's start and a program's first load count when this worker has
     not run the shape yet. An edit's input images are covered: start-up timed each preset with the largest."""
-    seconds = DURATIONS.task_seconds(PRESETS[f"{width}x{height}"], steps, _calls(guidance),
-                                     new_worker=not SERVED_SHAPES, first_shape=(width, height) not in SERVED_SHAPES)
+    seconds = DURATIONS.task_seconds(_served_preset(width, height, frames), steps, _calls(guidance),
+                                     new_worker=not SERVED_SHAPES,
+                                     first_shape=_shape(width, height, frames) not in SERVED_SHAPES)
     return DURATIONS.requested(seconds)
 
 
 def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float, negative_prompt: str = "",
-           lora_choice: str = LORA_NONE, images: tuple = ()):
+           lora_choice: str = LORA_NONE, images: tuple = (), frames: int = 0):
+    """One request's image, or a video family's `video.Clip`, with what travels back beside it in its `info`."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     # the switch happens here, where the pipeline runs (on ZeroGPU the GPU worker, on every rank), under a lock
     # held until the image is made
     with (lora.using(MODEL, lora_choice), step_cache.counting(MODEL.pipe.transformer) as counts,
           PROMPT_CACHE.counting() as encodings):
-        image = MODEL(prompt, PRESETS[f"{width}x{height}"], steps, guidance, negative_prompt, generator,
-                      images).images[0]
+        image = MODEL.outputs(MODEL(prompt, _served_preset(width, height, frames), steps, guidance, negative_prompt,
+                                    generator, images))[0]
+    if VIDEO:
+        image = video.Clip.of(image)
     # these travel with the image: on ZeroGPU this runs in the GPU worker, another process, which checks its own CUDA
     # graphs at its first requests
     image.info["encodings"] = encodings
@@ -296,7 +353,7 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
 
 @spaces.GPU(duration=gpu_seconds, size=SIZE)
 def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, guidance: float,
-                 negative_prompt: str = "", lora_choice: str = LORA_NONE, images: tuple = ()):
+                 negative_prompt: str = "", lora_choice: str = LORA_NONE, images: tuple = (), frames: int = 0):
     """The only GPU work per request. Arguments and result are plain, picklable CPU values. On ZeroGPU it runs in
     the GPU worker, which hands the main process a gr.Error whole but any other error as its class name alone
     ("OutOfMemoryError"), so its errors are made readable here."""
@@ -304,10 +361,10 @@ def run_pipeline(prompt: str, width: int, height: int, seed: int, steps: int, gu
         if RANKS:  # every rank runs the same call, in lockstep
             return RANKS.run(_image, prompt=prompt, width=width, height=height, seed=seed, steps=steps,
                              guidance=guidance, negative_prompt=negative_prompt, lora_choice=lora_choice,
-                             images=images)
-        return _image(prompt, width, height, seed, steps, guidance, negative_prompt, lora_choice, images)
+                             images=images, frames=frames)
+        return _image(prompt, width, height, seed, steps, guidance, negative_prompt, lora_choice, images, frames)
     except optimization.UnsupportedShape as err:
-        raise user_error(f"{err}. Allowed resolutions: {', '.join(PRESETS)}.") from None
+        raise user_error(f"{err}. Allowed resolutions: {', '.join(SIZES)}.") from None
     except torch.OutOfMemoryError:
         log.exception("out of memory")
         torch.cuda.empty_cache()
@@ -327,17 +384,21 @@ def _slug(text: str) -> str:
     return slug.strip("-") or "image"
 
 
-def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, randomize_seed=False, steps=DEFAULTS.steps,
+def generate(prompt, resolution=MODEL.presets[0].size, seed=DEFAULT_SEED, randomize_seed=False, steps=DEFAULTS.steps,
              guidance=DEFAULTS.guidance, negative_prompt="", lora=LORA_NONE, image=None,
-             progress=gr.Progress(track_tqdm=True), **more_images):
-    """Text to image, or with an editing family an edit of `image` (the page's upload; in the API
+             progress=gr.Progress(track_tqdm=True), frames=None, fps=None, **more_images):
+    """Text to image (or video, VIDEO), or with an editing family an edit of `image` (the page's upload; in the API
     `gradio_client.handle_file(...)`; none: text to image) and, where the family takes several, of `image_2`,
-    `image_3`, ... (IMAGE_ARGS). Returns the image's PNG (named after prompt and seed),
+    `image_3`, ... (IMAGE_ARGS). Returns the image's PNG or the video's MP4 (named after prompt and seed),
     the seed used and a one-line summary with the time taken and any conversion of the input. The seed is used as
     given unless randomize_seed is true; both default as in the page.
-    `lora`: one of LORA_CHOICES by name, or "none"."""
+    `lora`: one of LORA_CHOICES by name, or "none". A video family's `frames` (None: the most its resolution
+    serves) and `fps` (None: the model's own) are in the API by name; an image family takes neither."""
     prompt, preset, seed, steps, guidance, negative_prompt, lora_choice, notes = validate(
-        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora)
+        prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt, lora, frames)
+    if fps is not None and not VIDEO:
+        raise user_error(f"This {FAMILY.name} model makes images; leave fps out.")
+    fps = _fps(fps) if VIDEO else None
     # Gradio passes IMAGE_ARGS alone; called directly, image_4 and on count as images (refused past the family's)
     unknown = [name for name in more_images if not re.fullmatch(r"image_\d+", name)]
     if unknown:
@@ -346,7 +407,7 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
     start = time.perf_counter()
     try:
         image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt, lora_choice,
-                             inputs)
+                             inputs, preset.frames)
     except Exception as err:  # ZeroGPU's own errors too (no GPU, quota, task aborted): keep serving
         if not zerogpu.answered_before_gpu_work(err):
             SERVED_SHAPES.clear()  # spaces replaces a GPU worker whose task failed; the new one loads every program
@@ -360,11 +421,17 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
         REPORT.fallback("cuda graphs", failure)
     encodings = image.info.pop("encodings")
     ENCODINGS.add_(encodings)
-    SERVED_SHAPES.add((preset.width, preset.height))
-    image.info.update(prompt=prompt, seed=str(seed))  # kept in the PNG as text
-    # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
-    path = save_pil_to_cache(image, get_upload_folder(), name=f"{_slug(prompt)}-seed{seed}", format="png")
-    details = f"{preset.width}x{preset.height}, {steps} steps, {seconds:.2f} s, {encodings}"
+    SERVED_SHAPES.add(_shape(preset.width, preset.height, preset.frames))
+    name = f"{_slug(prompt)}-seed{seed}"
+    if VIDEO:
+        path = video.save(image, get_upload_folder(), name, fps, title=prompt, comment=f"seed {seed}")
+        size = f"{preset.size}, {preset.frames} frames at {fps} fps"
+    else:
+        image.info.update(prompt=prompt, seed=str(seed))  # kept in the PNG as text
+        # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
+        path = save_pil_to_cache(image, get_upload_folder(), name=name, format="png")
+        size = preset.size
+    details = f"{size}, {steps} steps, {seconds:.2f} s, {encodings}"
     if lora_choice != LORA_NONE:
         details += f", LoRA {lora_choice}"
     if skipped:
@@ -375,10 +442,12 @@ def generate(prompt, resolution=MODEL.presets[0].name, seed=DEFAULT_SEED, random
 
 
 # Gradio and gradio_client read an argument's default from the signature, which names no **more_images: the later
-# images as optional keyword arguments there, so that a caller may leave them out
+# images as optional keyword arguments there, so that a caller may leave them out; an image family's has no frames
+# or fps
 _signature = inspect.signature(generate)
 generate.__signature__ = _signature.replace(parameters=[
-    *(p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD),
+    *(p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
+      and (VIDEO or p.name not in ("frames", "fps"))),
     *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in IMAGE_ARGS[1:])])
 
 EXAMPLE_RESULTS: dict[tuple[int, str], tuple] = {}  # (example, resolution) -> what generate() returned
@@ -445,15 +514,23 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
                             for i in range(1, FAMILY.max_images + 1)]
             run_button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(min_width=300, elem_id="result"):
-            # no label drawn: on a phone the image fills the width, and the label covered its corner
-            image = gr.Image(label="Image", show_label=False, type="filepath", format="png", interactive=False,
-                             elem_id="image")
+            # no label drawn: on a phone the image fills the width, and the label covered its corner. An MP4 in
+            # H.264 plays as it is (aot/video.py): gr.Video re-encodes only what a browser cannot play
+            image = (gr.Video(label="Video", show_label=False, interactive=False, autoplay=True, loop=True,
+                              elem_id="video") if VIDEO else
+                     gr.Image(label="Image", show_label=False, type="filepath", format="png", interactive=False,
+                              elem_id="image"))
             with gr.Row(visible=False) as facts:  # shown with the first image: no seed is used before one
                 used_seed = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="used-seed")
                 details = gr.Textbox(label="Details", interactive=False, scale=3, elem_id="details")
         with gr.Column(min_width=300, elem_id="settings"):
-            resolution = gr.Radio(choices=[(p.choice, p.name) for p in MODEL.presets], value=MODEL.presets[0].name,
-                                  label="Resolution", elem_id="resolution")
+            resolution = gr.Radio(choices=[(f"{presets[0].label} {size}", size) for size, presets in SIZES.items()],
+                                  value=MODEL.presets[0].size, label="Resolution", elem_id="resolution")
+            # a video's length: the frame counts the presets serve, and the frame rate it is encoded at
+            video_inputs = {"frames": gr.Dropdown(choices=sorted({p.frames for p in MODEL.presets}),
+                                                  value=MODEL.presets[0].frames, label="Frames", elem_id="frames"),
+                            "fps": gr.Slider(label="Frames per second", minimum=1, maximum=MAX_FPS, step=1,
+                                             value=VIDEO.fps, elem_id="fps")} if VIDEO else {}
             negative_prompt = gr.Textbox(value="", label="Negative prompt",
                                          placeholder="What the image should not show", max_lines=2,
                                          visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
@@ -486,7 +563,8 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
     # failing inside a component's preprocess, which Gradio reports only as an opaque "upstream" error.
     # Both make images on the one pipeline, so they share one queue: one image at a time.
     made = [gr.on([run_button.click, prompt.submit], generate, inputs, outputs, api_name="generate", preprocess=False,
-                  inputs_kwargs=dict(zip(IMAGE_ARGS[1:], input_images[1:])), show_progress_on=[image],
+                  inputs_kwargs={**dict(zip(IMAGE_ARGS[1:], input_images[1:])),
+                                 **video_inputs}, show_progress_on=[image],
                   concurrency_id="pipeline"),
             # Picking an example fills the prompt and shows that example at the chosen resolution.
             examples.dataset.click(example, [examples.dataset, resolution], outputs, show_progress_on=[image],

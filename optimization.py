@@ -47,7 +47,7 @@ from aot.families import Text
 from aot.graphs import GraphedForward, failed
 from aot.hardware import Hardware, detect
 from aot.memory import MemoryPlan, place_pipeline_, plan_memory
-from aot.model import Model, load_model
+from aot.model import Model, experts, load_model
 from aot.probes import AttentionShape, run_probes
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
                           release_export_memory, restore_eager_, trust_host_isa_)
@@ -88,7 +88,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     granularity = _probe(model, settings, hardware, report)  # 2
     plan, hardware = _plan_and_place_(model, settings, hardware, report, stored, granularity, compiled)  # 3
     report.decide("cuda_graphs", choose_cuda_graphs(settings.cuda_graphs, hardware, compiled, report.step_cache,
-                                                    plan.low_vram))
+                                                    plan.low_vram, len(experts(model.pipe))))
     if compiled:  # 4-5
         _compile_or_serve_eager(model, settings, report, plan, hardware, stored)
     else:  # 5
@@ -122,7 +122,6 @@ def _plan_and_place_(model: Model, settings: Settings, hardware: Hardware, repor
     all before compiling, so that every program reads the quantized weights. Returns the plan and the hardware with
     its ZeroGPU size."""
     pipe, family = model.pipe, model.family
-    transformer = pipe.transformer
     plan, hardware = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization,
                                  settings.vram_limit_gib, model.max_image_tokens, hardware, granularity is not None,
                                  compiled, report, family.keep_bf16, settings.zerogpu_size,
@@ -137,14 +136,16 @@ def _plan_and_place_(model: Model, settings: Settings, hardware: Hardware, repor
         place_pipeline_(pipe, plan, hardware.device, family.keep_bf16, report.fp8_granularity or "row")
     if report.attention != SDPA:
         try:
-            transformer.set_attention_backend(report.attention)
+            for expert in experts(pipe):
+                expert.set_attention_backend(report.attention)
         except Exception as err:  # noqa: BLE001 - a missing kernel or package: any failure means "use SDPA"
-            _use_sdpa(transformer, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
+            _use_sdpa(pipe, report, f"{report.attention} unavailable ({type(err).__name__}: {err})")
     if not stored and not plan.low_vram:  # low-VRAM placement quantized block by block already
         try:
             with _timed(report, "quantize_s"):
-                quantize_(transformer, report.quantization, keep_bf16=family.keep_bf16,
-                          granularity=report.fp8_granularity or "row")
+                for expert in experts(pipe):
+                    quantize_(expert, report.quantization, keep_bf16=family.keep_bf16,
+                              granularity=report.fp8_granularity or "row")
         except Exception as err:  # noqa: BLE001 - serve unquantized rather than not at all, and say so
             report.fallback("quantization", f"{report.quantization} failed ({type(err).__name__}: {err}); unquantized")
             report.quantization, report.fp8_granularity = "none", ""
@@ -189,8 +190,8 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
                             stored: Stored | None) -> None:
     """Steps 4-5 when compiling: every program compiled or loaded and installed, and timed, or, if that fails,
     eager with the reason reported."""
-    transformer = model.pipe.transformer
-    own_tensors_(transformer)
+    for expert in experts(model.pipe):
+        own_tensors_(expert)
     if hardware.device == "cuda":
         trust_host_isa_()
     # Inductor's own cache beside the programs: kernels built for one key are reused by the next (another preset,
@@ -215,10 +216,11 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
             break
         except Exception as err:  # the app must keep serving, and say why
             log.info("AoT compile or load failed; the full error:", exc_info=err)
-            restore_eager_(transformer)
+            for expert in experts(model.pipe):
+                restore_eager_(expert)
             reason = str(err) if isinstance(err, CompileFailed) else f"{type(err).__name__}: {err}"
             if report.attention != SDPA:  # e.g. a hub kernel that torch.export cannot trace: retry once
-                _use_sdpa(transformer, report, f"AoT compile with {report.attention} failed ({reason})")
+                _use_sdpa(model.pipe, report, f"AoT compile with {report.attention} failed ({reason})")
                 continue
             report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
             report.compile, report.compile_source = "none", ""
@@ -250,9 +252,10 @@ def _text_handling(model: Model) -> str:
             Text.DYNAMIC: f"dynamic axis up to {length} tokens: one program serves every prompt"}[model.family.text]
 
 
-def _use_sdpa(transformer: torch.nn.Module, report: Report, reason: str) -> None:
+def _use_sdpa(pipe, report: Report, reason: str) -> None:
     report.fallback("attention", f"{reason}; using sdpa")
-    transformer.set_attention_backend("native")
+    for expert in experts(pipe):
+        expert.set_attention_backend("native")
     report.attention = SDPA
 
 
@@ -265,7 +268,8 @@ def _eager_fp8(model: Model, report: Report, low_vram: bool, stored: Stored | No
         why = "the checkpoint stores no bf16 weights" if stored else "bf16 weights would not fit"
         report.fallback("quantization", f"fp8 kept without compilation (about 3x slower than bf16): {why}")
     else:
-        dequantize_(model.pipe.transformer)
+        for expert in experts(model.pipe):
+            dequantize_(expert)
         report.fallback("quantization", "fp8 undone: without compilation it is slower than bf16")
         report.quantization, report.fp8_granularity = "none", ""
 
@@ -276,19 +280,19 @@ def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple,
     preset, which it is traced at) serves them all."""
     family = model.family
     if dynamic or family.dynamic_tokens or (family.one_program and scope == "blocks"):
-        largest = max(model.presets, key=lambda p: family.image_tokens(p.width, p.height))
-        return {family.image_tokens(largest.width, largest.height):
+        largest = max(model.presets, key=family.tokens)
+        return {family.tokens(largest):
                 [largest, *(p for p in model.presets if p != largest)]}
     groups: dict[int | tuple, list[Preset]] = {}
     for preset in model.presets:
-        groups.setdefault(family.program_shape(preset.width, preset.height, scope), []).append(preset)
+        groups.setdefault(family.program_shape(preset, scope), []).append(preset)
     return dict(sorted(groups.items()))
 
 
 def token_range(model: Model) -> tuple[int, int]:
     """Image-token lengths a dynamic-shape program accepts: from the smallest preset to twice the largest, or an
     editing family's largest edit if that is more (its output's tokens and its inputs')."""
-    tokens = [model.family.image_tokens(p.width, p.height) for p in model.presets]
+    tokens = [model.family.tokens(p) for p in model.presets]
     return max(2, min(tokens)), max(2 * max(tokens), model.max_image_tokens)
 
 
@@ -427,9 +431,15 @@ def install_(model: Model, programs: Programs, report: Report,
              decided: dict[str, bool] | None = None) -> GraphedForward | None:
     """Every program behind the dispatcher of the module it replaces (aot/programs.py), and with CUDA_GRAPHS the
     transformer's calls behind graph replay (aot/graphs.py; `decided`: the shapes checked at start-up)."""
-    transformer = model.pipe.transformer
-    install_programs_(transformer, [(programs.keys[shape][1], programs.manifests[shape]["signatures"],
-                                     programs.label(shape)) for shape in programs.groups])
+    transformer, *others = experts(model.pipe)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731 - not its path
+    for other in others:  # the programs were compiled on the first expert: they fit the others only if alike
+        if public(other.config) != public(transformer.config):
+            raise ValueError(f"the experts of {type(model.pipe).__name__} differ in their configs; their programs "
+                             "would not fit each other's weights")
+    for expert in (transformer, *others):  # the same packages, each expert's loaded against its own weights
+        install_programs_(expert, [(programs.keys[shape][1], programs.manifests[shape]["signatures"],
+                                    programs.label(shape)) for shape in programs.groups])
     if report.cuda_graphs != "on":
         return None
     transformer.forward = GraphedForward(transformer, transformer.forward, decided)
@@ -473,9 +483,8 @@ def compile_or_load_(model: Model, settings: Settings, report: Report, hardware:
     report.compile_source = ("loaded from cache" if not compiled else "compiled now" if len(compiled) == len(
         programs.groups) else f"{len(compiled)} of {len(programs.groups)} programs compiled now, the rest loaded from "
         "cache")
-    tokens = lambda p: model.family.image_tokens(p.width, p.height)  # noqa: E731
     report.programs = [{"image_tokens": f"{programs.served[0]}..{programs.served[1]}" if programs.served
-                        else tokens(presets[0]), "resolutions": [p.name for p in presets]}
+                        else model.family.tokens(presets[0]), "resolutions": [p.name for p in presets]}
                        for presets in programs.groups.values()]
 
 
@@ -514,7 +523,8 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
 def first_call(model: Model, preset: Preset) -> None:
     """A 1-step call at `preset`, which loads its programs (and checks its CUDA graph); it must give finite latents."""
     with torch.inference_mode():
-        latents = model(CAPTURE_PROMPT, preset, steps=1, output_type="latent", images=model.sample_images()).images
+        latents = model.outputs(model(CAPTURE_PROMPT, preset, steps=1, output_type="latent",
+                                      images=model.sample_images()))
     if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
         raise RuntimeError(f"the program for {preset.name} returned non-finite values")
 

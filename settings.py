@@ -21,6 +21,7 @@ MAX_SEED = 2**31 - 1
 MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 MAX_PROMPT_CHARS = 2000  # a cheap bound before tokenising; the token limit is checked too
+MAX_FPS = 60  # a video's frame rate: only the encoding's, the frames are the same at any
 
 QUANTIZATION_CHOICES = ("auto", "fp8", "int8", "int4", "none")
 # Low-VRAM mode (optimization.choose_memory_plan): "auto" turns it on when the pipeline does not fit the GPU,
@@ -65,10 +66,15 @@ class Preset:
     label: str
     width: int
     height: int
+    frames: int = 0  # a video's frame count; 0 for an image
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
 
     @property
     def name(self) -> str:
-        return f"{self.width}x{self.height}"
+        return f"{self.size}x{self.frames}" if self.frames else self.size
 
     @property
     def choice(self) -> str:
@@ -76,21 +82,49 @@ class Preset:
 
 
 def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
+    """`LABEL=WIDTHxHEIGHT` entries (images), or `LABEL=WIDTHxHEIGHTxFRAMES` (videos: `check_frames` says which)."""
     presets = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         label, _, size = item.rpartition("=")
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"PRESETS entry {item!r} is not LABEL=WIDTHxHEIGHT, e.g. square=1024x1024") from None
+        parts = size.lower().split("x")
+        if len(parts) not in (2, 3) or not all(part.strip().isdigit() for part in parts):
+            raise ValueError(f"PRESETS entry {item!r} is not LABEL=WIDTHxHEIGHT (an image, e.g. square=1024x1024) or "
+                             "LABEL=WIDTHxHEIGHTxFRAMES (a video, e.g. landscape=832x480x81)")
+        width, height, *frames = map(int, parts)
         if width <= 0 or height <= 0 or width % multiple or height % multiple:
             raise ValueError(f"PRESETS entry {item!r}: width and height must be positive multiples of {multiple}")
-        presets.append(Preset(label or f"{width}x{height}", width, height))
+        if frames and frames[0] <= 0:
+            raise ValueError(f"PRESETS entry {item!r}: the frame count must be positive")
+        presets.append(Preset(label or size, width, height, *frames))
     if not presets:
         raise ValueError("PRESETS is empty: give at least one LABEL=WIDTHxHEIGHT")
-    if len({(p.width, p.height) for p in presets}) != len(presets) or len({p.label for p in presets}) != len(presets):
+    if len({(p.width, p.height, p.frames) for p in presets}) != len(presets) or len(
+            {p.label for p in presets}) != len(presets):
         raise ValueError(f"PRESETS has duplicates: {text!r}; give each label and each WIDTHxHEIGHT once")
     return tuple(presets)
+
+
+def frames_refused(frames: int, max_frames: int, step: int) -> str | None:
+    """Why a video of `frames` frames cannot be made (its VAE makes `step` * k + 1 frames, at most `max_frames`), or
+    None. One rule for PRESETS and for requests."""
+    if not 1 <= frames <= max_frames or (frames - 1) % step:
+        return (f"{frames} frames: the count must be {step}k+1 (1, {1 + step}, {1 + 2 * step}, ...) and at most "
+                f"{max_frames}")
+    return None
+
+
+def check_frames(presets: tuple[Preset, ...], video, family: str) -> None:
+    """Every preset of a video family (`video`: its aot.family.Video) gives a frame count the VAE makes; an image
+    family's give none."""
+    for preset in presets:
+        if video is None and preset.frames:
+            raise ValueError(f"PRESETS entry {preset.label}={preset.name}: {family} makes images; give WIDTHxHEIGHT")
+        if video is not None and not preset.frames:
+            raise ValueError(f"PRESETS entry {preset.label}={preset.name}: {family} makes videos; give "
+                             f"WIDTHxHEIGHTxFRAMES, e.g. {preset.name}x{video.max_frames}")
+        why = video is not None and frames_refused(preset.frames, video.max_frames, video.frame_step)
+        if why:
+            raise ValueError(f"PRESETS entry {preset.label}={preset.name}: {why}")
 
 
 @dataclass(frozen=True)

@@ -118,9 +118,11 @@ def pick_attention(candidates: tuple[str, ...], results: dict, fastest: bool = T
     return Decision(best, f"fastest on the device at the model's attention shape ({timings})")
 
 
-def choose_cuda_graphs(requested: str, hardware: Hardware, compiled: bool, step_cache: str, low_vram: bool) -> Decision:
+def choose_cuda_graphs(requested: str, hardware: Hardware, compiled: bool, step_cache: str, low_vram: bool,
+                       experts: int = 1) -> Decision:
     """Whether the compiled transformer's calls are replayed from CUDA graphs (aot/graphs.py). Each shape's graph is
-    still kept only where its replay equals the uncaptured call and is faster, checked on the device."""
+    still kept only where its replay equals the uncaptured call and is faster, checked on the device. `experts`: the
+    pipeline's denoisers (two for Wan 2.2 A14B)."""
     if requested == "on" and hardware.device != "cuda":
         raise ValueError(f"CUDA_GRAPHS=on needs a CUDA GPU; this is {hardware.device}. Use CUDA_GRAPHS=auto or off.")
     if requested == "off":
@@ -131,7 +133,9 @@ def choose_cuda_graphs(requested: str, hardware: Hardware, compiled: bool, step_
                f"STEP_CACHE={step_cache} decides at each step which blocks run, so a step is not one fixed graph"
                if step_cache != "off" else
                "low-VRAM mode: streamed blocks copy their weights in at each call, and a graph's memory pool is "
-               "outside the plan's budget" if low_vram else None)
+               "outside the plan's budget" if low_vram else
+               f"{experts} experts: graphs are captured and checked around one transformer's calls; not built for "
+               "several yet" if experts > 1 else None)
     if why_not:
         return Decision("off", why_not, fell_back=requested == "on", expected=requested != "on")
     return Decision("on", f"{'requested' if requested == 'on' else 'auto: CUDA GPU'}; each shape's graph kept where "

@@ -23,6 +23,21 @@ class Defaults:
     guidance: float
     guidance_kind: Guidance
     max_sequence_length: int  # text tokens the transformer sees at most (FIXED: always)
+    # A second expert's guidance at the default (Wan 2.2 A14B's low-noise one); a request's other guidance sets both
+    guidance_2: float | None = None
+
+
+@dataclass(frozen=True)
+class Video:
+    """What a video family's output is: frames, encoded as an MP4 at `fps`."""
+
+    fps: int  # the frame rate the model was trained at: the page's and the API's default
+    max_frames: int  # the most frames a preset may ask for (the released model's longest clip)
+    # The VAE folds this many frames into one latent frame after the first: a frame count is frame_step * k + 1
+    frame_step: int = 4
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.frame_step + 1
 
 
 @dataclass(frozen=True)
@@ -93,15 +108,25 @@ class Family:
     call_args: Callable[[int, int], dict] | None = None
     # Why this family's programs always take a dynamic image-token axis (DYNAMIC_SHAPES or not), if they do
     dynamic_tokens: str | None = None
+    # A video family: its presets carry a frame count (WxHxF) and it returns frames; None: it returns an image
+    video: Video | None = None
+    # The pipeline argument that takes the second expert's guidance (Wan 2.2 A14B's low-noise `transformer_2`)
+    guidance_2_arg: str | None = None
     real_size: RealSize | None = field(default=None, compare=False)  # for the benchmarks only (dicts: not hashed)
 
     def image_tokens(self, width: int, height: int) -> int:
         return (width // self.multiple) * (height // self.multiple)
 
-    def program_shape(self, width: int, height: int, scope: str) -> int | tuple[int, int]:
+    def tokens(self, preset) -> int:
+        """The tokens a preset's output carries: its image's, times its latent frames for a video."""
+        frames = self.video.latent_frames(preset.frames) if self.video and preset.frames else 1
+        return frames * self.image_tokens(preset.width, preset.height)
+
+    def program_shape(self, preset, scope: str) -> int | tuple[int, ...]:
         """What tells two presets' programs apart: the token count, or the token grid itself. Blocks see token
         sequences (the grid reaches them as rotary tensors), so regional programs go by the token count."""
-        tokens = self.image_tokens(width, height)
+        tokens = self.tokens(preset)
         if self.shares_programs_by_token_count or scope == "blocks":
             return tokens
-        return width // self.multiple, height // self.multiple
+        grid = (preset.width // self.multiple, preset.height // self.multiple)
+        return (*grid, preset.frames) if preset.frames else grid

@@ -180,6 +180,10 @@ def fuse_(model, settings: Settings, report: Report, stored) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise LoraRefused(f"{type(pipe).__name__} has no LoRA loader in diffusers, so LoRAs ({entries}) cannot be "
                           "applied to it; unset LORAS and LORA_CHOICES")
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise LoraRefused(f"{type(pipe).__name__} has two experts, and diffusers loads a LoRA into one of them per "
+                          f"call (Wan 2.2's distillation LoRAs come one per expert); LoRAs ({entries}) for both are "
+                          "not supported yet: unset LORAS and LORA_CHOICES")
     if stored:
         raise LoraRefused(f"MODEL_ID's transformer is stored quantized ({stored.value}): LoRAs ({entries}) are fused "
                           "into bf16 weights, which it does not have; point MODEL_ID at the unquantized model")

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.hardware import Hardware, Size
-from aot.model import repeated_block_lists
+from aot.model import experts, repeated_block_lists
 from aot.quantize import GROUP_SIZE, _quantizable, kept_in_bf16, quantize_
 from aot.report import Report
 from aot.streaming import RING_SLOTS, BlockStream, tensor_leaves
@@ -40,7 +40,7 @@ def streamed_blocks(count: int, streamed: int) -> list[int]:
 class Footprint:
     """Bytes the pipeline needs on the GPU, per transformer weight format ("none" = as loaded)."""
 
-    transformer: dict[str, int]  # all its weights
+    transformer: dict[str, int]  # all its weights (every expert's, where the pipeline has several)
     blocks: dict[str, tuple[int, ...]]  # each repeated block's weights, in call order: what can stream
     block_groups: tuple[int, ...]  # blocks with one number share a layout, so one ring of device buffers
     text_encoders: int  # all of them
@@ -237,18 +237,18 @@ def text_encoders(pipe) -> list[torch.nn.Module]:
 def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = ()) -> Footprint:
     """`keep_bf16`: the family's layers that fp8 leaves in bf16 (Qwen-Image's text stream: a third of its weights)."""
     modes = ("none", "fp8", "int8", "int4")
-    transformer = pipe.transformer
-    blocks = [block for blocks in transformer_blocks(transformer).values() for block in blocks]
+    denoisers = experts(pipe)  # Wan 2.2 A14B's two experts are both resident, quantized and streamed alike
+    blocks = [block for expert in denoisers for blocks in transformer_blocks(expert).values() for block in blocks]
     shapes = list(dict.fromkeys(map(_shape, blocks)))  # blocks of one class and shape quantize alike: one ring
     texts = text_encoders(pipe)
     return Footprint(
-        transformer={mode: _weight_bytes(transformer, mode, keep_bf16) for mode in modes},
+        transformer={mode: sum(_weight_bytes(expert, mode, keep_bf16) for expert in denoisers) for mode in modes},
         blocks={mode: tuple(_weight_bytes(b, mode, keep_bf16) for b in blocks) for mode in modes},
         block_groups=tuple(shapes.index(_shape(b)) for b in blocks),
         text_encoders=sum(_weight_bytes(t, "none") for t in texts),
         largest_text_group=max((_own_bytes(m) for text in texts for m in text.modules()), default=0),
         other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()
-                  if isinstance(m, torch.nn.Module) and name != "transformer" and m not in texts),
+                  if isinstance(m, torch.nn.Module) and m not in denoisers and m not in texts),
         activations=ACTIVATION_BYTES_PER_TOKEN * max_image_tokens,
         image_tokens=max_image_tokens,
     )
@@ -359,15 +359,15 @@ def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, .
     if not plan.low_vram:
         pipe.to(device)
         return
-    texts = text_encoders(pipe)
-    for name, module in pipe.components.items():
+    texts, denoisers, mode = text_encoders(pipe), experts(pipe), plan.quantization
+    for module in pipe.components.values():
         if module in texts:
             _stream_text_encoder_(module, device)
-        elif isinstance(module, torch.nn.Module) and name != "transformer":
+        elif isinstance(module, torch.nn.Module) and module not in denoisers:
             module.to(device)
-    transformer, mode = pipe.transformer, plan.quantization
-    lists = transformer_blocks(transformer)
-    blocks = [block for blocks in lists.values() for block in blocks]
+    # every expert's blocks in one list, as the plan counted them: the streamed ones spread over both, one set of rings
+    lists = {expert: transformer_blocks(expert) for expert in denoisers}
+    blocks = [block for expert in denoisers for blocks in lists[expert].values() for block in blocks]
     streamed = set(streamed_blocks(len(blocks), plan.streamed_blocks))
     stream = BlockStream(device) if streamed else None
     for i, block in enumerate(blocks):
@@ -376,8 +376,9 @@ def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, .
             stream.add_(block)
         else:
             block.to(device)
-    # the rest (embedders, norms, output layers), leaving the blocks alone: fp8 would quantize their Linears again
-    quantize_(transformer, mode, work_device=device, result_device=device, granularity=granularity,
-              keep_bf16=(*keep_bf16, *(f"{name}." for name in lists)))
-    transformer.to(device)
-    transformer.block_stream = stream  # where the rings and copy counts can be looked at (tests, benchmarks)
+    for expert in denoisers:
+        # the rest (embedders, norms, output layers), leaving the blocks alone: fp8 would quantize their Linears again
+        quantize_(expert, mode, work_device=device, result_device=device, granularity=granularity,
+                  keep_bf16=(*keep_bf16, *(f"{name}." for name in lists[expert])))
+        expert.to(device)
+        expert.block_stream = stream  # where the rings and copy counts can be looked at (tests, benchmarks)

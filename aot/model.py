@@ -11,7 +11,8 @@ import torch
 
 from aot.families import FAMILIES, Defaults, Family, Guidance, family_named
 from aot.hardware import Hardware, detect
-from settings import DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, parse_presets
+from settings import (DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, check_frames,
+                      parse_presets)
 
 log = logging.getLogger("aot-space")
 # Two diffusers warnings at start-up that no one running this template can act on, dropped at their own loggers
@@ -39,12 +40,18 @@ class Model:
     def __call__(self, prompt: str, preset: Preset, steps: int, guidance: float | None = None,
                  negative_prompt: str | None = None, generator: torch.Generator | None = None,
                  images: tuple = (), **kwargs):
-        """One pipeline call with the family's arguments: guidance under its own name, the text length, a
+        """One pipeline call with the family's arguments: guidance under its own name (a second expert's too: its
+        own default at the default guidance, else the same), the text length, a video's frames, a
         negative prompt where the family does true CFG (a blank one when none is given, as the families'
         own examples do: the pipelines skip CFG without one), and an editing family's input images (RGB, checked
-        by aot/images.py), each resized to its preset (`input_preset`)."""
+        by aot/images.py), each resized to its preset (`input_preset`). Its result's `images` or `frames`: `outputs`."""
         guidance = self.defaults.guidance if guidance is None else guidance
         extra = {self.family.guidance_arg: guidance}
+        if self.family.guidance_2_arg and self.defaults.guidance_2 is not None:
+            extra[self.family.guidance_2_arg] = (self.defaults.guidance_2 if guidance == self.defaults.guidance
+                                                 else guidance)
+        if preset.frames:
+            extra["num_frames"] = preset.frames
         if self.family.call_args:
             extra.update(self.family.call_args(preset.width, preset.height))
         if self.does_cfg(guidance) and self.family.negative_prompt_arg:
@@ -54,6 +61,10 @@ class Model:
             extra[self.family.image_arg] = resized[0] if self.family.max_images == 1 else resized
         return self.pipe(prompt=prompt, width=preset.width, height=preset.height, num_inference_steps=steps,
                          max_sequence_length=self.defaults.max_sequence_length, generator=generator, **extra, **kwargs)
+
+    def outputs(self, result):
+        """A pipeline result's batch: its images, or a video family's frames (each video an array of frames)."""
+        return result.frames if self.family.video else result.images
 
     def does_cfg(self, guidance: float) -> bool:
         """Whether a call runs the transformer twice per step (true classifier-free guidance)."""
@@ -76,14 +87,14 @@ class Model:
         that each request's GPU duration covers the longest one. none for a text-to-image family."""
         from PIL import Image
 
-        largest = max(self.presets, key=lambda p: self.family.image_tokens(p.width, p.height))
+        largest = max(self.presets, key=self.family.tokens)
         return (Image.new("RGB", (largest.width, largest.height), (128, 128, 128)),) * self.family.max_images
 
     @property
     def max_image_tokens(self) -> int:
         """The most image tokens a call carries: its output's, and an editing family's inputs' (each at the size
         `image_size` maps it to, at most `max_input_tokens`)."""
-        tokens = max(self.family.image_tokens(p.width, p.height) for p in self.presets)
+        tokens = max(map(self.family.tokens, self.presets))
         return tokens + self.family.max_images * self.max_input_tokens
 
     @property
@@ -131,6 +142,14 @@ def repeated_block_lists(transformer: torch.nn.Module) -> dict[str, torch.nn.Mod
     repeated = getattr(transformer, "_repeated_blocks", ())
     return {name: module for name, module in transformer.named_children()
             if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in repeated}
+
+
+def experts(pipe) -> list[torch.nn.Module]:
+    """The pipeline's denoisers: `transformer`, and `transformer_2` where a second expert takes the low-noise steps
+    (Wan 2.2 A14B). Each is placed, quantized, compiled and installed alike; the compiled work is shared between them
+    (one architecture: the same programs, each reading its own expert's weights)."""
+    return [module for name, module in pipe.components.items()
+            if name.startswith("transformer") and isinstance(module, torch.nn.Module)]
 
 
 def family_of(pipe) -> Family:
@@ -219,6 +238,6 @@ def load_model(settings: Settings, pipe=None, hardware: Hardware | None = None) 
     family = family_of(pipe)
     native = (DEMO_PRESETS if settings.model_id == DEMO_MODEL_ID else family.tiny_presets if settings.tiny_family
               else family.presets)
-    text = settings.presets_text or native
-    return Model(pipe, family, family.defaults(pipe), parse_presets(text, family.multiple),
-                 round(time.perf_counter() - start, 2))
+    presets = parse_presets(settings.presets_text or native, family.multiple)
+    check_frames(presets, family.video, family.name)
+    return Model(pipe, family, family.defaults(pipe), presets, round(time.perf_counter() - start, 2))

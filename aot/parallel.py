@@ -96,8 +96,7 @@ def uneven_splits(model: Model, mode: str, n: int) -> list[str]:
     uneven = []
     if mode == "ulysses" and (heads is None or heads % n):  # Ulysses gives each rank heads / n heads
         uneven.append(f"{heads} attention heads")
-    uneven += [f"{p.name}: {family.image_tokens(p.width, p.height)} image tokens" for p in model.presets
-               if family.image_tokens(p.width, p.height) % n]
+    uneven += [f"{p.name}: {family.tokens(p)} image tokens" for p in model.presets if family.tokens(p) % n]
     if family.text is Text.DYNAMIC:
         uneven.append("text tokens: as many as the prompt has")
     elif model.defaults.max_sequence_length % n:

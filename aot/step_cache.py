@@ -72,6 +72,8 @@ def _unsupported(method: str, pipe) -> str | None:
     noise. First Block Cache's check reads diffusers' private tables: the block lists it walks, each block class's
     outputs (requirements.txt pins diffusers)."""
     transformer = pipe.transformer
+    if getattr(pipe, "transformer_2", None) is not None:  # Wan 2.2 A14B
+        return "its hooks would sit on the first of its two experts only"
     if not hasattr(transformer, "enable_cache"):  # Z-Image
         return f"{type(transformer).__name__} has no diffusers cache hooks (enable_cache)"
     # The hooks keep their state per `cache_context` ("cond", "uncond"), which the pipeline must enter around each

@@ -41,9 +41,10 @@ from aot.model import Model, load_model  # noqa: E402
 from aot.programs import capture_inputs  # noqa: E402
 from settings import Preset, Settings  # noqa: E402
 
-# The families that draw from a prompt alone: the tests that run every family text-only run these. Those that need
-# an input image (Qwen-Image-Edit) are tested with images in tests/test_edit_qwen.py.
-TEXT_FAMILIES = tuple(family for family in FAMILIES if not family.min_images)
+# The families that draw an image from a prompt alone: the tests that run every family text-only run these. Those
+# that need an input image (Qwen-Image-Edit) are tested with images in tests/test_edit_qwen.py, the video families
+# (Wan) in tests/test_video.py.
+TEXT_FAMILIES = tuple(family for family in FAMILIES if not family.min_images and not family.video)
 SEQ = 512  # the tiny FLUX model embeds guidance, so it follows FLUX.1-dev's text length
 LATENTS_PRESET = Preset("landscape", 80, 48)  # where `Compiled.latents` runs the whole tiny FLUX pipeline
 
@@ -284,6 +285,7 @@ SLOW = {
     "test_prequantized.py": {"checkpoint", "int8_checkpoint", "fp8_served", "served"},
     "test_startup.py": {"first_start"},
     "test_step_cache.py": {"compiled", "eager", "uncached"},
+    "test_video.py": {"wan", "wan_app"},
 }
 
 

@@ -1,4 +1,4 @@
-"""Model families: everything that differs between FLUX.1, FLUX.2, Qwen-Image, Z-Image, ... lives here.
+"""Model families: everything that differs between FLUX.1, FLUX.2, Qwen-Image, Z-Image, Wan, ... lives here.
 
 Adding a family is one file in this folder that defines one `Family(...)` (its types: aot/family.py) and lists it
 in `FAMILIES` below. The rest of the template reads these entries and nothing else about a model.
@@ -10,13 +10,14 @@ from aot.families.flux2 import FLUX2, FLUX2_KLEIN
 from aot.families.flux_kontext import FLUX_KONTEXT
 from aot.families.qwen_image import QWEN_IMAGE
 from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
+from aot.families.wan import WAN
 from aot.families.z_image import Z_IMAGE
-from aot.family import Defaults, Family, Guidance, RealSize, Text
+from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
 
-__all__ = ["FAMILIES", "Defaults", "Family", "Guidance", "RealSize", "Text", "family_named"]
+__all__ = ["FAMILIES", "Defaults", "Family", "Guidance", "RealSize", "Text", "Video", "family_named"]
 
 FAMILIES: tuple[Family, ...] = (FLUX, FLUX_KONTEXT, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, QWEN_IMAGE_EDIT,
-                                QWEN_IMAGE_EDIT_PLUS, Z_IMAGE)
+                                QWEN_IMAGE_EDIT_PLUS, Z_IMAGE, WAN)
 
 
 def family_named(name: str) -> Family:

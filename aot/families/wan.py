@@ -1,0 +1,93 @@
+"""Wan (2.1 14B and 1.3B, 2.2 T2V-A14B): `WanPipeline`, text to video; a UMT5 encoder, a 3D-causal VAE (8x in space,
+4x in time) and `WanTransformer3DModel`.
+
+What sets it apart for AoT compilation:
+- Wan 2.2 A14B has two experts of one architecture: `transformer` denoises the steps at or above `boundary_ratio` x
+  1000, `transformer_2` the rest. Both are compiled once (the same programs, aot/model.py `experts`), each program
+  reading its own expert's weights.
+- The transformer computes its rotary table from the latent's shape, so a whole-model program bakes the (frames,
+  height, width) grid in as Python ints. Its blocks see token sequences and the rotary table as tensors: regional
+  programs (the default) go by the token count, frames x height x width / 16², and two presets with the same count
+  (832x480 and 480x832) share one. A frame count is part of that count: each served frame count is its own preset
+  (WxHxF), and a request asks for one of them.
+- UMT5 pads every prompt to 512 tokens: the text length is fixed.
+"""
+from __future__ import annotations
+
+from aot.families.tokens import byte_vocabulary
+from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
+
+MAX_TEXT = 512  # the pipeline's max_sequence_length: UMT5's embeddings are padded to it
+
+
+def defaults(pipe) -> Defaults:
+    if pipe.config.expand_timesteps:  # a per-token timestep and a 16x VAE: other presets and another token size
+        raise SystemExit("Wan 2.2 TI2V-5B (WanPipeline with expand_timesteps) is not served yet; the wan family serves "
+                         "Wan 2.1 and Wan 2.2 T2V-A14B")
+    if pipe.transformer_2 is not None:
+        # Wan2.2-T2V-A14B-Diffusers' example: 40 steps, guidance 4.0 on the high-noise expert, 3.0 on the low-noise one
+        return Defaults(steps=40, guidance=4.0, guidance_kind=Guidance.CFG, max_sequence_length=MAX_TEXT,
+                        guidance_2=3.0)
+    # Wan 2.1's examples: 50 steps at guidance 5.0 (the pipeline's own defaults)
+    return Defaults(steps=50, guidance=5.0, guidance_kind=Guidance.CFG, max_sequence_length=MAX_TEXT)
+
+
+def prompt_tokens(pipe, prompt: str) -> int:
+    return len(pipe.tokenizer(prompt).input_ids)
+
+
+def build_tiny():
+    """Two experts of one tiny architecture (as A14B), a UMT5 encoder of one layer, a VAE with the real 8x spatial and
+    4x temporal factors and 16 latent channels."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), *((c, -2.0) for c in byte_vocabulary())]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=MAX_TEXT)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    ))
+    experts = [WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ) for _ in range(2)]
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    # A14B's boundary: the first step (t = 1000) runs the high-noise expert, later ones (t < 875) the low-noise one
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=experts[0],
+                       transformer_2=experts[1], scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       boundary_ratio=0.875)
+
+
+UMT5_XXL = {None: dict(  # google/umt5-xxl's encoder, as Wan ships it
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32, relative_attention_max_distance=128)}
+
+REAL_SIZE = RealSize(  # Wan 2.2 T2V-A14B as released, as we read its configs: two 14B experts (each built alike)
+    params_b=14.3,
+    transformer=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                     out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    text_encoders={"text_encoder": UMT5_XXL},
+    vae=dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+    text_tokens=MAX_TEXT,
+)
+
+WAN = Family(
+    name="wan",
+    pipelines=("WanPipeline",),
+    presets="landscape=832x480x81,portrait=480x832x81,square=624x624x81",
+    tiny_presets="landscape=64x32x5,portrait=32x64x5,square=48x48x5",
+    multiple=16,  # the VAE downsamples 8x, the transformer packs 2x2 latent patches into one token
+    text=Text.FIXED,
+    defaults=defaults,
+    build_tiny=build_tiny,
+    prompt_tokens=prompt_tokens,
+    shares_programs_by_token_count=False,  # the rotary table comes from the latent's shape, as Python ints
+    negative_prompt_arg="negative_prompt",
+    guidance_2_arg="guidance_scale_2",
+    video=Video(fps=16, max_frames=81),  # 5 s at 16 fps: the released models' clip
+    real_size=REAL_SIZE,
+)

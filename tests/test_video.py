@@ -1,0 +1,181 @@
+"""Video families, on Wan's tiny random-weight pipeline (MODEL_ID=tiny-wan: two experts, as Wan 2.2 A14B):
+AoT-compiled on CPU at block scope (the default), compiled matches eager at every preset for both experts, each
+expert's programs read that expert's own weights (one copy each), and the compile work is shared (one program per
+token count, installed on both experts).
+
+One compile per program for the module: `wan` is compiled once and every test reads it.
+"""
+import numpy as np
+import pytest
+import torch
+
+from aot.families import WAN
+from aot.memory import measure_footprint
+from aot.model import experts
+from aot.programs import ShapeDispatch
+from conftest import Compiled, rel_err, served_app, tiny_model
+
+TOLERANCE = 1e-4  # fp32, compiled vs eager
+PROMPT = "a red cube spinning"
+
+
+class WanCompiled(Compiled):
+    """tiny-wan after `optimize_pipeline_`, with both experts' eager outputs at every preset (on the first expert's
+    captured inputs: the experts share an architecture) and a whole run through both experts, recorded before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-wan")
+
+    def check_model(self) -> None:
+        assert self.model.family.name == "wan" and len(experts(self.pipe)) == 2
+
+    def record_eager(self) -> None:
+        self.eager_experts = self.run_experts()
+        self.eager_latents = self.latents()
+
+    def run_experts(self) -> dict[tuple[str, str], torch.Tensor]:
+        with torch.inference_mode():
+            return {(name, preset): expert(*args, **kwargs)[0].clone()
+                    for name, expert in zip(("transformer", "transformer_2"), experts(self.pipe))
+                    for preset, (args, kwargs) in self.inputs.items()}
+
+    def latents(self) -> torch.Tensor:
+        """Two steps at the first preset: the first on the high-noise expert, the second on the low-noise one."""
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return self.model.outputs(self.model(PROMPT, self.model.presets[0], steps=2, generator=generator,
+                                                 output_type="latent"))
+
+
+@pytest.fixture(scope="module")
+def wan() -> WanCompiled:
+    return WanCompiled()
+
+
+def _dispatchers(module: torch.nn.Module) -> dict[torch.nn.Module, ShapeDispatch]:
+    return {m: m.__dict__["forward"] for m in module.modules() if isinstance(m.__dict__.get("forward"), ShapeDispatch)}
+
+
+def test_compiled_matches_eager_at_every_preset_on_both_experts(wan):
+    assert wan.report.compile == "aoti" and wan.report.compile_scope == "blocks", wan.report.fallbacks
+    compiled = wan.run_experts()
+    assert {preset for _, preset in compiled} == {p.name for p in wan.model.presets}
+    for key, out in compiled.items():
+        assert torch.isfinite(out).all(), key
+        assert rel_err(out, wan.eager_experts[key]) <= TOLERANCE, key
+    # the experts differ, so matching each one's eager output checks that each runs its own weights
+    for preset in wan.inputs:
+        assert rel_err(compiled["transformer", preset], compiled["transformer_2", preset]) > 1e-2
+
+
+def test_a_run_through_both_experts_matches_eager(wan):
+    calls = {name: 0 for name in ("transformer", "transformer_2")}
+    hooks = [expert.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, expert in zip(calls, experts(wan.pipe))]
+    try:
+        latents = wan.latents()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"transformer": 2, "transformer_2": 2}  # one step each, two calls a step (true CFG)
+    assert rel_err(latents, wan.eager_latents) <= TOLERANCE
+
+
+def test_the_experts_share_the_compile_work_and_each_reads_its_own_weights(wan):
+    # 64x32x5 and 32x64x5 are 16 tokens, 48x48x5 is 18: two programs, compiled once for both experts
+    assert wan.report.programs == [{"image_tokens": 16, "resolutions": ["64x32x5", "32x64x5"]},
+                                   {"image_tokens": 18, "resolutions": ["48x48x5"]}]
+    assert wan.report.cuda_graphs == "off"
+    for expert in experts(wan.pipe):
+        dispatchers = _dispatchers(expert)
+        assert sorted(map(id, dispatchers)) == sorted(map(id, expert.blocks))
+        for block, dispatch in dispatchers.items():
+            own = {t.untyped_storage().data_ptr() for t in block.state_dict().values()}
+            for _, program, _ in dispatch.programs:
+                assert {t.untyped_storage().data_ptr() for t in program.weights.values()} == own
+    # no weight is stored twice: the experts' storages are disjoint, and the programs add none
+    first, second = ({t.untyped_storage().data_ptr() for t in e.state_dict().values()} for e in experts(wan.pipe))
+    assert not first & second
+    packages = {program.model.archive_file for e in experts(wan.pipe) for d in _dispatchers(e).values()
+                for _, program, _ in d.programs}
+    assert len(packages) == 2  # one package per program, installed on both experts' blocks
+
+
+def test_video_presets_carry_frames_the_vae_makes():
+    from settings import check_frames, parse_presets
+
+    presets = parse_presets("landscape=832x480x81,short=832x480x33", 16)
+    assert [(p.name, p.size, p.frames) for p in presets] == [("832x480x81", "832x480", 81),
+                                                             ("832x480x33", "832x480", 33)]
+    check_frames(presets, WAN.video, "wan")
+    for text, message in [("a=832x480x80", "must be 4k\\+1 .* at most 81"), ("a=832x480x85", "at most 81"),
+                          ("a=832x480", "wan makes videos; give WIDTHxHEIGHTxFRAMES, e.g. 832x480x81")]:
+        with pytest.raises(ValueError, match=message):
+            check_frames(parse_presets(text, 16), WAN.video, "wan")
+    with pytest.raises(ValueError, match="flux makes images; give WIDTHxHEIGHT"):
+        check_frames(parse_presets("a=64x64x5", 16), None, "flux")
+    with pytest.raises(ValueError, match="LABEL=WIDTHxHEIGHTxFRAMES"):
+        parse_presets("a=64x64x5x2", 16)
+    assert WAN.tokens(presets[0]) == 21 * 52 * 30  # 81 frames are 21 latent frames of 52x30 tokens
+
+
+def test_the_memory_plan_counts_both_experts():
+    model = tiny_model(model_id="tiny-wan")
+    first, second = experts(model.pipe)
+    footprint = measure_footprint(model.pipe, model.max_image_tokens)
+    assert footprint.transformer["none"] == sum(
+        t.numel() * t.element_size() for e in (first, second) for t in [*e.parameters(), *e.buffers()])
+    assert len(footprint.blocks["fp8"]) == len(first.blocks) + len(second.blocks) == 4
+    # neither expert is counted again among the always-resident rest
+    vae = model.pipe.vae
+    assert footprint.other == sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
+
+
+# --- the app serving tiny-wan through gradio_client --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan_app(wan):
+    """(app module, gradio client): app.py with MODEL_ID=tiny-wan, loading `wan`'s programs from the cache."""
+    yield from served_app("wan", {"MODEL_ID": "tiny-wan", "AOT_CACHE_DIR": wan.settings.cache_dir})
+
+
+REQUEST = dict(prompt="a red cube spinning", resolution="64x32", seed=7, randomize_seed=False, steps=2)
+
+
+def _decoded(result) -> tuple[list[np.ndarray], int, tuple[int, int], str]:
+    """A returned video's frames, its frame rate, (width, height) and pixel format, decoded with PyAV."""
+    import av
+
+    path = result["video"] if isinstance(result, dict) else result
+    assert path.endswith(".mp4"), path
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return (frames, int(stream.average_rate), (stream.width, stream.height),
+                f"{stream.codec_context.name} {stream.codec_context.pix_fmt}")
+
+
+def test_app_serves_a_video_refuses_bad_frames_and_serves_the_next(wan_app):
+    from gradio_client.exceptions import AppError
+
+    app, client = wan_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache" and status["resolutions"] == ["64x32", "32x64", "48x48"]
+    assert status["output"] == {"kind": "video", "format": "mp4 (H.264, yuv420p)", "max_frames": 81, "frame_step": 4,
+                                "frames": {"64x32": [5], "32x64": [5], "48x48": [5]}, "fps": 16, "max_fps": 60}
+    assert status["defaults"]["steps"] == 40 and status["defaults"]["guidance"] == 4.0
+    video, seed, details = client.predict(**REQUEST, frames=5, fps=8, api_name="/generate")
+    frames, fps, size, codec = _decoded(video)
+    assert (len(frames), fps, size, codec) == (5, 8, (64, 32), "h264 yuv420p")
+    assert seed == 7 and details.startswith("64x32, 5 frames at 8 fps, 2 steps")
+    for bad, message in [(4, r"Frames: 4 frames: the count must be 4k\+1 \(1, 5, 9, ...\) and at most 81"),
+                         (85, "Frames must be from 1 to 81; got 85"),
+                         (9, r"64x32 is served at 5 frames, each a compiled program of its own; got 9. "
+                             r"PRESETS=label=64x32x9 adds it")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(**REQUEST, frames=bad, api_name="/generate")
+    # served again: the same seed, the same frames (at the same fps: x264's rate control reads the frame rate)
+    again, _, _ = client.predict(**REQUEST, fps=8, api_name="/generate")  # frames left out: the size's 5
+    assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
+    other, _, _ = client.predict(**{**REQUEST, "seed": 8}, api_name="/generate")
+    other_frames, fps, _, _ = _decoded(other)
+    assert fps == 16 and len(other_frames) == 5 and not np.array_equal(other_frames[0], frames[0])
