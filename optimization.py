@@ -2,7 +2,6 @@
 the weights, for every model family in `aot/families/`.
 
 `optimize_pipeline_(model, settings)` is the whole recipe, one step after another:
-  0. with LORAS, fuse each LoRA into the weights through diffusers' loader (aot/lora.py), before anything quantizes;
   0. fuse LORAS into the weights, before anything quantizes them (fp8: fused in bf16, then quantized), and read
      LORA_CHOICES' fused values into host memory (aot/lora.py);
   1. detect the hardware once (aot/hardware.py; on ZeroGPU, spaces' card and its task sizes); choose compilation
@@ -16,8 +15,9 @@ the weights, for every model family in `aot/families/`.
   4. for each preset shape, record the transformer's real inputs with `spaces.aoti_capture`, `torch.export`
      it and compile it with AOTInductor, on the device: regionally, one program per repeated block class (the
      default), or the whole transformer; install the packages with `spaces.aoti_load_from_package_dir` (the programs
-     read the modules' own parameters; each block gets its own instance) behind a dispatcher that picks each call's
-     program from its input shapes; on CUDA, put CUDA graph replay around the transformer (aot/graphs.py);
+     read the modules' own parameters; each block gets its own instance, and a second expert (Wan 2.2) the same
+     programs over its own weights) behind a dispatcher that picks each call's program from its input shapes; on
+     CUDA, put CUDA graph replay around the transformer (aot/graphs.py);
   5. time every preset on the device (its first call also loads its programs and checks its CUDA graph: kept only
      where the replay equals the uncaptured call and is faster), which sizes each request's ZeroGPU duration
      (aot/zerogpu.py);
