@@ -72,8 +72,8 @@ class Family:
     # the image's layout reaches the transformer as tensor values (FLUX's position ids), False where it is
     # baked into the program as Python ints (a (frames, height, width) tuple, a latent's spatial shape).
     shares_programs_by_token_count: bool = True
-    # One step's time against FLUX.1-dev's at the same pixel count (eager, H100/H200, RESULTS.md run 12): the
-    # ZeroGPU duration requested per request scales with it
+    # One step's time against FLUX.1-dev's at the same token count (eager, H100/H200, RESULTS.md run 12): the
+    # ZeroGPU duration estimated for a request, before any is measured, scales with it (aot/zerogpu.py `step_work`)
     step_cost: float = 1.0
     negative_prompt_arg: str | None = None  # Guidance.CFG: the pipeline argument for the negative prompt
     guidance_arg: str = "guidance_scale"  # the pipeline argument that takes the guidance value
