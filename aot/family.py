@@ -66,6 +66,9 @@ class Family:
     defaults: Callable[[object], Defaults]  # from the loaded pipeline's config (dev vs schnell, ...)
     build_tiny: Callable[[], object]  # a random-weight pipeline of this family, built offline in fp32
     prompt_tokens: Callable[[object, str], int]  # tokens of `prompt` that the transformer's text encoder reads
+    # Which pipelines of its `pipelines` classes it serves, where two entries share a class (WanPipeline: Wan 2.2
+    # TI2V-5B's own entry); None: all of them
+    serves: Callable[[object], bool] | None = None
     # Something the user should know about a prompt that is served anyway (FLUX: CLIP reads only 77 tokens)
     prompt_note: Callable[[object, str], str | None] | None = None
     # Whether two presets with the same number of image tokens can share one compiled program: True where

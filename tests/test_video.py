@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from aot.families import WAN
+from aot.families import WAN, WAN_5B
 from aot.memory import measure_footprint
 from aot.model import experts
 from aot.programs import ShapeDispatch
@@ -251,3 +251,53 @@ def test_app_lowers_a_default_past_zerogpus_maximum_and_refuses_a_request_past_i
         assert details.startswith("64x32, 5 frames at 16 fps, 36 steps")
     finally:
         served.close()
+
+
+# --- Wan 2.2 TI2V-5B (MODEL_ID=tiny-wan-5b): one transformer, a timestep per token, a 16x VAE ---------------------
+class Wan5BCompiled(Compiled):
+    """tiny-wan-5b after `optimize_pipeline_`, with a whole 2-step run recorded eagerly before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-wan-5b")
+
+    def check_model(self) -> None:
+        assert self.model.family is WAN_5B and len(experts(self.pipe)) == 1 and self.pipe.config.expand_timesteps
+
+    def record_eager(self) -> None:
+        self.eager_latents = self.latents()
+
+    def latents(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return self.model.outputs(self.model(PROMPT, self.model.presets[0], steps=2, generator=generator,
+                                                 output_type="latent"))
+
+
+@pytest.fixture(scope="module")
+def wan_5b() -> Wan5BCompiled:
+    return Wan5BCompiled()
+
+
+def test_wan_5b_is_its_own_family_with_its_16x_vae_and_24_fps():
+    from settings import parse_presets
+
+    assert (WAN_5B.multiple, WAN_5B.video.fps, WAN_5B.video.max_frames) == (32, 24, 121)
+    landscape, portrait = parse_presets(WAN_5B.presets, WAN_5B.multiple)
+    assert (landscape.name, portrait.name) == ("1280x704x121", "704x1280x121")
+    assert WAN_5B.tokens(landscape) == WAN_5B.tokens(portrait) == 31 * 40 * 22  # latent frames x 40x22 tokens
+    with pytest.raises(ValueError, match="multiples of 32"):
+        parse_presets("a=624x624x81", WAN_5B.multiple)  # the A14B's square
+
+
+def test_wan_5b_compiled_matches_eager_at_every_preset_and_in_a_run(wan_5b):
+    assert wan_5b.report.compile_scope == "blocks", wan_5b.report.fallbacks
+    # a timestep per token: the time embedding the blocks see has a token axis
+    (args, kwargs), = [wan_5b.inputs[p.name] for p in wan_5b.model.presets[:1]]
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    assert timestep.ndim == 2 and timestep.shape[1] == WAN_5B.tokens(wan_5b.model.presets[0])
+    # 64x32x5 and 32x64x5 are 4 tokens each: one program
+    assert wan_5b.report.programs == [{"image_tokens": 4, "resolutions": ["64x32x5", "32x64x5"]}]
+    compiled = wan_5b.run()
+    for preset, out in compiled.items():
+        assert rel_err(out, wan_5b.eager[preset]) <= TOLERANCE, preset
+    assert rel_err(wan_5b.latents(), wan_5b.eager_latents) <= TOLERANCE
