@@ -2,6 +2,7 @@
 
 Everything about speed lives in optimization.py, every setting in settings.py.
 """
+import dataclasses
 import inspect
 import logging
 import math
@@ -47,6 +48,29 @@ VIDEO = FAMILY.video  # None for an image family; a video family's presets also 
 SIZES: dict[str, list] = {}
 for _preset in MODEL.presets:
     SIZES.setdefault(_preset.size, []).append(_preset)
+
+
+def _longest(size: str):
+    """The preset a request for `size` that names no frame count gets: the most frames that size serves."""
+    return max(SIZES[size], key=lambda preset: preset.frames)
+
+
+DEFAULT_PRESET = _longest(MODEL.presets[0].size)  # a request that names neither resolution nor frames
+# What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
+# steps and transformer calls, plus a new worker's start and a program's first load (aot/zerogpu.py)
+DURATIONS = zerogpu.durations(REPORT, FAMILY, resident_bytes(MODEL.pipe) / 2**30)
+SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's task size, passed to every task
+
+
+def _calls(guidance: float) -> int:
+    return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step (each expert runs its own)
+
+
+# A default request must fit ZeroGPU's per-call maximum: the family's default steps, fewer where they would not
+_steps, _lowered = DURATIONS.default_steps(DEFAULT_PRESET, DEFAULTS.steps, _calls(DEFAULTS.guidance))
+if _lowered:
+    REPORT.fallback("default steps", _lowered)
+    MODEL.defaults = DEFAULTS = dataclasses.replace(DEFAULTS, steps=_steps)
 USES_GUIDANCE = DEFAULTS.guidance_kind is not Guidance.NONE
 TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negative_prompt_arg is not None
 # /generate's image arguments, one per image the family takes: `image` (the first slice's, kept for its callers),
@@ -139,8 +163,8 @@ def _output() -> dict:
 
 
 def _default_request_seconds() -> int:
-    """The GPU seconds a default request at the first preset gets (after spaces' factor), on a warm worker."""
-    seconds = DURATIONS.task_seconds(MODEL.presets[0], DEFAULTS.steps, _calls(DEFAULTS.guidance), False, False)
+    """The GPU seconds a default request (DEFAULT_PRESET) gets (after spaces' factor), on a warm worker."""
+    seconds = DURATIONS.task_seconds(DEFAULT_PRESET, DEFAULTS.steps, _calls(DEFAULTS.guidance), False, False)
     return DURATIONS.granted(seconds)
 
 
@@ -226,7 +250,7 @@ def _preset(resolution: str, frames):
             raise user_error(f"This {FAMILY.name} model makes images; leave frames out.")
         return presets[0]
     if frames is None:
-        return max(presets, key=lambda p: p.frames)
+        return _longest(resolution)
     frames = _integer(frames, "Frames", 1, VIDEO.max_frames)
     why = frames_refused(frames, VIDEO.max_frames, VIDEO.frame_step)
     if why:
@@ -296,16 +320,6 @@ def _input_images(given: dict, notes: list[str]) -> tuple:
         label = name.replace("image", "input") if FAMILY.max_images > 1 else "input"
         notes += [*one.notes, f"{label} {one.image.width}x{one.image.height} resized to {preset.name}"]
     return tuple(one.image for one in checked.values())
-
-
-# What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
-# steps and transformer calls, plus a new worker's start and a program's first load (aot/zerogpu.py)
-DURATIONS = zerogpu.durations(REPORT, FAMILY.step_cost, resident_bytes(MODEL.pipe) / 2**30)
-SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's task size, passed to every task
-
-
-def _calls(guidance: float) -> int:
-    return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step
 
 
 def _shape(width: int, height: int, frames: int) -> tuple:
@@ -528,7 +542,7 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
                                   value=MODEL.presets[0].size, label="Resolution", elem_id="resolution")
             # a video's length: the frame counts the presets serve, and the frame rate it is encoded at
             video_inputs = {"frames": gr.Dropdown(choices=sorted({p.frames for p in MODEL.presets}),
-                                                  value=MODEL.presets[0].frames, label="Frames", elem_id="frames"),
+                                                  value=DEFAULT_PRESET.frames, label="Frames", elem_id="frames"),
                             "fps": gr.Slider(label="Frames per second", minimum=1, maximum=MAX_FPS, step=1,
                                              value=VIDEO.fps, elem_id="fps")} if VIDEO else {}
             negative_prompt = gr.Textbox(value="", label="Negative prompt",

@@ -66,14 +66,17 @@ class Family:
     defaults: Callable[[object], Defaults]  # from the loaded pipeline's config (dev vs schnell, ...)
     build_tiny: Callable[[], object]  # a random-weight pipeline of this family, built offline in fp32
     prompt_tokens: Callable[[object, str], int]  # tokens of `prompt` that the transformer's text encoder reads
+    # Which pipelines of its `pipelines` classes it serves, where two entries share a class (WanPipeline: Wan 2.2
+    # TI2V-5B's own entry); None: all of them
+    serves: Callable[[object], bool] | None = None
     # Something the user should know about a prompt that is served anyway (FLUX: CLIP reads only 77 tokens)
     prompt_note: Callable[[object, str], str | None] | None = None
     # Whether two presets with the same number of image tokens can share one compiled program: True where
     # the image's layout reaches the transformer as tensor values (FLUX's position ids), False where it is
     # baked into the program as Python ints (a (frames, height, width) tuple, a latent's spatial shape).
     shares_programs_by_token_count: bool = True
-    # One step's time against FLUX.1-dev's at the same pixel count (eager, H100/H200, RESULTS.md run 12): the
-    # ZeroGPU duration requested per request scales with it
+    # One step's time against FLUX.1-dev's at the same token count (eager, H100/H200, RESULTS.md run 12): the
+    # ZeroGPU duration estimated for a request, before any is measured, scales with it (aot/zerogpu.py `step_work`)
     step_cost: float = 1.0
     negative_prompt_arg: str | None = None  # Guidance.CFG: the pipeline argument for the negative prompt
     guidance_arg: str = "guidance_scale"  # the pipeline argument that takes the guidance value

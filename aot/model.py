@@ -155,7 +155,7 @@ def experts(pipe) -> list[torch.nn.Module]:
 def family_of(pipe) -> Family:
     name = type(pipe).__name__
     for family in FAMILIES:
-        if name in family.pipelines:
+        if name in family.pipelines and (family.serves is None or family.serves(pipe)):
             return family
     supported = ", ".join(f"{p} ({f.name})" for f in FAMILIES for p in f.pipelines)
     raise SystemExit(f"{name} is not a supported pipeline. This template serves: {supported}. "

@@ -9,7 +9,8 @@ before spaces multiplies them again, so the factor counts exactly once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from aot.hardware import Hardware, Size, ZeroGPUCard
 from aot.report import Decision, Report
@@ -31,9 +32,16 @@ PROGRAM_LOAD_SECONDS = 5
 # run 22). ZeroGPU's main process cannot pin, so its workers copy from pageable memory: asked at 4 GiB/s, an assumption
 # (not measured) well under the pinned rate
 SWITCH_SECONDS_PER_GIB = 0.25
-# Before anything is measured on the device (or when measuring failed): an H100's FLUX.1-dev step at 1024x1024,
-# 98-115 ms compiled and 183 ms eager (RESULTS.md runs 13, 16), asked with a 1.3-1.5x margin, per transformer call
+# Before anything is measured on the device (or when measuring failed): an H100's FLUX.1-dev step at 1024x1024 (4096
+# image tokens), 98-115 ms compiled and 183 ms eager (RESULTS.md runs 13, 16), asked with a 1.3-1.5x margin, per
+# transformer call
 H100_CALL_SECONDS = {True: 0.15, False: 0.25}
+REFERENCE_TOKENS = 4096
+# Other token counts (a larger image, a video's frames x height x width) are estimated from a step's FLOPs: the linear
+# layers' 2 x params per token and attention's 4 x width x layers per pair of tokens, which match at params / (2 x
+# width x layers) tokens: 34,000 for FLUX.1-dev (11.9B, 3072 wide, 57 blocks) and for Wan 2.2 A14B's experts (14.3B,
+# 5120, 40), 27,000 for Wan 2.2 TI2V-5B. From the configs, not measured; text tokens left out.
+ATTENTION_EVEN_TOKENS = 34_000
 H100_SMS = 132
 # A card's step time against the H100's, for those estimates. The H200 slice (MIG 3g.71gb) has 60 of the H200's
 # SMs: 132/60. The RTX Pro 6000 Blackwell, from its published specs (188 SMs, 1.79 TB/s, about 1,000 dense fp8
@@ -49,6 +57,15 @@ SLOWDOWN = {
 def slowdown(name: str, sm_count: int, size: Size | None) -> float:
     """How much longer than an H100 a step takes on this card and size: the table, else by SM count."""
     return SLOWDOWN.get((name, size)) or max(1.0, H100_SMS / max(sm_count, 1))
+
+
+def step_work(tokens: int) -> float:
+    """A step's FLOPs at `tokens` image (or video) tokens, against FLUX.1-dev's at 1024x1024: linear in the tokens,
+    and quadratic in them for attention (ATTENTION_EVEN_TOKENS)."""
+    def flops(n: int) -> float:
+        return n * (1 + n / ATTENTION_EVEN_TOKENS)
+
+    return flops(tokens) / flops(REFERENCE_TOKENS)
 
 
 def gpu_task(fn, seconds: float, hardware: Hardware):
@@ -108,7 +125,7 @@ class Timing:
 @dataclass(frozen=True)
 class Durations:
     """The GPU seconds each request asks for. `timings`: measured per preset name; a preset without one is estimated
-    from an H100's step, scaled by the card's slowdown and the preset's pixels."""
+    from an H100's step, scaled by the card's slowdown and the preset's tokens (`step_work`)."""
 
     timings: dict[str, Timing]
     compiled: bool
@@ -119,6 +136,7 @@ class Durations:
     quota_factor: int = 1  # `xlarge` costs twice the quota
     limited: bool = False  # on ZeroGPU: a request must fit MAX_TASK_SECONDS
     switch_gib: float = 0.0  # the most a LORA_CHOICES switch copies: the largest choice in, the largest other out
+    tokens: Callable[[object], int] = field(kw_only=True)  # a preset's image (or video) tokens: the family's `tokens`
 
     def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool) -> float:
         """The seconds a request's task needs, margin included. `calls`: transformer calls a step (2 with CFG)."""
@@ -126,8 +144,7 @@ class Durations:
         if timing:
             call, fixed = timing.call_s * MARGIN, max(FIXED_SECONDS, timing.fixed_s * MARGIN)
         else:
-            pixels = preset.width * preset.height / 1024**2
-            call = H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * pixels
+            call = H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * step_work(self.tokens(preset))
             fixed = FIXED_SECONDS
         extra = (WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * self.weight_gib) if new_worker else 0.0
         if self.compiled and first_shape:
@@ -147,23 +164,46 @@ class Durations:
     def fits(self, seconds: float) -> bool:
         return self.granted(seconds) <= MAX_TASK_SECONDS
 
+    def worst_case(self, preset, steps: int, calls: int) -> float:
+        """A request's seconds on a new worker that has not run its shape: what every limit is checked at."""
+        return self.task_seconds(preset, steps, calls, new_worker=True, first_shape=True)
+
+    def most_steps(self, preset, steps: int, calls: int) -> int:
+        """The most steps, up to `steps`, that fit ZeroGPU's per-call maximum at `preset`; 0 if none does."""
+        if not self.limited:
+            return steps
+        return max((n for n in range(1, steps + 1) if self.fits(self.worst_case(preset, n, calls))), default=0)
+
     def too_long(self, presets, preset, steps: int, calls: int) -> str | None:
         """Why a request cannot fit ZeroGPU's per-call maximum (counting a new worker's start, the worst case),
-        naming the most steps at this preset and the presets where these steps fit; None if it fits."""
-        def need(p, n):
-            return self.task_seconds(p, n, calls, new_worker=True, first_shape=True)
-
-        if not self.limited or self.fits(need(preset, steps)):
+        naming the most steps at this preset and the presets (other frame counts among them) where these steps fit;
+        None if it fits."""
+        most = self.most_steps(preset, steps, calls)
+        if most == steps:
             return None
-        most = max((n for n in range(1, steps) if self.fits(need(preset, n))), default=0)
-        other = [p.name for p in presets if p != preset and self.fits(need(p, steps))]
+        other = [p.name for p in presets if p != preset and self.fits(self.worst_case(p, steps, calls))]
         advice = [f"at most {most} steps at {preset.name}"] if most else []
         if other:
             advice.append(f"{steps} steps at {', '.join(other)}")
         fix = "; ".join(([] if most else [f"no step count fits at {preset.name}"]) +
                         ([f"use {' or '.join(advice)}"] if advice else []))
-        return (f"{steps} steps at {preset.name} need about {self.granted(need(preset, steps))} s of GPU, past "
-                f"ZeroGPU's {MAX_TASK_SECONDS} s per request; {fix}")
+        return f"{self._past(preset, steps, calls)}; {fix}"
+
+    def default_steps(self, preset, steps: int, calls: int) -> tuple[int, str | None]:
+        """The default steps, lowered where the default request at `preset` would pass ZeroGPU's per-call maximum,
+        and why (None: kept). Steps rather than frames: a preset's frames are a compiled program and the clip PRESETS
+        asked for, while steps compile nothing and take time in proportion. A preset where no step fits is refused."""
+        most = self.most_steps(preset, steps, calls)
+        if not most:
+            raise ValueError(f"{self._past(preset, 1, calls)} even at 1 step; put a smaller size or fewer frames "
+                             "first in PRESETS")
+        if most == steps:
+            return steps, None
+        return most, f"{self._past(preset, steps, calls)}: the default is {most} steps, which fit"
+
+    def _past(self, preset, steps: int, calls: int) -> str:
+        return (f"{steps} steps at {preset.name} need about {self.granted(self.worst_case(preset, steps, calls))} s "
+                f"of GPU, past ZeroGPU's {MAX_TASK_SECONDS} s per request")
 
     def as_dict(self) -> dict:
         return {"source": "measured on this device" if self.timings else "estimated from an H100's step",
@@ -174,12 +214,14 @@ class Durations:
                 "max_task_seconds": MAX_TASK_SECONDS}
 
 
-def durations(report: Report, step_cost: float, weight_gib: float) -> Durations:
-    """The request durations for what `report` says runs: its measured timings, else estimates for its hardware."""
+def durations(report: Report, family, weight_gib: float) -> Durations:
+    """The request durations for what `report` says runs: its measured timings, else estimates for its hardware and
+    `family` (its step cost and tokens)."""
     hardware = report.hardware
     card, size = hardware.zerogpu, hardware.size
     name = card.model if card else hardware.name
     choices = sorted((entry.get("host_bytes", 0) for entry in report.lora_choices), reverse=True)
-    return Durations({name: Timing(**t) for name, t in report.timings.items()}, report.compile == "aoti", step_cost,
-                     slowdown(name, hardware.sm_count, size), weight_gib, card.factor_for(size) if card else 1.0,
-                     2 if size is Size.XLARGE else 1, card is not None, sum(choices[:2]) / 2**30)
+    return Durations({name: Timing(**t) for name, t in report.timings.items()}, report.compile == "aoti",
+                     family.step_cost, slowdown(name, hardware.sm_count, size), weight_gib,
+                     card.factor_for(size) if card else 1.0, 2 if size is Size.XLARGE else 1, card is not None,
+                     sum(choices[:2]) / 2**30, tokens=family.tokens)

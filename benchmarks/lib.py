@@ -207,7 +207,8 @@ def real_text_encoder(tiny, sizes: dict, device: str, shrink: int = 1, dtype: to
 
 def _text_widths(config) -> tuple[int, int | None]:
     """(text embedding width, pooled embedding width) that a transformer of this config reads."""
-    return config.get("joint_attention_dim") or config.get("cap_feat_dim"), config.get("pooled_projection_dim")
+    return (config.get("joint_attention_dim") or config.get("cap_feat_dim") or config.get("text_dim"),
+            config.get("pooled_projection_dim"))
 
 
 def _widen_text_(pipe, tiny_config, real_config, device: str, dtype: torch.dtype) -> None:
@@ -247,6 +248,9 @@ def real_pipeline(family, device: str, text: str = "tiny", config: dict | None =
         tiny_config = pipe.transformer.config
         torch.manual_seed(0)
         models = {"transformer": real_transformer(family, type(pipe.transformer), device, config, dtype)}
+        if getattr(pipe, "transformer_2", None) is not None:  # Wan 2.2 A14B's low-noise expert: the same config,
+            torch.manual_seed(3)  # its own weights
+            models["transformer_2"] = real_transformer(family, type(pipe.transformer_2), device, config, dtype)
         if text == "real":
             torch.manual_seed(1)
             models.update({name: real_text_encoder(getattr(pipe, name), sizes, device, dtype=dtype)

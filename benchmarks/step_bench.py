@@ -66,6 +66,7 @@ import optimization
 from aot import step_cache
 from aot.families import FAMILIES, family_named
 from aot.memory import text_encoders
+from aot.model import experts
 from aot.model import load_model
 from aot.programs import capture_inputs, release_export_memory
 from settings import Settings
@@ -172,7 +173,9 @@ def time_image(model, preset, steps: int, device: str, repeats: int, inputs: int
     def post(*_):
         open_spans.pop().stop()
 
-    for key, module in [*(("text_encoders", m) for m in text_encoders(pipe)), ("transformer", pipe.transformer)]:
+    # Wan 2.2 A14B: both experts' calls are the transformer's, each step running one of them
+    for key, module in [*(("text_encoders", m) for m in text_encoders(pipe)),
+                        *(("transformer", m) for m in experts(pipe))]:
         handles += [module.register_forward_pre_hook(pre(key)), module.register_forward_hook(post)]
     decode = pipe.vae.decode
 

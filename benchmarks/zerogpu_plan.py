@@ -108,7 +108,7 @@ def main() -> int:
             factor = slowdown(card.model, card.sm_count, size)
             durations = Durations({preset.name: Timing(step_ms * factor / 1000, FIXED_S)}, True, family.step_cost,
                                   factor, by_size[size].packed_gib, card.factor_for(size),
-                                  2 if size is Size.XLARGE else 1, True)
+                                  2 if size is Size.XLARGE else 1, True, tokens=family.tokens)
             row = dict(model=label, size=size.value, auto=auto, preset=preset.name, steps=defaults.steps,
                        guidance=defaults.guidance, calls=calls, measured_ms=step_ms, measured_on=measured_on,
                        slowdown=factor, call_s=round(step_ms * factor / 1000, 3), weight_gib=by_size[size].packed_gib,

@@ -15,14 +15,15 @@ import torch
 from aot import hardware as hardware_module
 from aot.decisions import (ATTENTION_MAX_ERROR, FP8_GRANULARITIES, SDPA, attention_candidates, choose_compile,
                            choose_quantization, fp8_candidates, pick_attention, pick_fp8)
+from aot.families import FLUX
 from aot.hardware import Hardware, Size, ZeroGPUCard, detect
 from conftest import cpu
 from aot.memory import ACTIVATION_BYTES_PER_TOKEN, SLACK_BYTES, Footprint, choose_resident_plan
 from aot.probes import AttentionShape, Probe, probe_attention, probe_fp8, run_probes
 from aot.report import Report
-from aot.zerogpu import (FIXED_SECONDS, MARGIN, MAX_TASK_SECONDS, PROGRAM_LOAD_SECONDS, SWITCH_SECONDS_PER_GIB,
-                         WORKER_SECONDS_PER_GIB, WORKER_START_SECONDS, Durations, Timing, choose_size, durations,
-                         gpu_task, slowdown)
+from aot.zerogpu import (FIXED_SECONDS, H100_CALL_SECONDS, MARGIN, MAX_TASK_SECONDS, PROGRAM_LOAD_SECONDS,
+                         SWITCH_SECONDS_PER_GIB, WORKER_SECONDS_PER_GIB, WORKER_START_SECONDS, Durations, Timing,
+                         choose_size, durations, gpu_task, slowdown, step_work)
 from settings import Preset
 
 GB, GiB = 10**9, 2**30
@@ -351,7 +352,7 @@ SECONDS = [s + fraction for s in range(1, 401) for fraction in (0.0, 0.01, 0.5, 
 
 @pytest.mark.parametrize("factor", [1.0, 1.5])
 def test_granted_duration_always_covers_the_task(factor):
-    plan = Durations({}, True, 1.0, 1.0, 0.0, factor=factor)
+    plan = Durations({}, True, 1.0, 1.0, 0.0, factor=factor, tokens=FLUX.tokens)
     for seconds in SECONDS:
         requested, granted = plan.requested(seconds), plan.granted(seconds)
         assert isinstance(requested, int) and requested >= 1
@@ -369,7 +370,7 @@ def test_granted_duration_is_what_spaces_itself_computes(monkeypatch, rtx):
 
     monkeypatch.setattr(client.config, "get_config", lambda: spaces_configs()[RTX_PRO_6000])
     for size in rtx.sizes:
-        plan = Durations({}, True, 1.0, 1.0, 0.0, factor=rtx.factor_for(size))
+        plan = Durations({}, True, 1.0, 1.0, 0.0, factor=rtx.factor_for(size), tokens=FLUX.tokens)
         for seconds in range(1, 401):
             requested = plan.requested(seconds)
             assert round(client.get_duration_seconds(timedelta(seconds=requested), size.value)) == plan.granted(seconds)
@@ -402,7 +403,7 @@ PRESETS = (Preset("square", 1024, 1024), Preset("small", 512, 512), Preset("huge
 
 def test_task_seconds_covers_the_measured_time():
     timing = Timing(call_s=0.8, fixed_s=2.5)
-    plan = Durations({"1024x1024": timing}, True, 1.0, 4.0, 12.0, factor=1.5, limited=True)
+    plan = Durations({"1024x1024": timing}, True, 1.0, 4.0, 12.0, factor=1.5, limited=True, tokens=FLUX.tokens)
     square = PRESETS[0]
     for steps in (1, 4, 28, 50):
         for calls in (1, 2):
@@ -413,19 +414,22 @@ def test_task_seconds_covers_the_measured_time():
             assert worker == pytest.approx(bare + WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * 12.0)
             first = plan.task_seconds(square, steps, calls, new_worker=False, first_shape=True)
             assert first == pytest.approx(bare + PROGRAM_LOAD_SECONDS)  # compiled: a shape's programs load
-    eager = Durations({"1024x1024": timing}, False, 1.0, 4.0, 12.0)
+    eager = Durations({"1024x1024": timing}, False, 1.0, 4.0, 12.0, tokens=FLUX.tokens)
     assert eager.task_seconds(square, 4, 1, False, True) == eager.task_seconds(square, 4, 1, False, False)
-    # a preset without a timing: the H100's step, times the slowdown and the pixels
+    # a preset without a timing: the H100's step, times the slowdown and the step's work at the preset's tokens,
+    # which grows faster than the pixels (attention)
     estimate = lambda d, p: d.task_seconds(p, 10, 1, False, False) - FIXED_SECONDS  # noqa: E731
-    slower = Durations({}, True, 1.0, 8.0, 12.0)
-    faster = Durations({}, True, 1.0, 2.0, 12.0)
+    slower = Durations({}, True, 1.0, 8.0, 12.0, tokens=FLUX.tokens)
+    faster = Durations({}, True, 1.0, 2.0, 12.0, tokens=FLUX.tokens)
     assert estimate(slower, square) == pytest.approx(4 * estimate(faster, square))
-    assert estimate(faster, PRESETS[2]) == pytest.approx(4 * estimate(faster, square))
+    assert estimate(faster, square) == pytest.approx(10 * H100_CALL_SECONDS[True] * 2.0)  # FLUX.1-dev's 1024x1024
+    assert estimate(faster, PRESETS[2]) == pytest.approx(step_work(4 * 4096) * estimate(faster, square))
+    assert step_work(4 * 4096) == pytest.approx(4 * (1 + 4 * 4096 / 34_000) / (1 + 4096 / 34_000))
 
 
 def _timed_plan(limited: bool) -> Durations:
     return Durations({"1024x1024": Timing(2.0, 2.0), "512x512": Timing(0.5, 1.0), "2048x2048": Timing(8.0, 4.0)},
-                     True, 1.0, 1.0, 10.0, factor=1.5, limited=limited)
+                     True, 1.0, 1.0, 10.0, factor=1.5, limited=limited, tokens=FLUX.tokens)
 
 
 def test_too_long_is_none_off_zerogpu_and_when_it_fits():
@@ -448,7 +452,8 @@ def test_too_long_names_the_most_steps_and_the_presets_that_fit():
     assert f"{steps} steps at 512x512" in message and "2048x2048" not in message
     # nothing fits at a preset (its measured rest of the request alone is past the maximum): said so, with the
     # presets that do fit
-    slow = Durations({**plan.timings, "2048x2048": Timing(8.0, 250.0)}, True, 1.0, 1.0, 10.0, factor=1.5, limited=True)
+    slow = Durations({**plan.timings, "2048x2048": Timing(8.0, 250.0)}, True, 1.0, 1.0, 10.0, factor=1.5, limited=True,
+                     tokens=FLUX.tokens)
     message = slow.too_long(PRESETS, PRESETS[2], 120, 1)
     assert "no step count fits at 2048x2048" in message and "at most" not in message
     assert "120 steps at 512x512" in message and "1024x1024" not in message
@@ -457,25 +462,25 @@ def test_too_long_names_the_most_steps_and_the_presets_that_fit():
 def test_durations_for_each_size(rtx):
     report = Report(device="cuda", dtype="bfloat16", compile="aoti", hardware=on_card(rtx, Size.LARGE),
                     timings={"1024x1024": {"call_s": 0.4, "fixed_s": 1.0}})
-    large = durations(report, step_cost=1.0, weight_gib=20.0)
+    large = durations(report, FLUX, weight_gib=20.0)
     assert (large.factor, large.quota_factor, large.limited, large.compiled) == (1.5, 1, True, True)
     assert large.timings == {"1024x1024": Timing(0.4, 1.0)}
     assert large.slowdown == slowdown(RTX_PRO_6000, 188, Size.LARGE)
     report.hardware = on_card(rtx, Size.XLARGE)
-    xlarge = durations(report, 1.0, 20.0)
+    xlarge = durations(report, FLUX, 20.0)
     assert (xlarge.factor, xlarge.quota_factor, xlarge.limited) == (1.0, 2, True)
     assert xlarge.slowdown < large.slowdown  # the whole card is faster than half of it
     report.hardware = cpu()
-    off = durations(report, 1.0, 20.0)
+    off = durations(report, FLUX, 20.0)
     assert (off.factor, off.quota_factor, off.limited) == (1.0, 1, False)
 
 
 def test_lora_choices_add_the_largest_switch_to_every_request(rtx):
     report = Report(device="cuda", dtype="bfloat16", compile="aoti", hardware=on_card(rtx, Size.LARGE),
                     timings={"1024x1024": {"call_s": 0.4, "fixed_s": 1.0}})
-    plain = durations(report, 1.0, 20.0)
+    plain = durations(report, FLUX, 20.0)
     report.lora_choices = [{"name": name, "host_bytes": gib * 2**30} for name, gib in (("a", 8), ("b", 2), ("c", 6))]
-    switching = durations(report, 1.0, 20.0)
+    switching = durations(report, FLUX, 20.0)
     assert switching.switch_gib == 14  # the largest choice switched in, the next largest restored to the base
     square = PRESETS[0]
     for new_worker in (False, True):

@@ -5,11 +5,14 @@ token count, installed on both experts).
 
 One compile per program for the module: `wan` is compiled once and every test reads it.
 """
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from aot.families import WAN
+from aot.families import WAN, WAN_5B
 from aot.memory import measure_footprint
 from aot.model import experts
 from aot.programs import ShapeDispatch
@@ -179,3 +182,122 @@ def test_app_serves_a_video_refuses_bad_frames_and_serves_the_next(wan_app):
     other, _, _ = client.predict(**{**REQUEST, "seed": 8}, api_name="/generate")
     other_frames, fps, _, _ = _decoded(other)
     assert fps == 16 and len(other_frames) == 5 and not np.array_equal(other_frames[0], frames[0])
+
+
+# --- a video request's GPU duration ------------------------------------------------------------------------------
+A14B_ON_HALF_A_CARD = dict(timings={}, compiled=True, step_cost=WAN.step_cost, slowdown=4.0, weight_gib=30.0,
+                           factor=1.5, limited=True, tokens=WAN.tokens)  # estimated: nothing measured yet
+
+
+def test_the_estimate_grows_with_the_frames_and_faster_for_attention():
+    from aot.zerogpu import Durations, step_work
+    from settings import parse_presets
+
+    plan = Durations(**A14B_ON_HALF_A_CARD)
+    long, short = parse_presets("long=832x480x81,short=832x480x33", WAN.multiple)
+    assert (WAN.tokens(long), WAN.tokens(short)) == (21 * 1560, 9 * 1560)  # latent frames x 52x30 tokens
+
+    def call(preset):
+        return plan.task_seconds(preset, 2, 1, False, False) - plan.task_seconds(preset, 1, 1, False, False)
+
+    assert call(long) / call(short) == pytest.approx(step_work(21 * 1560) / step_work(9 * 1560))
+    assert call(long) / call(short) > 21 / 9 * 1.2  # attention's quadratic part: more than the tokens' ratio
+
+
+def test_a_default_past_zerogpus_maximum_gets_the_steps_that_fit():
+    from aot.zerogpu import MAX_TASK_SECONDS, Durations
+    from settings import parse_presets
+
+    plan = Durations(**A14B_ON_HALF_A_CARD)
+    long, short = parse_presets("long=832x480x81,short=832x480x33", WAN.multiple)
+    # 40 steps of two calls (true CFG) at 32,760 tokens: about 10 s a call on half an RTX Pro 6000, estimated
+    steps, why = plan.default_steps(long, 40, 2)
+    assert steps == 12 and why == ("40 steps at 832x480x81 need about 850 s of GPU, past ZeroGPU's 300 s per "
+                                   "request: the default is 12 steps, which fit")
+    assert plan.granted(plan.worst_case(long, 12, 2)) <= MAX_TASK_SECONDS < plan.granted(plan.worst_case(long, 13, 2))
+    assert plan.default_steps(short, 40, 2) == (40, None)  # 14,040 tokens fit
+    assert plan.too_long([long, short], long, 40, 2).endswith("use at most 12 steps at 832x480x81 or 40 steps at "
+                                                              "832x480x33")
+    with pytest.raises(ValueError, match="1 steps at 832x480x81 need about .* even at 1 step; put a smaller size or "
+                                         "fewer frames first in PRESETS"):
+        dataclasses.replace(plan, slowdown=100.0).default_steps(long, 40, 2)
+    assert dataclasses.replace(plan, limited=False).default_steps(long, 40, 2) == (40, None)  # off ZeroGPU
+
+
+def test_app_lowers_a_default_past_zerogpus_maximum_and_refuses_a_request_past_it(wan, monkeypatch):
+    """tiny-wan as if on ZeroGPU with 3 s a call measured at every preset: 40 steps of two calls are past 300 s."""
+    from gradio_client.exceptions import AppError
+
+    from aot import zerogpu
+    from aot.zerogpu import Timing
+
+    measured = zerogpu.durations
+    monkeypatch.setattr(zerogpu, "durations", lambda report, family, gib: dataclasses.replace(
+        measured(report, family, gib), timings={p: Timing(3.0, 1.0) for p in ("64x32x5", "32x64x5", "48x48x5")},
+        factor=1.5, limited=True))
+    served = served_app("wan-zerogpu", {"MODEL_ID": "tiny-wan", "AOT_CACHE_DIR": wan.settings.cache_dir})
+    app, client = next(served)
+    try:
+        monkeypatch.undo()
+        # a new worker: 12 s, then 7.8 s a step; 36 steps ask 294 s once spaces' 1.5 counts, 37 would ask 302
+        status = client.predict(api_name="/status")
+        assert status["defaults"]["steps"] == app.DEFAULTS.steps == 36
+        past = r"40 steps at 64x32x5 need about 32\d s of GPU, past ZeroGPU's 300 s per request"
+        assert [f for f in status["fallbacks"] if re.fullmatch(f"default steps: {past}: the default is 36 steps, "
+                                                                 "which fit", f)]
+        with pytest.raises(AppError, match=f"{past}; use at most 36 steps at 64x32x5\\.$"):
+            client.predict(**{**REQUEST, "steps": 40}, api_name="/generate")
+        _, _, details = client.predict(prompt=PROMPT, api_name="/generate")  # the defaults: served
+        assert details.startswith("64x32, 5 frames at 16 fps, 36 steps")
+    finally:
+        served.close()
+
+
+# --- Wan 2.2 TI2V-5B (MODEL_ID=tiny-wan-5b): one transformer, a timestep per token, a 16x VAE ---------------------
+class Wan5BCompiled(Compiled):
+    """tiny-wan-5b after `optimize_pipeline_`, with a whole 2-step run recorded eagerly before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-wan-5b")
+
+    def check_model(self) -> None:
+        assert self.model.family is WAN_5B and len(experts(self.pipe)) == 1 and self.pipe.config.expand_timesteps
+
+    def record_eager(self) -> None:
+        self.eager_latents = self.latents()
+
+    def latents(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return self.model.outputs(self.model(PROMPT, self.model.presets[0], steps=2, generator=generator,
+                                                 output_type="latent"))
+
+
+@pytest.fixture(scope="module")
+def wan_5b() -> Wan5BCompiled:
+    return Wan5BCompiled()
+
+
+def test_wan_5b_is_its_own_family_with_its_16x_vae_and_24_fps():
+    from settings import parse_presets
+
+    assert (WAN_5B.multiple, WAN_5B.video.fps, WAN_5B.video.max_frames) == (32, 24, 121)
+    landscape, portrait = parse_presets(WAN_5B.presets, WAN_5B.multiple)
+    assert (landscape.name, portrait.name) == ("1280x704x121", "704x1280x121")
+    assert WAN_5B.tokens(landscape) == WAN_5B.tokens(portrait) == 31 * 40 * 22  # latent frames x 40x22 tokens
+    with pytest.raises(ValueError, match="multiples of 32"):
+        parse_presets("a=624x624x81", WAN_5B.multiple)  # the A14B's square
+
+
+def test_wan_5b_compiled_matches_eager_at_every_preset_and_in_a_run(wan_5b):
+    assert wan_5b.report.compile_scope == "blocks", wan_5b.report.fallbacks
+    # a timestep per token: the time embedding the blocks see has a token axis
+    (args, kwargs), = [wan_5b.inputs[p.name] for p in wan_5b.model.presets[:1]]
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    assert timestep.ndim == 2 and timestep.shape[1] == WAN_5B.tokens(wan_5b.model.presets[0])
+    # 64x32x5 and 32x64x5 are 4 tokens each: one program
+    assert wan_5b.report.programs == [{"image_tokens": 4, "resolutions": ["64x32x5", "32x64x5"]}]
+    compiled = wan_5b.run()
+    for preset, out in compiled.items():
+        assert rel_err(out, wan_5b.eager[preset]) <= TOLERANCE, preset
+    assert rel_err(wan_5b.latents(), wan_5b.eager_latents) <= TOLERANCE
