@@ -52,6 +52,7 @@ class Model:
                                                  else guidance)
         if preset.frames:
             extra["num_frames"] = preset.frames
+            kwargs = {"output_type": "np", **kwargs}  # frames as floats in [0, 1] (LTX-2's default is PIL images)
         if self.family.call_args:
             extra.update(self.family.call_args(preset.width, preset.height))
         if self.does_cfg(guidance) and self.family.negative_prompt_arg:
