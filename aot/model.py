@@ -67,6 +67,14 @@ class Model:
         """A pipeline result's batch: its images, or a video family's frames (each video an array of frames)."""
         return result.frames if self.family.video else result.images
 
+    def sound(self, result):
+        """A video family's sound track for the batch's first video: (samples as (channels, count) floats in [-1, 1],
+        sample rate), or None where its pipeline makes a silent video."""
+        video = self.family.video
+        if not (video and video.audio_rate):
+            return None
+        return result.audio[0].float().cpu().numpy(), video.audio_rate(self.pipe)
+
     def does_cfg(self, guidance: float) -> bool:
         """Whether a call runs the transformer twice per step (true classifier-free guidance)."""
         return self.defaults.guidance_kind is Guidance.CFG and guidance > 1

@@ -1,15 +1,19 @@
 """LTX-2, on its tiny random-weight pipeline (MODEL_ID=tiny-ltx2): one transformer denoising a video and its sound
 track together, AoT-compiled on CPU at block scope (the default); compiled matches eager at every preset on both
-streams.
+streams, and the app returns an MP4 whose sound track is the pipeline's, decoded back with PyAV.
 
 One compile per program for the module: `ltx2` is compiled once and every test reads it.
 """
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from aot.families import LTX2
 from aot.programs import ShapeDispatch
-from conftest import Compiled, rel_err
+from aot.video import Clip, encode
+from conftest import Compiled, rel_err, served_app
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
 PROMPT = "a drum rolling down stairs"
@@ -81,3 +85,62 @@ def test_presets_are_8k_plus_1_frames_at_multiples_of_32():
     with pytest.raises(ValueError, match="multiples of 32"):
         parse_presets("a=784x512x121", 32)
 
+
+def test_a_sound_track_is_encoded_beside_the_frames(tmp_path: Path):
+    rate, samples = 8000, 2640
+    wave = 0.5 * np.sin(2 * np.pi * 440 * np.arange(samples) / rate)
+    path = encode(Clip.of(np.random.rand(9, 64, 96, 3), (np.stack([wave, -wave]), rate)), 24, tmp_path / "a.mp4")
+    frames, fps, size, sound = _decoded(str(path))
+    assert (len(frames), fps, size) == (9, 24, (96, 64))
+    assert sound == ("aac", rate, 2, samples)
+
+
+# --- the app serving tiny-ltx2 through gradio_client -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ltx2_app(ltx2):
+    """(app module, gradio client): app.py with MODEL_ID=tiny-ltx2, loading `ltx2`'s programs from the cache."""
+    yield from served_app("ltx2", {"MODEL_ID": "tiny-ltx2", "AOT_CACHE_DIR": ltx2.settings.cache_dir})
+
+
+REQUEST = dict(prompt=PROMPT, resolution="96x64", seed=7, randomize_seed=False, steps=2)
+
+
+def _decoded(result) -> tuple[list[np.ndarray], int, tuple[int, int], tuple | None]:
+    """A returned video's frames, frame rate and (width, height), and its sound track's (codec, sample rate,
+    channels, samples) or None, decoded with PyAV."""
+    import av
+
+    path = result["video"] if isinstance(result, dict) else result
+    assert path.endswith(".mp4"), path
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        # the stream's duration is the track's own length: AAC decodes whole frames of 1024 samples past it
+        sound = audio and (audio.codec_context.name, audio.sample_rate, audio.channels,
+                           round(audio.duration * audio.time_base * audio.sample_rate))
+        return frames, int(stream.average_rate), (stream.width, stream.height), sound
+
+
+def test_app_serves_a_video_with_its_sound_refuses_bad_input_and_serves_the_next(ltx2_app):
+    from gradio_client.exceptions import AppError
+
+    app, client = ltx2_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache"
+    assert status["output"]["format"] == "mp4 (H.264, yuv420p, AAC at 8000 Hz)"
+    assert status["output"]["frames"] == {"96x64": [9], "64x96": [9], "64x64": [9]} and status["output"]["fps"] == 24
+    video, seed, details = client.predict(**REQUEST, frames=9, api_name="/generate")
+    frames, fps, size, sound = _decoded(video)
+    assert (len(frames), fps, size, seed) == (9, 24, (96, 64), 7)
+    # the pipeline's track: 9 latent audio frames (9 frames / 24 fps x 25 a second), decoded to 4 x 9 - 3 mel frames
+    # (the causal decoder drops three), each 80 samples at the tiny vocoder's 8 kHz
+    assert sound == ("aac", 8000, 2, (4 * 9 - 3) * 80)
+    for bad, message in [(dict(frames=5), r"Frames: 5 frames: the count must be 8k\+1 \(1, 9, 17, ...\)"),
+                         (dict(frames=17), "96x64 is served at 9 frames"),
+                         (dict(fps=30), "sound track is made for 24 fps; give 24 or leave fps out. Got 30")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(**REQUEST, **bad, api_name="/generate")
+    again, _, _ = client.predict(**REQUEST, api_name="/generate")  # frames left out: the size's 9
+    assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
+    assert _decoded(again)[3] == sound
