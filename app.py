@@ -157,7 +157,8 @@ def _output() -> dict:
     each: README "Video") and its frame rate."""
     if not VIDEO:
         return {"kind": "image", "format": "png"}
-    return {"kind": "video", "format": "mp4 (H.264, yuv420p)",
+    audio = f", {video.AUDIO_CODEC.upper()} at {VIDEO.audio_rate(MODEL.pipe)} Hz" if VIDEO.audio_rate else ""
+    return {"kind": "video", "format": f"mp4 (H.264, yuv420p{audio})",
             "frames": {size: [p.frames for p in presets] for size, presets in SIZES.items()},
             "max_frames": VIDEO.max_frames, "frame_step": VIDEO.frame_step, "fps": VIDEO.fps, "max_fps": MAX_FPS}
 
@@ -263,7 +264,13 @@ def _preset(resolution: str, frames):
 
 
 def _fps(fps) -> int:
-    return VIDEO.fps if fps is None else _integer(fps, "fps", 1, MAX_FPS)
+    if fps is None:
+        return VIDEO.fps
+    fps = _integer(fps, "fps", 1, MAX_FPS)
+    if VIDEO.audio_rate and fps != VIDEO.fps:  # the sound track's length is the clip's at the model's frame rate
+        raise user_error(f"fps: this {FAMILY.name} model's sound track is made for {VIDEO.fps} fps; give "
+                         f"{VIDEO.fps} or leave fps out. Got {fps}.")
+    return fps
 
 
 def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative_prompt="", lora_choice=LORA_NONE,
@@ -350,10 +357,11 @@ def _image(prompt: str, width: int, height: int, seed: int, steps: int, guidance
     # held until the image is made
     with (lora.using(MODEL, lora_choice), step_cache.counting(MODEL.pipe.transformer) as counts,
           PROMPT_CACHE.counting() as encodings):
-        image = MODEL.outputs(MODEL(prompt, _served_preset(width, height, frames), steps, guidance, negative_prompt,
-                                    generator, images))[0]
+        result = MODEL(prompt, _served_preset(width, height, frames), steps, guidance, negative_prompt, generator,
+                       images)
+    image = MODEL.outputs(result)[0]
     if VIDEO:
-        image = video.Clip.of(image)
+        image = video.Clip.of(image, MODEL.sound(result))
     # these travel with the image: on ZeroGPU this runs in the GPU worker, another process, which checks its own CUDA
     # graphs at its first requests
     image.info["encodings"] = encodings
@@ -544,7 +552,8 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
             video_inputs = {"frames": gr.Dropdown(choices=sorted({p.frames for p in MODEL.presets}),
                                                   value=DEFAULT_PRESET.frames, label="Frames", elem_id="frames"),
                             "fps": gr.Slider(label="Frames per second", minimum=1, maximum=MAX_FPS, step=1,
-                                             value=VIDEO.fps, elem_id="fps")} if VIDEO else {}
+                                             value=VIDEO.fps, elem_id="fps",
+                                             interactive=not VIDEO.audio_rate)} if VIDEO else {}  # _fps says why
             negative_prompt = gr.Textbox(value="", label="Negative prompt",
                                          placeholder="What the image should not show", max_lines=2,
                                          visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")

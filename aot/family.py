@@ -35,6 +35,9 @@ class Video:
     max_frames: int  # the most frames a preset may ask for (the released model's longest clip)
     # The VAE folds this many frames into one latent frame after the first: a frame count is frame_step * k + 1
     frame_step: int = 4
+    # The sound track's sample rate, from the loaded pipeline, where the pipeline returns one beside the frames
+    # (its result's `audio`: LTX-2's vocoder output); None: a silent video
+    audio_rate: Callable[[object], int] | None = None
 
     def latent_frames(self, frames: int) -> int:
         return (frames - 1) // self.frame_step + 1

@@ -52,6 +52,7 @@ class Model:
                                                  else guidance)
         if preset.frames:
             extra["num_frames"] = preset.frames
+            kwargs = {"output_type": "np", **kwargs}  # frames as floats in [0, 1] (LTX-2's default is PIL images)
         if self.family.call_args:
             extra.update(self.family.call_args(preset.width, preset.height))
         if self.does_cfg(guidance) and self.family.negative_prompt_arg:
@@ -65,6 +66,14 @@ class Model:
     def outputs(self, result):
         """A pipeline result's batch: its images, or a video family's frames (each video an array of frames)."""
         return result.frames if self.family.video else result.images
+
+    def sound(self, result):
+        """A video family's sound track for the batch's first video: (samples as (channels, count) floats in [-1, 1],
+        sample rate), or None where its pipeline makes a silent video."""
+        video = self.family.video
+        if not (video and video.audio_rate):
+            return None
+        return result.audio[0].float().cpu().numpy(), video.audio_rate(self.pipe)
 
     def does_cfg(self, guidance: float) -> bool:
         """Whether a call runs the transformer twice per step (true classifier-free guidance)."""

@@ -3,6 +3,9 @@
 H.264 in yuv420p: the pair every browser plays, and the one Gradio's `gr.Video` serves as it is (it re-encodes only
 what its `video_is_playable` rejects: an .mp4 of another codec). yuv420p halves the colour planes, so both sides must
 be even; every preset's are multiples of the family's token size.
+
+A family whose pipeline makes a sound track (LTX-2) gets it in the same file: AAC, as diffusers' own `encode_video`
+writes it and every browser plays it, at the vocoder's sample rate.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 CODEC, PIXELS = "libx264", "yuv420p"
+AUDIO_CODEC = "aac"
+AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}  # by channel count
 
 
 @dataclass
@@ -21,15 +26,18 @@ class Clip:
 
     frames: np.ndarray  # (frames, height, width, 3), uint8 RGB
     info: dict = field(default_factory=dict)
+    sound: tuple[np.ndarray, int] | None = None  # (samples: (channels, count) floats in [-1, 1], sample rate)
 
     @classmethod
-    def of(cls, frames) -> Clip:
-        """From a video pipeline's frames: floats in [0, 1], (frames, height, width, 3)."""
-        return cls(np.round(np.clip(np.asarray(frames), 0, 1) * 255).astype(np.uint8))
+    def of(cls, frames, sound: tuple[np.ndarray, int] | None = None) -> Clip:
+        """From a video pipeline's frames: floats in [0, 1], (frames, height, width, 3); and its sound track, if any
+        (aot.model.Model.sound)."""
+        return cls(np.round(np.clip(np.asarray(frames), 0, 1) * 255).astype(np.uint8), sound=sound)
 
 
 def encode(clip: Clip, fps: int, path: Path, title: str = "", comment: str = "") -> Path:
-    """Writes `clip` to `path` as an H.264 MP4 at `fps`, its prompt and seed in the container's metadata."""
+    """Writes `clip` to `path` as an H.264 MP4 at `fps`, with its sound track as AAC if it has one, its prompt and seed
+    in the container's metadata."""
     import av
 
     count, height, width, _ = clip.frames.shape
@@ -37,11 +45,20 @@ def encode(clip: Clip, fps: int, path: Path, title: str = "", comment: str = "")
         container.metadata.update(title=title, comment=comment)
         stream = container.add_stream(CODEC, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, PIXELS
-        for frame in clip.frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # the encoder's buffered frames
-            container.mux(packet)
+        frames = [av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in clip.frames]
+        streams = [(stream, frames)]
+        if clip.sound is not None:
+            samples, rate = clip.sound
+            layout = AUDIO_LAYOUTS[samples.shape[0]]
+            audio = container.add_stream(AUDIO_CODEC, rate=rate, layout=layout)
+            track = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.clip(samples, -1, 1), dtype=np.float32),
+                                               format="fltp", layout=layout)
+            track.sample_rate, track.pts = rate, 0
+            streams.append((audio, [track]))  # the encoder cuts it into AAC's frames of 1024 samples
+        for encoder, items in streams:
+            for item in [*items, None]:  # None: the encoder's buffered frames
+                for packet in encoder.encode(item):
+                    container.mux(packet)
     return path
 
 

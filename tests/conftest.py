@@ -286,6 +286,7 @@ SLOW = {
     "test_startup.py": {"first_start"},
     "test_step_cache.py": {"compiled", "eager", "uncached"},
     "test_video.py": {"wan", "wan_app"},
+    "test_ltx2.py": {"ltx2", "ltx2_app"},
 }
 
 

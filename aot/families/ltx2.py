@@ -1,0 +1,138 @@
+"""LTX-2: `LTX2Pipeline`, text to video with its sound track; a Gemma 3 text encoder read through two connectors
+(one for each stream), a video VAE (32x in space, 8x in time), an audio VAE and a vocoder, and
+`LTX2VideoTransformer3DModel`, which denoises the video and the audio latents together.
+
+What sets it apart for AoT compilation:
+- One block class (`LTX2VideoTransformerBlock`) carries both streams: video and audio self-attention, their text
+  cross-attention, and the audio-to-video and video-to-audio cross-attention. Regional programs cover the audio stream
+  with the video's, and go by the video's token count (frames x height x width / 32²) with the audio's beside it.
+- The audio's token count follows the clip's length in seconds (frames / frame rate x 25 audio latents a second), so
+  the frame rate the pipeline is called with is part of a program's shape: it stays at the model's own (`Video.fps`),
+  and the MP4 is played at that rate (another rate would put the sound out of step with the picture).
+- The transformer's forward takes the grid (frames, height, width, audio frames) and the frame rate as Python numbers:
+  a whole-model program bakes them in, so two presets never share one.
+- Guidance: CFG runs the negative and the positive prompt as one batch of two. The pipeline's defaults add
+  spatio-temporal guidance (STG: a third call, batch one, with one block perturbed) and modality-isolation guidance
+  (a fourth, batch one, without the audio-video cross-attention): each another shape or another block program. The
+  family serves CFG alone, and keeps the sound track's guidance at the pipeline's own 7.0 at every request, so that
+  every step is the one batched call its programs were compiled for, whatever the video's guidance.
+- Gemma pads every prompt to 1024 tokens: the text length is fixed.
+"""
+from __future__ import annotations
+
+from aot.families.tokens import byte_vocabulary
+from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
+
+MAX_TEXT = 1024  # the pipeline's max_sequence_length: Gemma's embeddings are padded to it
+TINY_TEXT = 64  # the tiny tokenizer's model_max_length: fewer text tokens make a smaller transformer call
+AUDIO_GUIDANCE = 7.0  # the pipeline's audio_guidance_scale default, which the LTX-2 authors set above the video's
+
+# CFG alone (the module docstring says why); the audio stream's guidance stays at its default
+CALL_ARGS = dict(audio_guidance_scale=AUDIO_GUIDANCE, stg_scale=0.0, audio_stg_scale=0.0,
+                 spatio_temporal_guidance_blocks=None, modality_scale=1.0, audio_modality_scale=1.0)
+
+
+def defaults(pipe) -> Defaults:
+    # the pipeline's own defaults (its docstring's example): 30 steps, guidance 3.0
+    return Defaults(steps=30, guidance=3.0, guidance_kind=Guidance.CFG,
+                    max_sequence_length=min(MAX_TEXT, pipe.tokenizer.model_max_length))
+
+
+def prompt_tokens(pipe, prompt: str) -> int:
+    return len(pipe.tokenizer(prompt.strip()).input_ids)
+
+
+def call_args(width: int, height: int) -> dict:
+    return CALL_ARGS
+
+
+def audio_rate(pipe) -> int:
+    return pipe.vocoder.config.output_sampling_rate
+
+
+def build_tiny():
+    """A Gemma 3 of one layer (its vision tower too: the pipeline's class has one), connectors of one layer each, a
+    transformer of two blocks, a video VAE with the real 32x spatial and 8x temporal factors, and an audio VAE and
+    vocoder whose rates agree: 16 kHz mel frames at hop 160 (100 a second, as released), upsampled 80x to 8 kHz."""
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab = {token: i for i, token in enumerate([*specials, *byte_vocabulary(), "▁"])}
+    tokenizer = GemmaTokenizerFast(vocab=vocab, merges=[], model_max_length=TINY_TEXT)
+    text_encoder = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=8,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4),
+        mm_tokens_per_image=4, image_token_index=len(vocab) - 1,
+    ))
+    caption_channels = text_encoder.config.text_config.hidden_size
+    connectors = LTX2TextConnectors(
+        caption_channels=caption_channels, text_proj_in_factor=text_encoder.config.text_config.num_hidden_layers + 1,
+        video_connector_num_attention_heads=2, video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32, rope_double_precision=False, rope_type="split",
+    )
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=caption_channels, rope_double_precision=False,
+        rope_type="split",
+    )
+    # the class computes its factors as if every down block scaled space and time alike (64x, 16x); its blocks make
+    # 32x and 8x (one spatial, one temporal, two both, after a 4x4 patch): the factors the pipeline assumes by default
+    vae = AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                 decoder_block_out_channels=(8, 16, 32),  # each upsampler halves the channels
+                                 layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                                 spatial_compression_ratio=32, temporal_compression_ratio=8)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=8, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=16,
+    )
+    vocoder = LTX2Vocoder(in_channels=2 * 16, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[16, 20],
+                          upsample_factors=[8, 10], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+                          output_sampling_rate=8000)
+    return LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, connectors=connectors, transformer=transformer,
+                        vocoder=vocoder)
+
+
+GEMMA3_12B = {"text_config": dict(  # google/gemma-3-12b-it's language model, which LTX-2 reads all 49 hidden states of
+    vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=256, sliding_window=1024)}
+
+REAL_SIZE = RealSize(  # LTX-2 (ltx-2-19b-dev) as released, 19B on its model card
+    params_b=18.88,  # diffusers' class defaults: 48 blocks, 4096 wide for video and 2048 for audio (5.7B of it)
+    transformer={},
+    text_encoders={"text_encoder": GEMMA3_12B},
+    vae=dict(spatial_compression_ratio=32, temporal_compression_ratio=8),  # build_tiny says why these two
+    text_tokens=MAX_TEXT,
+)
+
+LTX2 = Family(
+    name="ltx2",
+    pipelines=("LTX2Pipeline",),
+    # the pipeline's default size, 768x512 at 121 frames (5 s at 24 fps), and the same size standing
+    presets="landscape=768x512x121,portrait=512x768x121",
+    # the decoder reflect-pads its latents: each side needs 2 latent pixels or more
+    tiny_presets="landscape=96x64x9,portrait=64x96x9,square=64x64x9",
+    multiple=32,  # the VAE downsamples 32x and the transformer takes one latent pixel per token
+    text=Text.FIXED,
+    defaults=defaults,
+    build_tiny=build_tiny,
+    prompt_tokens=prompt_tokens,
+    shares_programs_by_token_count=False,  # the grid and the frame rate reach the transformer as Python numbers
+    negative_prompt_arg="negative_prompt",
+    call_args=call_args,
+    # 8k+1 frames: the VAE folds 8 frames into one latent frame after the first
+    video=Video(fps=24, max_frames=121, frame_step=8, audio_rate=audio_rate),
+    real_size=REAL_SIZE,
+)

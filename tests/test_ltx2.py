@@ -1,0 +1,146 @@
+"""LTX-2, on its tiny random-weight pipeline (MODEL_ID=tiny-ltx2): one transformer denoising a video and its sound
+track together, AoT-compiled on CPU at block scope (the default); compiled matches eager at every preset on both
+streams, and the app returns an MP4 whose sound track is the pipeline's, decoded back with PyAV.
+
+One compile per program for the module: `ltx2` is compiled once and every test reads it.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aot.families import LTX2
+from aot.programs import ShapeDispatch
+from aot.video import Clip, encode
+from conftest import Compiled, rel_err, served_app
+
+TOLERANCE = 1e-4  # fp32, compiled vs eager
+PROMPT = "a drum rolling down stairs"
+
+
+class LTX2Compiled(Compiled):
+    """tiny-ltx2 after `optimize_pipeline_`, with the transformer's eager video and audio outputs at every preset and
+    a whole run's latents, recorded before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-ltx2")
+
+    def check_model(self) -> None:
+        assert self.model.family.name == "ltx2"
+
+    def record_eager(self) -> None:
+        self.eager_streams = self.run_streams()
+        self.eager_latents = self.latents()
+
+    def run_streams(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The transformer's (video, audio) outputs at every preset's captured call."""
+        with torch.inference_mode():
+            return {preset: tuple(t.clone() for t in self.pipe.transformer(*args, **kwargs)[:2])
+                    for preset, (args, kwargs) in self.inputs.items()}
+
+    def latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two steps at the first preset, as (video, audio) latents."""
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            result = self.model(PROMPT, self.model.presets[0], steps=2, generator=generator, output_type="latent")
+        return result.frames, result.audio
+
+
+@pytest.fixture(scope="module")
+def ltx2() -> LTX2Compiled:
+    return LTX2Compiled()
+
+
+def test_compiled_matches_eager_at_every_preset_on_both_streams(ltx2):
+    assert ltx2.report.compile == "aoti" and ltx2.report.compile_scope == "blocks", ltx2.report.fallbacks
+    compiled = ltx2.run_streams()
+    assert set(compiled) == {p.name for p in ltx2.model.presets}
+    for preset, streams in compiled.items():
+        for stream, out, eager in zip(("video", "audio"), streams, ltx2.eager_streams[preset]):
+            assert torch.isfinite(out).all() and rel_err(out, eager) <= TOLERANCE, (preset, stream)
+    for out, eager in zip(ltx2.latents(), ltx2.eager_latents):
+        assert rel_err(out, eager) <= TOLERANCE
+
+
+def test_every_block_runs_one_program_per_video_token_count(ltx2):
+    # one block class carries both streams: its programs are all there is (no audio-only block list)
+    assert list(ltx2.report.cache_keys) and ltx2.pipe.transformer._repeated_blocks == ["LTX2VideoTransformerBlock"]
+    blocks = ltx2.pipe.transformer.transformer_blocks
+    patched = [m for m in ltx2.pipe.transformer.modules() if isinstance(m.__dict__.get("forward"), ShapeDispatch)]
+    assert sorted(map(id, patched)) == sorted(map(id, blocks))
+    # 96x64x9 and 64x96x9 are 2 latent frames of 6 tokens, 64x64x9 of 4; each with the same 9 audio tokens
+    assert ltx2.report.programs == [{"image_tokens": 8, "resolutions": ["64x64x9"]},
+                                    {"image_tokens": 12, "resolutions": ["96x64x9", "64x96x9"]}]
+
+
+def test_presets_are_8k_plus_1_frames_at_multiples_of_32():
+    from settings import check_frames, parse_presets
+
+    presets = parse_presets(LTX2.presets, LTX2.multiple)
+    check_frames(presets, LTX2.video, "ltx2")
+    assert [LTX2.tokens(p) for p in presets] == [16 * 24 * 16] * 2  # 121 frames: 16 latent frames of 24x16 tokens
+    with pytest.raises(ValueError, match=r"must be 8k\+1 .* at most 121"):
+        check_frames(parse_presets("a=768x512x77", 32), LTX2.video, "ltx2")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        parse_presets("a=784x512x121", 32)
+
+
+def test_a_sound_track_is_encoded_beside_the_frames(tmp_path: Path):
+    rate, samples = 8000, 2640
+    wave = 0.5 * np.sin(2 * np.pi * 440 * np.arange(samples) / rate)
+    path = encode(Clip.of(np.random.rand(9, 64, 96, 3), (np.stack([wave, -wave]), rate)), 24, tmp_path / "a.mp4")
+    frames, fps, size, sound = _decoded(str(path))
+    assert (len(frames), fps, size) == (9, 24, (96, 64))
+    assert sound == ("aac", rate, 2, samples)
+
+
+# --- the app serving tiny-ltx2 through gradio_client -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ltx2_app(ltx2):
+    """(app module, gradio client): app.py with MODEL_ID=tiny-ltx2, loading `ltx2`'s programs from the cache."""
+    yield from served_app("ltx2", {"MODEL_ID": "tiny-ltx2", "AOT_CACHE_DIR": ltx2.settings.cache_dir})
+
+
+REQUEST = dict(prompt=PROMPT, resolution="96x64", seed=7, randomize_seed=False, steps=2)
+
+
+def _decoded(result) -> tuple[list[np.ndarray], int, tuple[int, int], tuple | None]:
+    """A returned video's frames, frame rate and (width, height), and its sound track's (codec, sample rate,
+    channels, samples) or None, decoded with PyAV."""
+    import av
+
+    path = result["video"] if isinstance(result, dict) else result
+    assert path.endswith(".mp4"), path
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        # the stream's duration is the track's own length: AAC decodes whole frames of 1024 samples past it
+        sound = audio and (audio.codec_context.name, audio.sample_rate, audio.channels,
+                           round(audio.duration * audio.time_base * audio.sample_rate))
+        return frames, int(stream.average_rate), (stream.width, stream.height), sound
+
+
+def test_app_serves_a_video_with_its_sound_refuses_bad_input_and_serves_the_next(ltx2_app):
+    from gradio_client.exceptions import AppError
+
+    app, client = ltx2_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache"
+    assert status["output"]["format"] == "mp4 (H.264, yuv420p, AAC at 8000 Hz)"
+    assert status["output"]["frames"] == {"96x64": [9], "64x96": [9], "64x64": [9]} and status["output"]["fps"] == 24
+    video, seed, details = client.predict(**REQUEST, frames=9, api_name="/generate")
+    frames, fps, size, sound = _decoded(video)
+    assert (len(frames), fps, size, seed) == (9, 24, (96, 64), 7)
+    # the pipeline's track: 9 latent audio frames (9 frames / 24 fps x 25 a second), decoded to 4 x 9 - 3 mel frames
+    # (the causal decoder drops three), each 80 samples at the tiny vocoder's 8 kHz
+    assert sound == ("aac", 8000, 2, (4 * 9 - 3) * 80)
+    for bad, message in [(dict(frames=5), r"Frames: 5 frames: the count must be 8k\+1 \(1, 9, 17, ...\)"),
+                         (dict(frames=17), "96x64 is served at 9 frames"),
+                         (dict(fps=30), "sound track is made for 24 fps; give 24 or leave fps out. Got 30")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(**REQUEST, **bad, api_name="/generate")
+    again, _, _ = client.predict(**REQUEST, api_name="/generate")  # frames left out: the size's 9
+    assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
+    assert _decoded(again)[3] == sound
