@@ -200,7 +200,8 @@ def export_spec(model: Model, args: tuple, kwargs: dict, served: tuple[int, int]
     """Which axes of a captured call stay dynamic in its program, keyed by argument name: the image tokens
     over `served` (a DYNAMIC_SHAPES program), or the text tokens of a Text.DYNAMIC family; None: all static."""
     family = model.family
-    image = served and family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]))
+    image = served and family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]),
+                                           model.max_text_tokens)
     text = family.text is Text.DYNAMIC and family.text_spec(args, kwargs, model.max_text_tokens)
     if image and text:  # both axes (Qwen-Image-Edit): each argument's dynamic axes from either spec
         return {name: _merged(image[name], text[name]) for name in image}
