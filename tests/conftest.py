@@ -6,6 +6,7 @@ Also, in one place rather than in the test files: the `slow`, `subprocess` and `
 `pytest -n 2 --dist loadgroup` (pytest_collection_modifyitems below), and the tests that take an earlier
 compile of the same program instead of compiling it again (REUSES_COMPILES).
 """
+import contextlib
 import copy
 import os
 import platform
@@ -84,6 +85,19 @@ def eager_outputs(pipe, inputs: dict) -> dict:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@contextlib.contextmanager
+def image_tokens_per_call(transformer: torch.nn.Module):
+    """Inside, each call of `transformer` adds its image tokens (an edit's: the output's and its inputs') to the list
+    given."""
+    lengths = []
+    hook = transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        yield lengths
+    finally:
+        hook.remove()
 
 
 class Compiled:

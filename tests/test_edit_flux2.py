@@ -19,7 +19,7 @@ from PIL import Image
 import optimization
 from aot.families.flux2 import FLUX2, FLUX2_KLEIN, MIN_REFERENCE_SIDE, MULTIPLE, REFERENCE_AREA, reference_size
 from aot.images import MAX_ASPECT
-from conftest import Compiled, rel_err, served_app, tiny_model
+from conftest import Compiled, image_tokens_per_call, rel_err, served_app, tiny_model
 from settings import Preset
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -145,19 +145,13 @@ def _edits_match_eager(compiled: ReferencesCompiled, scope: str) -> None:
     assert any(note.startswith(f"programs: one over a dynamic image-token range for {model.family.name}")
                for note in report.notes)
     calls = STEPS * (2 if model.does_cfg(model.defaults.guidance) else 1)
-    lengths = []  # each transformer call's image tokens: the output's and each reference's, known before the call
-    hook = model.pipe.transformer.register_forward_pre_hook(
-        lambda _, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
-    try:
-        for name, run in compiled.runs.items():
-            lengths.clear()
+    for name, run in compiled.runs.items():
+        with image_tokens_per_call(model.pipe.transformer) as lengths:
             latents = compiled.latents(**run)
-            assert torch.isfinite(latents).all(), name
-            assert rel_err(latents, compiled.eager_latents[name]) <= TOLERANCE, name
-            sizes = [run["preset"], *(model.input_preset(*image.size) for image in run.get("images", ()))]
-            assert lengths == [sum(model.family.image_tokens(s.width, s.height) for s in sizes)] * calls, name
-    finally:
-        hook.remove()
+        assert torch.isfinite(latents).all(), name
+        assert rel_err(latents, compiled.eager_latents[name]) <= TOLERANCE, name
+        sizes = [run["preset"], *(model.input_preset(*image.size) for image in run.get("images", ()))]
+        assert lengths == [sum(model.family.image_tokens(s.width, s.height) for s in sizes)] * calls, name
     # the reference reached the transformer: the edit differs from text to image at the same preset
     assert rel_err(compiled.eager_latents["one reference"], compiled.eager_latents["text to image"]) > 1e-3
 
