@@ -285,7 +285,7 @@ SLOW = {
     "test_families.py": {"family", "family_app"},
     "test_edit.py": {"kontext", "kontext_app"},
     "test_edit_qwen.py": {"edit_plus", "edit_plus_app"},
-    "test_edit_flux2.py": {"dev", "klein", "klein_app"},
+    "test_edit_flux2.py": {"dev", "klein", "klein_app", "test_the_pipeline_gives_each_reference_the_familys_size"},
     "test_faults.py": {"fresh_app"},
     "test_fuzz.py": {"fuzz_client", "test_request_text_reaches_no_file_path_or_shell"},
     "test_hub_layout.py": {"regional", "foreign_repo", *REUSES_COMPILES["test_hub_layout.py"]},

@@ -70,7 +70,7 @@ def _size(preset: Preset) -> tuple[int, int]:
 # phone photos, and small ones that are only cut
 EDGE_SIZES = [(64, 64), (64, 256), (256, 64), (100, 70), (777, 333), (1000, 1000), (1024, 1024), (1025, 1024),
               (1040, 1008), (1449, 725), (2048, 512), (2049, 513), (512, 2048), (1080, 1920), (1920, 1080),
-              (4032, 3024), (3024, 4032), (4000, 1000), (1000, 4000)]
+              (4032, 3024), (3024, 4032), (4000, 1000), (1000, 4000), (1800, 1200), (700, 1600)]
 
 
 @pytest.mark.parametrize("name", ["flux2", "flux2-klein"])
@@ -80,8 +80,6 @@ def test_the_pipeline_gives_each_reference_the_familys_size(name, monkeypatch):
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
     pipe = tiny_model(model_id=f"tiny-{name}").pipe
-    sizes = EDGE_SIZES + [(round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio)))
-                          for ratio in (1 / 4, 1 / 3, 9 / 16, 3 / 4, 4 / 3, 16 / 9, 3, 4) for area in (3e5, 2.1e6)]
     reached = []
 
     class Reached(Exception):
@@ -93,8 +91,8 @@ def test_the_pipeline_gives_each_reference_the_familys_size(name, monkeypatch):
 
     monkeypatch.setattr(pipe, "prepare_image_latents", stop)
     with torch.inference_mode(), pytest.raises(Reached):
-        pipe(prompt=PROMPT, image=[Image.new("RGB", size) for size in sizes], num_inference_steps=1)
-    assert reached == [_size(reference_size(*size, ())) for size in sizes]
+        pipe(prompt=PROMPT, image=[Image.new("RGB", size) for size in EDGE_SIZES], num_inference_steps=1)
+    assert reached == [_size(reference_size(*size, ())) for size in EDGE_SIZES]
     checks = inspect.signature(Flux2ImageProcessor.check_image_input).parameters
     assert checks["min_side_length"].default == MIN_REFERENCE_SIDE == FLUX2.min_image_side
     assert checks["max_aspect_ratio"].default >= MAX_ASPECT
