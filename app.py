@@ -76,6 +76,7 @@ TAKES_NEGATIVE_PROMPT = DEFAULTS.guidance_kind is Guidance.CFG and FAMILY.negati
 # /generate's image arguments, one per image the family takes: `image` (the first slice's, kept for its callers),
 # then `image_2`, `image_3`, ... trailing, each optional; gradio_client callers pass them by name
 IMAGE_ARGS = [f"image_{i}" if i > 1 else "image" for i in range(1, FAMILY.max_images + 1)]
+MIN_IMAGE_SIDE = max(images.MIN_SIDE, FAMILY.min_image_side)  # the pipeline's own, where it refuses more
 SERVED_SHAPES: set[tuple[int, int]] = set()  # shapes the current GPU worker has generated (gpu_seconds)
 # The page and the API start from this seed with randomize_seed off, so a seed sent is the seed used.
 DEFAULT_SEED = 0
@@ -175,10 +176,8 @@ def _inputs() -> dict:
         return {"text": True, "images": 0}
     return {"text": True, "images": FAMILY.max_images, "image_args": IMAGE_ARGS,
             "image_required": FAMILY.min_images > 0, "formats": list(images.FORMATS),
-            "max_pixels": images.MAX_PIXELS, "min_side": images.MIN_SIDE, "max_aspect": images.MAX_ASPECT,
-            "alpha_background": list(images.BACKGROUND),
-            "resized_to": ("the pipeline's own size for its aspect ratio (about 1 MP)" if FAMILY.resizes_inputs
-                           else "the resolution nearest its aspect ratio")}
+            "max_pixels": images.MAX_PIXELS, "min_side": MIN_IMAGE_SIDE, "max_aspect": images.MAX_ASPECT,
+            "alpha_background": list(images.BACKGROUND), "resized_to": FAMILY.resized_to}
 
 
 def status() -> dict:
@@ -319,7 +318,7 @@ def _input_images(given: dict, notes: list[str]) -> tuple:
     checked = {}
     for name, value in given.items():
         try:
-            checked[name] = images.load(value["path"])
+            checked[name] = images.load(value["path"], MIN_IMAGE_SIDE)
         except images.BadImage as err:
             raise user_error(f"{name}: {err}" if FAMILY.max_images > 1 else str(err)) from None
     for name, one in checked.items():

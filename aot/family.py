@@ -83,8 +83,10 @@ class Family:
     step_cost: float = 1.0
     negative_prompt_arg: str | None = None  # Guidance.CFG: the pipeline argument for the negative prompt
     guidance_arg: str = "guidance_scale"  # the pipeline argument that takes the guidance value
-    # Guidance.EMBEDDED families that support DYNAMIC_SHAPES: marks the image-token axis of a captured call
-    dynamic_spec: Callable[[dict, object], dict] | None = None
+    # Families whose programs can take a dynamic image-token axis (DYNAMIC_SHAPES, `dynamic_tokens`): marks it (a Dim)
+    # in a captured call's kwargs, given the text tokens the call carries beside the image's (FIXED: its padded
+    # length), which a block's rotary tables hold too
+    dynamic_spec: Callable[[dict, object, int], dict] | None = None
     # Text.DYNAMIC: torch.export's dynamic_shapes (keyed by argument name) for a captured call (args, kwargs)
     # of the transformer or of one block, the text axis dynamic up to `length` tokens
     text_spec: Callable[[tuple, dict, int], dict] | None = None
@@ -101,9 +103,14 @@ class Family:
     max_images: int = 0
     min_images: int = 0  # the inputs a call needs: 1 where the pipeline cannot draw from the prompt alone
     image_arg: str = "image"  # the pipeline argument that takes them
+    min_image_side: int = 0  # the smallest input side the pipeline takes, where it refuses more than aot/images.py
     # The served preset an input image of (width, height) is resized to: the family mirrors its pipeline's own
     # resize, so that the reference tokens, and with them the program that serves an edit, are known before the call
     image_size: Callable[[int, int, tuple], object] | None = None
+    resized_to: str = ""  # that rule in words, for /status
+    # The area the pipeline scales a larger input down to, each side then cut down to whole tokens, a smaller input
+    # only cut (FLUX.2): no input maps to more tokens than this area holds
+    input_area: int | None = None
     # Whether the pipeline resizes each input itself, by the rule `image_size` mirrors, with no way to turn it off
     # (Qwen-Image-Edit): the inputs then go in as checked, since a resize of ours would be resized again
     resizes_inputs: bool = False

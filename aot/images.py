@@ -46,9 +46,9 @@ def check_count(given: int, most: int, family: str, least: int = 0) -> None:
                        f"{'s' if least > 1 else ''} (up to {most}); got {given}.")
 
 
-def load(path: str) -> Checked:
-    """The image at `path`, checked by its header, then decoded (its first frame), turned upright by its EXIF
-    orientation and converted to RGB."""
+def load(path: str, min_side: int = MIN_SIDE) -> Checked:
+    """The image at `path`, checked by its header (each side at least `min_side`), then decoded (its first frame),
+    turned upright by its EXIF orientation and converted to RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over MAX_PIXELS: refused below
@@ -59,7 +59,7 @@ def load(path: str) -> Checked:
     except UnidentifiedImageError:
         raise BadImage(f"Not an image this Space reads. Allowed formats: {', '.join(FORMATS)}.") from None
     with image:
-        _check_size(*image.size)
+        _check_size(*image.size, min_side)
         notes = []
         frames = getattr(image, "n_frames", 1)
         if frames > 1:
@@ -80,10 +80,10 @@ def load(path: str) -> Checked:
         return Checked(_rgb(image, notes), tuple(notes))
 
 
-def _check_size(width: int, height: int) -> None:
+def _check_size(width: int, height: int, min_side: int) -> None:
     """The header's size (its pixels: Pillow's guard, at MAX_PIXELS, refused those on opening)."""
-    if min(width, height) < MIN_SIDE:
-        raise BadImage(f"The image is {width} x {height} pixels; each side must be at least {MIN_SIDE}.")
+    if min(width, height) < min_side:
+        raise BadImage(f"The image is {width} x {height} pixels; each side must be at least {min_side}.")
     if max(width, height) / min(width, height) > MAX_ASPECT:
         raise BadImage(f"The image is {width} x {height} pixels, an aspect ratio of "
                        f"{max(width, height) / min(width, height):.1f}:1; allowed: up to {MAX_ASPECT:g}:1.")

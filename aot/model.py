@@ -108,12 +108,15 @@ class Model:
 
     @property
     def max_input_tokens(self) -> int:
-        """The most image tokens one input image maps to, over the aspect ratios aot/images.py lets in (1:4 to 4:1)
+        """The most image tokens one input image maps to: where the pipeline caps an input's area and only cuts its
+        sides (FLUX.2), that area's tokens; else the most over the aspect ratios aot/images.py lets in (1:4 to 4:1)
         in steps of a thousandth: a preset (Kontext), or the pipeline's own size (Qwen-Image-Edit). That size's sides
         round to 32 pixels, and a ratio between two steps can round a side up where neither step did: one such
         step (two token rows of the longer side) is added for those families."""
         if not self.family.max_images:
             return 0
+        if self.family.input_area:
+            return self.family.input_area // self.family.multiple**2
         from aot.images import MAX_ASPECT
 
         steps = int((MAX_ASPECT - 1 / MAX_ASPECT) * 1000)

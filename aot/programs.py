@@ -159,6 +159,7 @@ class ShapeDispatch:
         raise UnsupportedShape(f"no compiled program for inputs {_short(actual)} (compiled for: {served})")
 
     def __call__(self, *args, **kwargs):
+        args, kwargs = contiguous(args, kwargs)
         return self.runner(self.program_for(args, kwargs), *args, **kwargs)
 
 
@@ -179,19 +180,30 @@ def compile_targets(transformer: torch.nn.Module, scope: str) -> dict[str, torch
 
 def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset, prompt: str = CAPTURE_PROMPT,
                    images: int | None = None) -> tuple[tuple, dict]:
-    """`module`'s real first call for one preset, recorded without running it; with `images` input images at the
-    largest preset (default: as many as the family needs, since Qwen-Image-Edit draws nothing without one)."""
+    """`module`'s real first call for one preset, recorded without running it, its tensors contiguous; with `images`
+    input images at the largest preset (default: as many as the family needs, since Qwen-Image-Edit draws nothing
+    without one)."""
     count = model.family.min_images if images is None else images
     with spaces.aoti_capture(module) as call:
         model(prompt, preset, steps=1, output_type="latent", images=model.sample_images()[:count])
-    return call.args, call.kwargs
+    return contiguous(call.args, call.kwargs)
+
+
+def contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's tensors contiguous (those that are, as they are). An AOTInductor program reads each input at the
+    strides it was traced with, whatever strides it is given: FLUX.2's pipelines hand the transformer its latents
+    transposed for text to image and contiguous once reference images are appended, and a whole-model program traced
+    on the one read the other wrong (a relative error of 1.4 on the tiny pipeline). So programs are traced on, and
+    called with, contiguous inputs."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
 
 
 def export_spec(model: Model, args: tuple, kwargs: dict, served: tuple[int, int] | None) -> dict | None:
     """Which axes of a captured call stay dynamic in its program, keyed by argument name: the image tokens
     over `served` (a DYNAMIC_SHAPES program), or the text tokens of a Text.DYNAMIC family; None: all static."""
     family = model.family
-    image = served and family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]))
+    image = served and family.dynamic_spec(kwargs, torch.export.Dim("image_tokens", min=served[0], max=served[1]),
+                                           model.max_text_tokens)
     text = family.text is Text.DYNAMIC and family.text_spec(args, kwargs, model.max_text_tokens)
     if image and text:  # both axes (Qwen-Image-Edit): each argument's dynamic axes from either spec
         return {name: _merged(image[name], text[name]) for name in image}

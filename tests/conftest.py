@@ -6,6 +6,7 @@ Also, in one place rather than in the test files: the `slow`, `subprocess` and `
 `pytest -n 2 --dist loadgroup` (pytest_collection_modifyitems below), and the tests that take an earlier
 compile of the same program instead of compiling it again (REUSES_COMPILES).
 """
+import contextlib
 import copy
 import os
 import platform
@@ -85,6 +86,19 @@ def eager_outputs(pipe, inputs: dict) -> dict:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@contextlib.contextmanager
+def image_tokens_per_call(transformer: torch.nn.Module):
+    """Inside, each call of `transformer` adds its image tokens (an edit's: the output's and its inputs') to the list
+    given."""
+    lengths = []
+    hook = transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        yield lengths
+    finally:
+        hook.remove()
 
 
 class Compiled:
@@ -272,6 +286,7 @@ SLOW = {
     "test_families.py": {"family", "family_app"},
     "test_edit.py": {"kontext", "kontext_app"},
     "test_edit_qwen.py": {"edit_plus", "edit_plus_app"},
+    "test_edit_flux2.py": {"dev", "klein", "klein_app", "test_the_pipeline_gives_each_reference_the_familys_size"},
     "test_faults.py": {"fresh_app"},
     "test_fuzz.py": {"fuzz_client", "test_request_text_reaches_no_file_path_or_shell"},
     "test_hub_layout.py": {"regional", "foreign_repo", *REUSES_COMPILES["test_hub_layout.py"]},

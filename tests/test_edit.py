@@ -14,7 +14,7 @@ import optimization
 from aot import images
 from aot.families.flux_kontext import FLUX_KONTEXT, PREFERRED
 from aot.images import BadImage
-from conftest import ROOT, Compiled, rel_err, served_app
+from conftest import ROOT, Compiled, image_tokens_per_call, rel_err, served_app
 from settings import Preset, parse_presets
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -196,21 +196,15 @@ def test_kontext_edits_match_eager_through_one_dynamic_program(kontext):
     assert report.programs == [{"image_tokens": "15..32", "resolutions": ["64x64", "48x80", "80x48"]}]
     assert any(note.startswith("programs: one over a dynamic image-token range for flux-kontext") for note in
                report.notes)
-    lengths = []  # each transformer call's image tokens: the output's and the input's, known before the call
-    hook = model.pipe.transformer.register_forward_pre_hook(
-        lambda _, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
-    try:
-        for name, run in kontext.runs.items():
-            lengths.clear()
+    for name, run in kontext.runs.items():
+        with image_tokens_per_call(model.pipe.transformer) as lengths:  # the output's and the input's
             latents = kontext.latents(**run)
-            assert torch.isfinite(latents).all(), name
-            assert rel_err(latents, kontext.eager_latents[name]) <= TOLERANCE, name
-            preset, given = run["preset"], run.get("images", ())
-            refs = [model.input_preset(*image.size) for image in given]
-            expected = sum(FLUX_KONTEXT.image_tokens(p.width, p.height) for p in [preset, *refs])
-            assert lengths == [expected] * STEPS, name
-    finally:
-        hook.remove()
+        assert torch.isfinite(latents).all(), name
+        assert rel_err(latents, kontext.eager_latents[name]) <= TOLERANCE, name
+        preset, given = run["preset"], run.get("images", ())
+        refs = [model.input_preset(*image.size) for image in given]  # known before the call
+        expected = sum(FLUX_KONTEXT.image_tokens(p.width, p.height) for p in [preset, *refs])
+        assert lengths == [expected] * STEPS, name
     # the input reached the transformer: the edit differs from text to image at the same preset
     edit = kontext.eager_latents[f"edit at {model.presets[-1].name}"]
     assert rel_err(edit, kontext.eager_latents["text to image"]) > 1e-3

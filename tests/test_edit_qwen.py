@@ -15,7 +15,7 @@ from PIL import Image
 import optimization
 from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, calculate_dimensions
 from aot.model import load_model
-from conftest import ROOT, Compiled, rel_err, served_app, settings_for, tiny_model
+from conftest import ROOT, Compiled, image_tokens_per_call, rel_err, served_app, settings_for, tiny_model
 from settings import Preset
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager, as tests/test_families.py
@@ -95,19 +95,13 @@ def test_edits_match_eager_through_one_block_program(edit_plus):
         {"image_tokens": f"{low}..{high}", "resolutions": ["64x64"]}]
     assert high >= 16 + 3 * 4160  # three inputs of about 1 MP: 4096 tokens and the rounding of their sides
     assert report.text.startswith(f"dynamic axis up to {model.max_text_tokens} tokens")
-    lengths = []  # each call's image tokens: the output's and each input's, at the size the pipeline picks
-    hook = model.pipe.transformer.register_forward_pre_hook(
-        lambda _, args, kwargs: lengths.append(kwargs["hidden_states"].shape[1]), with_kwargs=True)
-    try:
-        for name, images in edit_plus.runs.items():
-            lengths.clear()
+    for name, images in edit_plus.runs.items():
+        with image_tokens_per_call(model.pipe.transformer) as lengths:
             latents = edit_plus.latents(images)
-            assert torch.isfinite(latents).all(), name
-            assert rel_err(latents, edit_plus.eager_latents[name]) <= TOLERANCE, name
-            inputs = [model.input_preset(*image.size) for image in images]
-            assert lengths == [16 + sum(p.width * p.height // 256 for p in inputs)] * STEPS, name
-    finally:
-        hook.remove()
+        assert torch.isfinite(latents).all(), name
+        assert rel_err(latents, edit_plus.eager_latents[name]) <= TOLERANCE, name
+        inputs = [model.input_preset(*image.size) for image in images]  # at the size the pipeline picks
+        assert lengths == [16 + sum(p.width * p.height // 256 for p in inputs)] * STEPS, name
     assert any(note.startswith("programs: one over a dynamic image-token range for qwen-image-edit-plus") for note in
                report.notes)
     # the two more inputs reached the transformer (random tiny weights: a small difference, well past the tolerance)

@@ -11,6 +11,7 @@ session's cache, and the app started for the family loads them from there.
 import contextlib
 import hashlib
 import json
+import math
 import re
 
 import pytest
@@ -208,8 +209,14 @@ def test_programs_share_one_copy_of_the_weights(family):
 
 def test_a_shape_outside_the_presets_is_refused(family):
     """Refused by the dispatcher; except where a family's programs take any size (Z-Image's block sequence
-    axis is dynamic over image and text): there the one program serves it (the app still offers presets only)."""
+    axis is dynamic over image and text): there the one program serves it (the app still offers presets only).
+    Where the programs take a range of image tokens (an editing family's, which FLUX.2's references of up to 1 MP
+    make wider than any preset), the shape is just past its top."""
     assert OFF_PRESET.name not in {p.name for p in family.model.presets}
+    off = OFF_PRESET
+    if family.model.family.dynamic_tokens:
+        side = 16 * math.ceil(math.sqrt(optimization.token_range(family.model)[1] + 1))
+        off = Preset("off-preset", side, side)
     if family.model.family.one_program:
         latents = family.latents(PROMPT, OFF_PRESET)
         assert torch.isfinite(latents).all() and torch.equal(latents, family.latents(PROMPT, OFF_PRESET))
@@ -218,7 +225,7 @@ def test_a_shape_outside_the_presets_is_refused(family):
         served = re.escape(_served(family))
         with pytest.raises(optimization.UnsupportedShape,
                            match=rf"^no compiled program for inputs .+ \(compiled for: {served}\)$"):
-            family.latents(PROMPT, OFF_PRESET)
+            family.latents(PROMPT, off)
     # and the presets are still served, exactly
     assert rel_err(family.latents(**family.runs["default"]), family.eager_latents["default"]) <= TOLERANCE
 

@@ -28,14 +28,13 @@ def clip_note(pipe, prompt: str) -> str | None:
     return None
 
 
-def dynamic_spec(kwargs: dict, dim) -> dict:
+def dynamic_spec(kwargs: dict, dim, text: int) -> dict:
     """Marks the image-token axis of a captured call dynamic (DYNAMIC_SHAPES=1); everything else stays static."""
     spec = torch.utils._pytree.tree_map(lambda _: None, kwargs)
     spec["hidden_states"] = {1: dim}
     if "img_ids" in kwargs:  # the whole model
         spec["img_ids"] = {0: dim}
     else:  # a block: its rotary embeddings cover text + image tokens
-        text = kwargs["encoder_hidden_states"].shape[1]
         spec["image_rotary_emb"] = tuple({0: dim + text} for _ in kwargs["image_rotary_emb"])
     return spec
 

@@ -4,14 +4,37 @@ Both share `Flux2Transformer2DModel` and its VAE: 8x downsampling, then 2x2 patc
 as in FLUX.1. Image positions reach the transformer as id tensors (`img_ids`), so presets with equal token
 counts share a program. Both pipelines pad the prompt to `max_sequence_length` and the transformer gets no
 text mask, so the padding is part of the input: one fixed text length.
+
+Both draw from the prompt alone, or take reference images (`image`, a list). Each reference's latent tokens are
+appended after the output's, its ids set apart by a time offset (10, 20, ... in their first axis), so a call's image
+tokens are the output's plus each reference's, at the size the pipeline gives it (`reference_size`, which mirrors it);
+the text stays at its padded length. The pipelines resize references themselves, in the same code in both.
 """
 from __future__ import annotations
 
+import math
+
 from aot.family import Defaults, Family, Guidance, RealSize, Text
+from settings import Preset
 
 PRESETS = "square=1024x1024,portrait=832x1216,landscape=1216x832"
 TINY_PRESETS = "square=64x64,portrait=48x80,landscape=80x48"  # 16, 15 and 15 image tokens
 MULTIPLE = 16
+
+# How many references: BFL's editing guide (docs.bfl.ai, "Reference images per model") recommends at most 6 for [dev]
+# and takes up to 4 for [klein] 4B and 9B; diffusers' pipelines set no limit. Each reference of about 1 MP adds 4096
+# tokens, so [dev]'s largest edit carries 7 x 4096 = 28672 image tokens, [klein]'s 20480.
+MAX_REFERENCES_DEV = 6
+MAX_REFERENCES_KLEIN = 4
+# The pipelines' resize of a reference (diffusers 0.42.1): scaled down to this area (`_resize_to_target_area`) when
+# larger, then each side cut down to a multiple of 16 by a centred crop; a smaller one is only cut
+REFERENCE_AREA = 1024 * 1024
+MIN_REFERENCE_SIDE = 64  # `Flux2ImageProcessor.check_image_input` refuses a smaller side
+# Why one program: an edit's tokens are the output's plus up to 6 references' of any size up to 1 MP, each cut to whole
+# tokens: thousands of sums. One program over the range (the smallest preset alone to the largest with every
+# reference at 1 MP) is one compile; the dispatcher refuses a call outside it.
+WHY_DYNAMIC = ("an edit's tokens are its output's plus each reference image's, at the size the pipeline gives it: "
+               "one program over the range rather than one per sum")
 
 # Text tokens of the tiny pipelines, which their tokenizers declare as `model_max_length`: fewer text tokens
 # make a smaller transformer call. Real tokenizers declare far more, so real checkpoints get the pipelines' 512.
@@ -35,6 +58,32 @@ def _klein_defaults(pipe) -> Defaults:
         return Defaults(steps=4, guidance=1.0, guidance_kind=Guidance.NONE, max_sequence_length=_max_text(pipe))
     # klein base: true CFG, a second transformer call on the empty prompt when guidance > 1
     return Defaults(steps=50, guidance=4.0, guidance_kind=Guidance.CFG, max_sequence_length=_max_text(pipe))
+
+
+def reference_size(width: int, height: int, presets: tuple) -> Preset:
+    """The size both pipelines give a reference image of `width` x `height`, named as a resolution (`presets` unused:
+    the pipeline picks it from the input alone); test: the same as diffusers' at 1:4 to 4:1."""
+    if width * height > REFERENCE_AREA:  # `_resize_to_target_area`'s own arithmetic
+        scale = math.sqrt(REFERENCE_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    width, height = width - width % MULTIPLE, height - height % MULTIPLE
+    return Preset(f"{width}x{height}", width, height)
+
+
+def dynamic_spec(kwargs: dict, dim, text: int) -> dict:
+    """The image-token axis of a captured call: the whole transformer's image stream and ids (batch, tokens, 4); a
+    block's rotary tables, which hold the `text` tokens before the image's; a double block's image stream, or a single
+    block's stream, the text and the image in one."""
+    import torch
+
+    spec = torch.utils._pytree.tree_map(lambda _: None, kwargs)
+    if "img_ids" in kwargs:
+        spec["hidden_states"] = spec["img_ids"] = {1: dim}
+        return spec
+    both = dim + text
+    spec["image_rotary_emb"] = ({0: both}, {0: both})
+    spec["hidden_states"] = {1: both if kwargs["encoder_hidden_states"] is None else dim}
+    return spec
 
 
 def _dev_prompt_tokens(pipe, prompt: str) -> int:
@@ -185,10 +234,18 @@ REAL_SIZE_KLEIN = RealSize(  # [klein] 4B, step-distilled (the tiny pipeline is 
     text_tokens=512,
 )
 
+# What both take as reference images (their own resize, as it is: `resizes_inputs`), and one program for every edit
+REFERENCES = dict(
+    image_size=reference_size, resizes_inputs=True, input_area=REFERENCE_AREA, min_image_side=MIN_REFERENCE_SIDE,
+    resized_to="its own size if at most 1 MP, else scaled down to 1 MP; each side cut to a multiple of 16",
+    dynamic_spec=dynamic_spec, dynamic_tokens=WHY_DYNAMIC,
+)
+
 FLUX2 = Family(
     name="flux2", pipelines=("Flux2Pipeline",), presets=PRESETS, tiny_presets=TINY_PRESETS, multiple=MULTIPLE,
     text=Text.FIXED, defaults=_dev_defaults, build_tiny=build_tiny_dev, prompt_tokens=_dev_prompt_tokens,
     step_cost=3.0,  # 32B: 548.9 ms a step eagerly against FLUX.1-dev's 182.8 (RESULTS.md run 12)
+    max_images=MAX_REFERENCES_DEV, **REFERENCES,
     real_size=REAL_SIZE_DEV,
 )
 
@@ -199,5 +256,6 @@ FLUX2_KLEIN = Family(
     multiple=MULTIPLE, text=Text.FIXED, defaults=_klein_defaults, build_tiny=build_tiny_klein,
     prompt_tokens=_klein_prompt_tokens,
     step_cost=0.6,  # the 4B: 82.3 ms, 0.45 of FLUX.1-dev's (RESULTS.md run 12); rounded up for the 9B, not measured
+    max_images=MAX_REFERENCES_KLEIN, **REFERENCES,
     real_size=REAL_SIZE_KLEIN,
 )

@@ -58,6 +58,7 @@ FLUX_KONTEXT = dataclasses.replace(
     build_tiny=build_tiny,
     max_images=1,
     image_size=nearest_preset,
+    resized_to="the resolution nearest its aspect ratio",
     call_args=call_args,
     dynamic_tokens=WHY_DYNAMIC,
 )

@@ -65,9 +65,10 @@ def vision_tokens(area: int):
     return image_text_tokens
 
 
-def dynamic_spec(kwargs: dict, dim) -> dict:
+def dynamic_spec(kwargs: dict, dim, text: int) -> dict:
     """A block's image-token axis: the image stream, its half of the rotary table, and with 2511's zero_cond_t its
-    modulation index. The text axis comes from Qwen-Image's `text_spec` (aot/programs.py merges the two)."""
+    modulation index. The text axis, whose tables are apart from the image's (`text` unused), comes from Qwen-Image's
+    `text_spec` (aot/programs.py merges the two)."""
     import torch
 
     spec = torch.utils._pytree.tree_map(lambda _: None, kwargs)
@@ -119,6 +120,7 @@ QWEN_IMAGE_EDIT = dataclasses.replace(
     max_images=1,
     min_images=1,  # the pipeline reads its output size from the input: it draws nothing without one
     image_size=input_size,
+    resized_to="the pipeline's own size for its aspect ratio (about 1 MP)",
     resizes_inputs=True,
     image_text_tokens=vision_tokens(INPUT_AREA),
     dynamic_spec=dynamic_spec,
