@@ -58,7 +58,8 @@ def _longest(size: str):
 DEFAULT_PRESET = _longest(MODEL.presets[0].size)  # a request that names neither resolution nor frames
 # What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
 # steps and transformer calls, plus a new worker's start and a program's first load (aot/zerogpu.py)
-DURATIONS = zerogpu.durations(REPORT, FAMILY, resident_bytes(MODEL.pipe) / 2**30)
+DURATIONS = zerogpu.durations(REPORT, FAMILY, resident_bytes(MODEL.pipe) / 2**30,
+                              MODEL.input_tokens(image.size for image in MODEL.needed_images()))
 SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's task size, passed to every task
 
 
@@ -341,10 +342,11 @@ def gpu_seconds(prompt, width, height, seed, steps, guidance, negative_prompt=""
     """Seconds of GPU to ask ZeroGPU for, before spaces multiplies them by its factor. ZeroGPU ends a task at its
     duration, so it covers the slowest case; asking more spends the visitor's quota (a request asking more than is
     left is refused before it starts). A new worker's start and a program's first load count when this worker has
-    not run the shape yet. An edit's input images are covered: start-up timed each preset with the largest."""
+    not run the shape yet. An edit's input images add the work of their tokens (`Durations.task_seconds`)."""
     seconds = DURATIONS.task_seconds(_served_preset(width, height, frames), steps, _calls(guidance),
                                      new_worker=not SERVED_SHAPES,
-                                     first_shape=_shape(width, height, frames) not in SERVED_SHAPES)
+                                     first_shape=_shape(width, height, frames) not in SERVED_SHAPES,
+                                     input_tokens=MODEL.input_tokens(image.size for image in images))
     return DURATIONS.requested(seconds)
 
 
@@ -425,6 +427,10 @@ def generate(prompt, resolution=MODEL.presets[0].size, seed=DEFAULT_SEED, random
     if unknown:
         raise user_error(f"Unknown argument {', '.join(unknown)}; input images are {', '.join(IMAGE_ARGS) or 'none'}.")
     inputs = _input_images({"image": image, **more_images}, notes)
+    too_long = inputs and DURATIONS.too_long(MODEL.presets, preset, steps, _calls(guidance),
+                                             MODEL.input_tokens(one.size for one in inputs))
+    if too_long:
+        raise user_error(f"{too_long}.")
     start = time.perf_counter()
     try:
         image = run_pipeline(prompt, preset.width, preset.height, seed, steps, guidance, negative_prompt, lora_choice,

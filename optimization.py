@@ -512,8 +512,10 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
     timings = {}
     for preset in presets:
         first_call(model, preset)
-        with torch.inference_mode():  # an editing family's with its largest input: the durations cover every edit
-            one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n, images=model.sample_images()))
+        # with the inputs the family needs and no more: a request's references scale its call up (aot/zerogpu.py
+        # `Durations.task_seconds`), so a text-only request to an editing family asks for a text-only duration
+        with torch.inference_mode():
+            one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n, images=model.needed_images()))
                          for n in (1, TIMED_STEPS))
         call = max(many - one, 0.0) / (TIMED_STEPS - 1) / calls
         timings[preset.name] = Timing(round(call, 4), round(max(one - calls * call, 0.0), 4))
@@ -524,7 +526,7 @@ def first_call(model: Model, preset: Preset) -> None:
     """A 1-step call at `preset`, which loads its programs (and checks its CUDA graph); it must give finite latents."""
     with torch.inference_mode():
         latents = model.outputs(model(CAPTURE_PROMPT, preset, steps=1, output_type="latent",
-                                      images=model.sample_images()))
+                                      images=model.needed_images()))
     if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
         raise RuntimeError(f"the program for {preset.name} returned non-finite values")
 

@@ -92,12 +92,19 @@ class Model:
         return self.pipe.image_processor.resize(image, preset.height, preset.width)
 
     def sample_images(self) -> tuple:
-        """Input images at the largest preset, as many as the family takes: what start-up times an edit with, so
-        that each request's GPU duration covers the longest one. none for a text-to-image family."""
+        """Input images at the largest preset, as many as the family takes (none for a text-to-image family)."""
         from PIL import Image
 
         largest = max(self.presets, key=self.family.tokens)
         return (Image.new("RGB", (largest.width, largest.height), (128, 128, 128)),) * self.family.max_images
+
+    def needed_images(self) -> tuple:
+        """The sample inputs a call cannot do without (Qwen-Image-Edit's one): what start-up captures and times with."""
+        return self.sample_images()[:self.family.min_images]
+
+    def input_tokens(self, images) -> int:
+        """The image tokens inputs of these (width, height) sizes add to a call."""
+        return sum(self.family.image_tokens(p.width, p.height) for p in (self.input_preset(*size) for size in images))
 
     @property
     def max_image_tokens(self) -> int:

@@ -183,9 +183,9 @@ def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset, prompt
     """`module`'s real first call for one preset, recorded without running it, its tensors contiguous; with `images`
     input images at the largest preset (default: as many as the family needs, since Qwen-Image-Edit draws nothing
     without one)."""
-    count = model.family.min_images if images is None else images
+    inputs = model.needed_images() if images is None else model.sample_images()[:images]
     with spaces.aoti_capture(module) as call:
-        model(prompt, preset, steps=1, output_type="latent", images=model.sample_images()[:count])
+        model(prompt, preset, steps=1, output_type="latent", images=inputs)
     return contiguous(call.args, call.kwargs)
 
 

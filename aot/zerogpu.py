@@ -137,14 +137,24 @@ class Durations:
     limited: bool = False  # on ZeroGPU: a request must fit MAX_TASK_SECONDS
     switch_gib: float = 0.0  # the most a LORA_CHOICES switch copies: the largest choice in, the largest other out
     tokens: Callable[[object], int] = field(kw_only=True)  # a preset's image (or video) tokens: the family's `tokens`
+    # The input images' tokens in the timed calls: those of the inputs the family needs (Qwen-Image-Edit's one, at the
+    # largest preset), none for a family that can draw from the prompt alone
+    timed_input_tokens: int = field(default=0, kw_only=True)
 
-    def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool) -> float:
-        """The seconds a request's task needs, margin included. `calls`: transformer calls a step (2 with CFG)."""
+    def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool,
+                     input_tokens: int = 0) -> float:
+        """The seconds a request's task needs, margin included. `calls`: transformer calls a step (2 with CFG);
+        `input_tokens`: what its input images add to each call. A preset is timed with the inputs the family needs,
+        so a text-only request asks for a text-only duration; more inputs scale the call by the work they add
+        (`step_work`: from the configs, not measured; the larger call is no less efficient, so it errs long)."""
+        tokens, timed = self.tokens(preset), self.timed_input_tokens
+        work = step_work(tokens + max(input_tokens, timed))
         timing = self.timings.get(preset.name)
         if timing:
-            call, fixed = timing.call_s * MARGIN, max(FIXED_SECONDS, timing.fixed_s * MARGIN)
+            call = timing.call_s * MARGIN * work / step_work(tokens + timed)
+            fixed = max(FIXED_SECONDS, timing.fixed_s * MARGIN)
         else:
-            call = H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * step_work(self.tokens(preset))
+            call = H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * work
             fixed = FIXED_SECONDS
         extra = (WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * self.weight_gib) if new_worker else 0.0
         if self.compiled and first_shape:
@@ -164,30 +174,32 @@ class Durations:
     def fits(self, seconds: float) -> bool:
         return self.granted(seconds) <= MAX_TASK_SECONDS
 
-    def worst_case(self, preset, steps: int, calls: int) -> float:
+    def worst_case(self, preset, steps: int, calls: int, input_tokens: int = 0) -> float:
         """A request's seconds on a new worker that has not run its shape: what every limit is checked at."""
-        return self.task_seconds(preset, steps, calls, new_worker=True, first_shape=True)
+        return self.task_seconds(preset, steps, calls, new_worker=True, first_shape=True, input_tokens=input_tokens)
 
-    def most_steps(self, preset, steps: int, calls: int) -> int:
+    def most_steps(self, preset, steps: int, calls: int, input_tokens: int = 0) -> int:
         """The most steps, up to `steps`, that fit ZeroGPU's per-call maximum at `preset`; 0 if none does."""
         if not self.limited:
             return steps
-        return max((n for n in range(1, steps + 1) if self.fits(self.worst_case(preset, n, calls))), default=0)
+        return max((n for n in range(1, steps + 1) if self.fits(self.worst_case(preset, n, calls, input_tokens))),
+                   default=0)
 
-    def too_long(self, presets, preset, steps: int, calls: int) -> str | None:
+    def too_long(self, presets, preset, steps: int, calls: int, input_tokens: int = 0) -> str | None:
         """Why a request cannot fit ZeroGPU's per-call maximum (counting a new worker's start, the worst case),
         naming the most steps at this preset and the presets (other frame counts among them) where these steps fit;
         None if it fits."""
-        most = self.most_steps(preset, steps, calls)
+        most = self.most_steps(preset, steps, calls, input_tokens)
         if most == steps:
             return None
-        other = [p.name for p in presets if p != preset and self.fits(self.worst_case(p, steps, calls))]
+        other = [p.name for p in presets if p != preset and self.fits(self.worst_case(p, steps, calls, input_tokens))]
         advice = [f"at most {most} steps at {preset.name}"] if most else []
         if other:
             advice.append(f"{steps} steps at {', '.join(other)}")
         fix = "; ".join(([] if most else [f"no step count fits at {preset.name}"]) +
                         ([f"use {' or '.join(advice)}"] if advice else []))
-        return f"{self._past(preset, steps, calls)}; {fix}"
+        past = self._past(preset, steps, calls, input_tokens)
+        return f"{past}{' with these input images' if input_tokens else ''}; {fix}"
 
     def default_steps(self, preset, steps: int, calls: int) -> tuple[int, str | None]:
         """The default steps, lowered where the default request at `preset` would pass ZeroGPU's per-call maximum,
@@ -201,9 +213,10 @@ class Durations:
             return steps, None
         return most, f"{self._past(preset, steps, calls)}: the default is {most} steps, which fit"
 
-    def _past(self, preset, steps: int, calls: int) -> str:
-        return (f"{steps} steps at {preset.name} need about {self.granted(self.worst_case(preset, steps, calls))} s "
-                f"of GPU, past ZeroGPU's {MAX_TASK_SECONDS} s per request")
+    def _past(self, preset, steps: int, calls: int, input_tokens: int = 0) -> str:
+        seconds = self.granted(self.worst_case(preset, steps, calls, input_tokens))
+        return (f"{steps} steps at {preset.name} need about {seconds} s of GPU, past ZeroGPU's {MAX_TASK_SECONDS} s "
+                "per request")
 
     def as_dict(self) -> dict:
         return {"source": "measured on this device" if self.timings else "estimated from an H100's step",
@@ -214,9 +227,9 @@ class Durations:
                 "max_task_seconds": MAX_TASK_SECONDS}
 
 
-def durations(report: Report, family, weight_gib: float) -> Durations:
+def durations(report: Report, family, weight_gib: float, timed_input_tokens: int = 0) -> Durations:
     """The request durations for what `report` says runs: its measured timings, else estimates for its hardware and
-    `family` (its step cost and tokens)."""
+    `family` (its step cost and tokens); `timed_input_tokens`: the timed calls' input images' tokens."""
     hardware = report.hardware
     card, size = hardware.zerogpu, hardware.size
     name = card.model if card else hardware.name
@@ -224,4 +237,4 @@ def durations(report: Report, family, weight_gib: float) -> Durations:
     return Durations({name: Timing(**t) for name, t in report.timings.items()}, report.compile == "aoti",
                      family.step_cost, slowdown(name, hardware.sm_count, size), weight_gib,
                      card.factor_for(size) if card else 1.0, 2 if size is Size.XLARGE else 1, card is not None,
-                     sum(choices[:2]) / 2**30, tokens=family.tokens)
+                     sum(choices[:2]) / 2**30, tokens=family.tokens, timed_input_tokens=timed_input_tokens)

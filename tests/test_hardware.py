@@ -603,3 +603,27 @@ def test_each_request_asks_at_least_the_time_it_takes(app):
         preset = app.PRESETS[resolution]
         asked = app.DURATIONS.granted(app.DURATIONS.task_seconds(preset, steps, 1, new_worker=False, first_shape=False))
         assert asked >= took and asked == app.gpu_seconds("a red circle", preset.width, preset.height, 0, steps, 3.5)
+
+
+def test_an_edits_references_add_the_work_of_their_tokens(rtx):
+    """A preset is timed with the inputs the family needs (none for FLUX.2), so a text-only request asks for a
+    text-only duration, and each reference scales the call by its tokens' work (`step_work`), never down."""
+    report = Report(device="cuda", dtype="bfloat16", compile="aoti", hardware=on_card(rtx, Size.LARGE),
+                    timings={"1024x1024": {"call_s": 0.4, "fixed_s": 1.0}})
+    square, plain = PRESETS[0], durations(report, FLUX, 20.0)
+    text = plain.task_seconds(square, 28, 1, False, False)
+    two = plain.task_seconds(square, 28, 1, False, False, input_tokens=2 * 4096)
+    call = 0.4 * MARGIN
+    assert text == pytest.approx(max(FIXED_SECONDS, MARGIN) + 28 * call)
+    assert two - text == pytest.approx(28 * call * (step_work(3 * 4096) / step_work(4096) - 1))
+    assert step_work(3 * 4096) / step_work(4096) > 3  # attention grows faster than the tokens
+    # a family timed with one input it needs (Qwen-Image-Edit): one input costs what was timed, two add one's work
+    needing = durations(report, FLUX, 20.0, timed_input_tokens=4096)
+    assert needing.task_seconds(square, 28, 1, False, False) == needing.task_seconds(
+        square, 28, 1, False, False, input_tokens=4096) == pytest.approx(text)
+    assert needing.task_seconds(square, 28, 1, False, False, input_tokens=8192) == pytest.approx(
+        text + 28 * call * (step_work(3 * 4096) / step_work(2 * 4096) - 1))
+    limited = durations(report, FLUX, 20.0)
+    assert limited.too_long(PRESETS, square, 28, 1) is None
+    message = limited.too_long(PRESETS, square, 28, 1, input_tokens=40 * 4096)
+    assert message and "with these input images" in message and "at most" in message
