@@ -301,7 +301,7 @@ SLOW = {
     "test_startup.py": {"first_start"},
     "test_step_cache.py": {"compiled", "eager", "uncached"},
     "test_video.py": {"wan", "wan_app", "wan_i2v", "wan_i2v_app"},
-    "test_ltx2.py": {"ltx2", "ltx2_app"},
+    "test_ltx2.py": {"ltx2", "ltx2_app", "ltx2_i2v", "ltx2_i2v_app"},
 }
 
 
