@@ -304,16 +304,17 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     return prompt, preset, seed, steps, float(guidance), negative_prompt, lora_choice, notes
 
 
-def _input_images(given: dict, notes: list[str]) -> tuple:
+def _input_images(given: dict, output, notes: list[str]) -> tuple:
     """The request's input images, by argument name (Gradio's file records of uploads, already in its cache; None
-    for an input left empty), checked and normalised (aot/images.py), in order; each conversion and the preset
-    each is resized to added to `notes`, named by its argument where the family takes several."""
+    for an input left empty), checked and normalised (aot/images.py), in order; each conversion and the size each
+    is resized to for a request of preset `output` added to `notes`, named by its argument where the family takes
+    several."""
     given = {name: value for name, value in given.items() if value is not None}
     for name, value in given.items():
         if not (isinstance(value, dict) and isinstance(value.get("path"), str)):
             raise user_error(f"{name} must be an image file: gradio_client.handle_file(path or URL) in the API.")
     try:
-        images.check_count(len(given), FAMILY.max_images, FAMILY.name, FAMILY.min_images)
+        images.check_count(len(given), FAMILY.max_images, FAMILY.name, FAMILY.min_images, video=bool(VIDEO))
     except images.BadImage as err:
         raise user_error(str(err)) from None
     checked = {}
@@ -323,9 +324,9 @@ def _input_images(given: dict, notes: list[str]) -> tuple:
         except images.BadImage as err:
             raise user_error(f"{name}: {err}" if FAMILY.max_images > 1 else str(err)) from None
     for name, one in checked.items():
-        preset = MODEL.input_preset(*one.image.size)
+        preset = MODEL.input_preset(*one.image.size, output)
         label = name.replace("image", "input") if FAMILY.max_images > 1 else "input"
-        notes += [*one.notes, f"{label} {one.image.width}x{one.image.height} resized to {preset.name}"]
+        notes += [*one.notes, f"{label} {one.image.width}x{one.image.height} resized to {preset.size}"]
     return tuple(one.image for one in checked.values())
 
 
@@ -426,7 +427,7 @@ def generate(prompt, resolution=MODEL.presets[0].size, seed=DEFAULT_SEED, random
     unknown = [name for name in more_images if not re.fullmatch(r"image_\d+", name)]
     if unknown:
         raise user_error(f"Unknown argument {', '.join(unknown)}; input images are {', '.join(IMAGE_ARGS) or 'none'}.")
-    inputs = _input_images({"image": image, **more_images}, notes)
+    inputs = _input_images({"image": image, **more_images}, preset, notes)
     too_long = inputs and DURATIONS.too_long(MODEL.presets, preset, steps, _calls(guidance),
                                              MODEL.input_tokens(one.size for one in inputs))
     if too_long:

@@ -72,6 +72,8 @@ class Family:
     # Which pipelines of its `pipelines` classes it serves, where two entries share a class (WanPipeline: Wan 2.2
     # TI2V-5B's own entry); None: all of them
     serves: Callable[[object], bool] | None = None
+    # Why a pipeline it would serve by class is refused, if so (Wan 2.1's I2V beside Wan 2.2's): startup stops with it
+    unserved: Callable[[object], str | None] | None = None
     # Something the user should know about a prompt that is served anyway (FLUX: CLIP reads only 77 tokens)
     prompt_note: Callable[[object, str], str | None] | None = None
     # Whether two presets with the same number of image tokens can share one compiled program: True where
@@ -111,8 +113,12 @@ class Family:
     # The area the pipeline scales a larger input down to, each side then cut down to whole tokens, a smaller input
     # only cut (FLUX.2): no input maps to more tokens than this area holds
     input_area: int | None = None
-    # Whether the pipeline resizes each input itself, by the rule `image_size` mirrors, with no way to turn it off
-    # (Qwen-Image-Edit): the inputs then go in as checked, since a resize of ours would be resized again
+    # Whether the input is the video's first frame (image to video): the pipeline resizes it to the requested output's
+    # size and it conditions the output's own tokens (Wan: latent channels beside the noise), adding none; `image_size`
+    # is then unused
+    first_frame: bool = False
+    # Whether the pipeline resizes each input itself, by the rule `image_size` (or `first_frame`) mirrors, with no way
+    # to turn it off (Qwen-Image-Edit): the inputs then go in as checked, since a resize of ours would be resized again
     resizes_inputs: bool = False
     # Text tokens each input image adds at most to the text stream (Qwen-Image-Edit: its vision tokens inside the
     # prompt), from the loaded pipeline: the programs' dynamic text axis covers the prompt's and these

@@ -36,13 +36,14 @@ class Checked:
     notes: tuple[str, ...]  # each conversion made, for the image's details
 
 
-def check_count(given: int, most: int, family: str, least: int = 0) -> None:
-    """Refuses more input images than the family takes, or fewer than it needs."""
+def check_count(given: int, most: int, family: str, least: int = 0, video: bool = False) -> None:
+    """Refuses more input images than the family takes, or fewer than it needs (a `video` family: its first frame)."""
     if given > most:
         allowed = "no input image" if most == 0 else f"at most {most} input image{'s' if most > 1 else ''}"
         raise BadImage(f"This {family} model takes {allowed}; got {given}.")
     if given < least:
-        raise BadImage(f"This {family} model edits an image: give at least {least} input image"
+        raise BadImage(f"This {family} model {'makes its video from' if video else 'edits'} an image: give at least "
+                       f"{least} input image"
                        f"{'s' if least > 1 else ''} (up to {most}); got {given}.")
 
 

@@ -58,7 +58,7 @@ class Model:
         if self.does_cfg(guidance) and self.family.negative_prompt_arg:
             extra[self.family.negative_prompt_arg] = negative_prompt or " "
         if images:
-            resized = [self.resized(image) for image in images]
+            resized = [self.resized(image, preset) for image in images]
             extra[self.family.image_arg] = resized[0] if self.family.max_images == 1 else resized
         return self.pipe(prompt=prompt, width=preset.width, height=preset.height, num_inference_steps=steps,
                          max_sequence_length=self.defaults.max_sequence_length, generator=generator, **extra, **kwargs)
@@ -79,14 +79,17 @@ class Model:
         """Whether a call runs the transformer twice per step (true classifier-free guidance)."""
         return self.defaults.guidance_kind is Guidance.CFG and guidance > 1
 
-    def input_preset(self, width: int, height: int) -> Preset:
-        """The served preset an input image of `width` x `height` is resized to (the family's own rule)."""
+    def input_preset(self, width: int, height: int, output: Preset | None = None) -> Preset:
+        """The served preset an input image of `width` x `height` is resized to: the request's `output` where the input
+        is its video's first frame (`first_frame`), else the family's own rule (`image_size`)."""
+        if self.family.first_frame:
+            return output
         return self.family.image_size(width, height, self.presets)
 
-    def resized(self, image):
-        """`image` at its preset's size, resized as the pipeline's own image processor resizes; as it is where the
-        pipeline resizes it itself (`resizes_inputs`)."""
-        preset = self.input_preset(*image.size)
+    def resized(self, image, output: Preset):
+        """`image` at its preset's size (`input_preset`, for a request of preset `output`), resized as the pipeline's
+        own image processor resizes; as it is where the pipeline resizes it itself (`resizes_inputs`)."""
+        preset = self.input_preset(*image.size, output)
         if self.family.resizes_inputs or image.size == (preset.width, preset.height):
             return image
         return self.pipe.image_processor.resize(image, preset.height, preset.width)
@@ -103,7 +106,9 @@ class Model:
         return self.sample_images()[:self.family.min_images]
 
     def input_tokens(self, images) -> int:
-        """The image tokens inputs of these (width, height) sizes add to a call."""
+        """The image tokens inputs of these (width, height) sizes add to a call: none for a video's first frame."""
+        if self.family.first_frame:
+            return 0
         return sum(self.family.image_tokens(p.width, p.height) for p in (self.input_preset(*size) for size in images))
 
     @property
@@ -120,7 +125,7 @@ class Model:
         in steps of a thousandth: a preset (Kontext), or the pipeline's own size (Qwen-Image-Edit). That size's sides
         round to 32 pixels, and a ratio between two steps can round a side up where neither step did: one such
         step (two token rows of the longer side) is added for those families."""
-        if not self.family.max_images:
+        if not self.family.max_images or self.family.first_frame:
             return 0
         if self.family.input_area:
             return self.family.input_area // self.family.multiple**2
@@ -175,6 +180,9 @@ def family_of(pipe) -> Family:
     name = type(pipe).__name__
     for family in FAMILIES:
         if name in family.pipelines and (family.serves is None or family.serves(pipe)):
+            why = family.unserved and family.unserved(pipe)
+            if why:
+                raise SystemExit(f"{name}: {why}")
             return family
     supported = ", ".join(f"{p} ({f.name})" for f in FAMILIES for p in f.pipelines)
     raise SystemExit(f"{name} is not a supported pipeline. This template serves: {supported}. "

@@ -300,8 +300,8 @@ SLOW = {
     "test_prequantized.py": {"checkpoint", "int8_checkpoint", "fp8_served", "served"},
     "test_startup.py": {"first_start"},
     "test_step_cache.py": {"compiled", "eager", "uncached"},
-    "test_video.py": {"wan", "wan_app"},
-    "test_ltx2.py": {"ltx2", "ltx2_app"},
+    "test_video.py": {"wan", "wan_app", "wan_i2v", "wan_i2v_app"},
+    "test_ltx2.py": {"ltx2", "ltx2_app", "ltx2_i2v", "ltx2_i2v_app"},
 }
 
 

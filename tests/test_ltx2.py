@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from aot.families import LTX2
+from aot.families import LTX2, LTX2_I2V
 from aot.programs import ShapeDispatch
 from aot.video import Clip, encode
 from conftest import Compiled, rel_err, served_app
@@ -23,8 +23,8 @@ class LTX2Compiled(Compiled):
     """tiny-ltx2 after `optimize_pipeline_`, with the transformer's eager video and audio outputs at every preset and
     a whole run's latents, recorded before."""
 
-    def __init__(self):
-        super().__init__(model_id="tiny-ltx2")
+    def __init__(self, **overrides):
+        super().__init__(**{"model_id": "tiny-ltx2", **overrides})
 
     def check_model(self) -> None:
         assert self.model.family.name == "ltx2"
@@ -144,3 +144,65 @@ def test_app_serves_a_video_with_its_sound_refuses_bad_input_and_serves_the_next
     again, _, _ = client.predict(**REQUEST, api_name="/generate")  # frames left out: the size's 9
     assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
     assert _decoded(again)[3] == sound
+
+
+# --- LTX-2 image to video (MODEL_ID=tiny-ltx2-i2v): the first latent frame held at the image, a timestep per token --
+class LTX2I2VCompiled(LTX2Compiled):
+    """tiny-ltx2-i2v after `optimize_pipeline_` at one preset, a whole run from an image recorded eagerly before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-ltx2-i2v", presets="landscape=96x64x9")
+
+    def check_model(self) -> None:
+        assert self.model.family is LTX2_I2V
+
+    def latents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            result = self.model(PROMPT, self.model.presets[0], steps=2, generator=generator, output_type="latent",
+                                images=(Image.new("RGB", (96, 160), (200, 30, 30)),))
+        return result.frames, result.audio
+
+
+@pytest.fixture(scope="module")
+def ltx2_i2v() -> LTX2I2VCompiled:
+    return LTX2I2VCompiled()
+
+
+def test_i2v_gives_each_token_its_timestep_and_compiled_matches_eager(ltx2_i2v):
+    preset = ltx2_i2v.model.presets[0]
+    kwargs = ltx2_i2v.inputs[preset.name][1]
+    assert kwargs["timestep"].shape == (2, LTX2_I2V.tokens(preset))  # CFG's batch of two, one per video token
+    assert ltx2_i2v.model.max_image_tokens == LTX2_I2V.tokens(preset)  # the image adds none
+    for stream, out, eager in zip(("video", "audio"), ltx2_i2v.run_streams()[preset.name],
+                                  ltx2_i2v.eager_streams[preset.name]):
+        assert rel_err(out, eager) <= TOLERANCE, stream
+    for stream, out, eager in zip(("video", "audio"), ltx2_i2v.latents(), ltx2_i2v.eager_latents):
+        assert rel_err(out, eager) <= TOLERANCE, stream
+
+
+@pytest.fixture(scope="module")
+def ltx2_i2v_app(ltx2_i2v):
+    yield from served_app("ltx2-i2v", {"MODEL_ID": "tiny-ltx2-i2v", "PRESETS": "landscape=96x64x9",
+                                       "AOT_CACHE_DIR": ltx2_i2v.settings.cache_dir})
+
+
+def test_i2v_app_makes_a_video_from_an_image_and_refuses_a_request_without_one(ltx2_i2v_app, tmp_path):
+    import av
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    _, client = ltx2_i2v_app
+    request = dict(prompt=PROMPT, resolution="96x64", seed=7, randomize_seed=False, steps=2)
+    path = tmp_path / "first.png"
+    Image.new("RGB", (96, 160), (200, 30, 30)).save(path)
+    video, _, details = client.predict(**request, image=handle_file(str(path)), api_name="/generate")
+    with av.open(video["video"] if isinstance(video, dict) else video) as container:
+        stream = container.streams.video[0]
+        assert (stream.frames or len(list(container.decode(stream))), stream.width, stream.height) == (9, 96, 64)
+    assert "input 96x160 resized to 96x64" in details
+    with pytest.raises(AppError, match="This ltx2-i2v model makes its video from an image: give at least 1"):
+        client.predict(**request, api_name="/generate")

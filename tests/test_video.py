@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from aot.families import WAN, WAN_5B
+from aot.families import WAN, WAN_5B, WAN_I2V
 from aot.memory import measure_footprint
 from aot.model import experts
 from aot.programs import ShapeDispatch
@@ -26,8 +26,8 @@ class WanCompiled(Compiled):
     """tiny-wan after `optimize_pipeline_`, with both experts' eager outputs at every preset (on the first expert's
     captured inputs: the experts share an architecture) and a whole run through both experts, recorded before."""
 
-    def __init__(self):
-        super().__init__(model_id="tiny-wan")
+    def __init__(self, **overrides):
+        super().__init__(**{"model_id": "tiny-wan", **overrides})
 
     def check_model(self) -> None:
         assert self.model.family.name == "wan" and len(experts(self.pipe)) == 2
@@ -301,3 +301,106 @@ def test_wan_5b_compiled_matches_eager_at_every_preset_and_in_a_run(wan_5b):
     for preset, out in compiled.items():
         assert rel_err(out, wan_5b.eager[preset]) <= TOLERANCE, preset
     assert rel_err(wan_5b.latents(), wan_5b.eager_latents) <= TOLERANCE
+
+
+# --- Wan 2.2 I2V-A14B (MODEL_ID=tiny-wan-i2v): the image is the video's first frame, in latent channels ------------
+I2V_PRESETS = "landscape=64x32x5,portrait=32x64x5"  # 16 tokens each: one program, compiled once for both experts
+
+
+def _frame(colour, size=(96, 160)):
+    from PIL import Image
+
+    return Image.new("RGB", size, colour)
+
+
+class WanI2VCompiled(WanCompiled):
+    """tiny-wan-i2v after `optimize_pipeline_` at two presets of one program, with both experts' eager outputs and two
+    whole runs from two first frames recorded before."""
+
+    FRAMES = {"red": _frame((200, 30, 30)), "green": _frame((30, 200, 30))}
+
+    def __init__(self):
+        super().__init__(model_id="tiny-wan-i2v", presets=I2V_PRESETS)
+
+    def check_model(self) -> None:
+        assert self.model.family is WAN_I2V
+        assert [expert.config.in_channels for expert in experts(self.pipe)] == [16 + 4 + 16] * 2  # noise, mask, frame
+
+    def record_eager(self) -> None:
+        super().record_eager()
+        self.eager_runs = {name: self.latents(image) for name, image in self.FRAMES.items()}
+
+    def latents(self, image=FRAMES["red"]) -> torch.Tensor:
+        """Two steps at the first preset from `image` (96x160: the pipeline stretches it to 64x32), one per expert."""
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            return self.model.outputs(self.model(PROMPT, self.model.presets[0], steps=2, generator=generator,
+                                                 images=(image,), output_type="latent"))
+
+
+@pytest.fixture(scope="module")
+def wan_i2v() -> WanI2VCompiled:
+    return WanI2VCompiled()
+
+
+def test_i2v_frame_adds_channels_not_tokens_and_compiled_matches_eager(wan_i2v):
+    model = wan_i2v.model
+    assert wan_i2v.report.programs == [{"image_tokens": 16, "resolutions": ["64x32x5", "32x64x5"]}]
+    assert model.max_image_tokens == 16 and model.input_tokens([(96, 160)]) == 0
+    assert model.input_preset(96, 160, model.presets[1]) == model.presets[1]  # the request's own size
+    for preset in model.presets:
+        hidden = wan_i2v.inputs[preset.name][1]["hidden_states"]
+        assert hidden.shape == (1, 36, 2, preset.height // 8, preset.width // 8), preset.name
+    compiled = wan_i2v.run_experts()
+    for key, out in compiled.items():
+        assert rel_err(out, wan_i2v.eager_experts[key]) <= TOLERANCE, key
+    for preset in wan_i2v.inputs:
+        assert rel_err(compiled["transformer", preset], compiled["transformer_2", preset]) > 1e-2
+    for name, image in wan_i2v.FRAMES.items():
+        latents = wan_i2v.latents(image)
+        assert rel_err(latents, wan_i2v.eager_runs[name]) <= TOLERANCE, name
+    # the frame reached the transformer: another one makes another video
+    assert rel_err(wan_i2v.eager_runs["red"], wan_i2v.eager_runs["green"]) > 1e-3
+
+
+def test_i2v_refuses_wan_21s_image_encoder_and_ti2v_5b_at_startup():
+    from aot.model import build_tiny, family_of
+
+    pipe = build_tiny(WAN_I2V)
+    assert family_of(pipe) is WAN_I2V
+    pipe.transformer.register_to_config(image_dim=1280)  # Wan 2.1 I2V's CLIP image embeddings
+    with pytest.raises(SystemExit, match="WanImageToVideoPipeline: Wan 2.1's image to video reads the image through "
+                                         "a CLIP encoder too .* Served: Wan 2.2 I2V-A14B"):
+        family_of(pipe)
+    pipe.transformer.register_to_config(image_dim=None)
+    pipe.register_to_config(expand_timesteps=True)
+    with pytest.raises(SystemExit, match="Wan 2.2 TI2V-5B's image to video \\(expand_timesteps\\) is not served"):
+        family_of(pipe)
+
+
+@pytest.fixture(scope="module")
+def wan_i2v_app(wan_i2v):
+    """(app module, gradio client): app.py with MODEL_ID=tiny-wan-i2v, loading `wan_i2v`'s program from the cache."""
+    yield from served_app("wan-i2v", {"MODEL_ID": "tiny-wan-i2v", "PRESETS": I2V_PRESETS,
+                                      "AOT_CACHE_DIR": wan_i2v.settings.cache_dir})
+
+
+def test_i2v_app_makes_a_video_from_an_image_and_refuses_a_request_without_one(wan_i2v_app, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    app, client = wan_i2v_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache" and status["inputs"]["image_required"] is True
+    assert status["inputs"]["resized_to"] == WAN_I2V.resized_to
+    path = tmp_path / "first.png"
+    _frame((200, 30, 30)).save(path)
+    video, seed, details = client.predict(**REQUEST, image=handle_file(str(path)), frames=5, api_name="/generate")
+    frames, fps, size, _ = _decoded(video)
+    assert (len(frames), fps, size, seed) == (5, 16, (64, 32), 7)
+    assert details.startswith("64x32, 5 frames at 16 fps, 2 steps") and "input 96x160 resized to 64x32" in details
+    with pytest.raises(AppError, match=r"This wan-i2v model makes its video from an image: give at least 1 input "
+                                       r"image \(up to 1\); got 0\."):
+        client.predict(**REQUEST, api_name="/generate")
+    again, _, _ = client.predict(**REQUEST, image=handle_file(str(path)), api_name="/generate")  # served again
+    assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))

@@ -8,17 +8,18 @@ from __future__ import annotations
 from aot.families.flux import FLUX
 from aot.families.flux2 import FLUX2, FLUX2_KLEIN
 from aot.families.flux_kontext import FLUX_KONTEXT
-from aot.families.ltx2 import LTX2
+from aot.families.ltx2 import LTX2, LTX2_I2V
 from aot.families.qwen_image import QWEN_IMAGE
 from aot.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
-from aot.families.wan import WAN, WAN_5B
+from aot.families.wan import WAN, WAN_5B, WAN_I2V
 from aot.families.z_image import Z_IMAGE
 from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
 
 __all__ = ["FAMILIES", "Defaults", "Family", "Guidance", "RealSize", "Text", "Video", "family_named"]
 
 FAMILIES: tuple[Family, ...] = (FLUX, FLUX_KONTEXT, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, QWEN_IMAGE_EDIT,
-                                QWEN_IMAGE_EDIT_PLUS, Z_IMAGE, WAN, WAN_5B, LTX2)
+                                QWEN_IMAGE_EDIT_PLUS, Z_IMAGE, WAN, WAN_5B, WAN_I2V, LTX2,
+                                LTX2_I2V)
 
 
 def family_named(name: str) -> Family:

@@ -17,8 +17,14 @@ What sets it apart for AoT compilation:
   family serves CFG alone, and keeps the sound track's guidance at the pipeline's own 7.0 at every request, so that
   every step is the one batched call its programs were compiled for, whatever the video's guidance.
 - Gemma pads every prompt to 1024 tokens: the text length is fixed.
+- Image to video (`ltx2-i2v`, `LTX2ImageToVideoPipeline`): the pipeline re-encodes the image as H.264 (CRF 33 with
+  LTX-2's Gemma), resizes it to the requested size and holds the first latent frame at it; that frame's tokens get
+  timestep 0, so the video's timestep is one per token, (batch, tokens), where text to video's is one per video. The
+  tokens are text to video's; the programs are their own, captured with the image.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from aot.families.tokens import byte_vocabulary
 from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
@@ -135,4 +141,24 @@ LTX2 = Family(
     # 8k+1 frames: the VAE folds 8 frames into one latent frame after the first
     video=Video(fps=24, max_frames=121, frame_step=8, audio_rate=audio_rate),
     real_size=REAL_SIZE,
+)
+
+
+def build_tiny_i2v():
+    """tiny-ltx2's components in an LTX2ImageToVideoPipeline."""
+    from diffusers import LTX2ImageToVideoPipeline
+
+    return LTX2ImageToVideoPipeline(**build_tiny().components)
+
+
+LTX2_I2V = dataclasses.replace(
+    LTX2,
+    name="ltx2-i2v",
+    pipelines=("LTX2ImageToVideoPipeline",),
+    build_tiny=build_tiny_i2v,
+    max_images=1,
+    min_images=1,  # the video starts from it
+    first_frame=True,
+    resizes_inputs=True,  # `video_processor.preprocess` to the output's height and width, whatever its aspect ratio
+    resized_to="the requested resolution, stretched to it: pick the one nearest the image's aspect ratio",
 )

@@ -1,5 +1,6 @@
 """Wan (2.1 14B and 1.3B, 2.2 T2V-A14B; and 2.2 TI2V-5B as `wan-5b`): `WanPipeline`, text to video; a UMT5 encoder, a
-3D-causal VAE (8x in space, 4x in time; 2.2 TI2V-5B's 16x in space) and `WanTransformer3DModel`.
+3D-causal VAE (8x in space, 4x in time; 2.2 TI2V-5B's 16x in space) and `WanTransformer3DModel`. Wan 2.2 I2V-A14B as
+`wan-i2v`: `WanImageToVideoPipeline`, image to video.
 
 What sets it apart for AoT compilation:
 - Wan 2.2 A14B has two experts of one architecture: `transformer` denoises the steps at or above `boundary_ratio` x
@@ -14,6 +15,11 @@ What sets it apart for AoT compilation:
 - Wan 2.2 TI2V-5B (`expand_timesteps`) is its own entry: its VAE's 16x and 48 latent channels make 32-pixel tokens,
   and its clips are 121 frames at 24 fps. It gives every token its own timestep: the blocks' time embedding is a
   (batch, tokens, 6, width) tensor, so its programs differ from the other Wans' and are keyed by the token count alike.
+- Wan 2.2 I2V-A14B's image is the video's first frame: the pipeline resizes it to the requested size (stretching it to
+  that aspect ratio), encodes it with the VAE as a clip of that frame and blank ones, and hands the transformer the
+  noise's 16 latent channels with 4 of a first-frame mask (one per frame the VAE folds into a latent frame) and that
+  clip's 16 beside them: 36 in, 16 out. The tokens, and with them the programs, are text to video's. Wan 2.1's I2V
+  also reads the image through a CLIP encoder (`image_dim`): 257 more tokens beside the prompt's, which no entry serves.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from aot.families.tokens import byte_vocabulary
 from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
 
 MAX_TEXT = 512  # the pipeline's max_sequence_length: UMT5's embeddings are padded to it
+# I2V's channels beside the noise's: a first-frame mask (one per frame in a latent frame: the VAE's 4x in time) and
+# the VAE's 16 latent channels of the first frame followed by blank ones (`WanImageToVideoPipeline.prepare_latents`)
+I2V_CONDITION = 4 + 16
+I2V_BOUNDARY = 0.9  # Wan 2.2 I2V-A14B's expert boundary (Wan-AI's wan_i2v_A14B.py: boundary = 0.900)
 
 
 def defaults(pipe) -> Defaults:
@@ -34,6 +44,23 @@ def defaults(pipe) -> Defaults:
     return Defaults(steps=50, guidance=5.0, guidance_kind=Guidance.CFG, max_sequence_length=MAX_TEXT)
 
 
+def defaults_i2v(pipe) -> Defaults:
+    # Wan-AI's wan_i2v_A14B.py: 40 steps at guidance 3.5 on both experts (so no guidance_2: the pipeline's own is the
+    # same value)
+    return Defaults(steps=40, guidance=3.5, guidance_kind=Guidance.CFG, max_sequence_length=MAX_TEXT)
+
+
+def unserved_i2v(pipe) -> str | None:
+    if any(expert.config.image_dim for expert in (pipe.transformer, pipe.transformer_2) if expert is not None):
+        return ("Wan 2.1's image to video reads the image through a CLIP encoder too (the transformer's image_dim): "
+                "257 tokens beside the prompt's, which this template does not compile. Served: Wan 2.2 I2V-A14B "
+                "(Wan-AI/Wan2.2-I2V-A14B-Diffusers), which takes the image as latent channels alone.")
+    if is_ti2v(pipe):
+        return ("Wan 2.2 TI2V-5B's image to video (expand_timesteps) is not served. Load it as its model repository "
+                "does, WanPipeline (wan-5b), for text to video.")
+    return None
+
+
 def is_ti2v(pipe) -> bool:
     """Wan 2.2 TI2V-5B: a timestep per token, which only its 16x VAE's pipeline sets."""
     return bool(pipe.config.expand_timesteps)
@@ -43,9 +70,12 @@ def prompt_tokens(pipe, prompt: str) -> int:
     return len(pipe.tokenizer(prompt).input_ids)
 
 
-def _tiny_pipeline(experts: int, latent_channels: int, vae, **pipeline):
-    """`experts` tiny transformers of one architecture over `latent_channels`, a UMT5 encoder of one layer, `vae`."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def _tiny_pipeline(experts: int, latent_channels: int, vae, pipeline_class: str = "WanPipeline",
+                   condition_channels: int = 0, **pipeline):
+    """`experts` tiny transformers of one architecture over `latent_channels` (and `condition_channels` more in), a UMT5
+    encoder of one layer, `vae`, in a `pipeline_class`."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), *((c, -2.0) for c in byte_vocabulary())]
@@ -55,24 +85,34 @@ def _tiny_pipeline(experts: int, latent_channels: int, vae, **pipeline):
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     ))
     transformers = [WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=latent_channels,
-        out_channels=latent_channels, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+        in_channels=latent_channels + condition_channels, out_channels=latent_channels, text_dim=32, freq_dim=32,
+        ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ) for _ in range(experts)]
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformers[0],
-                       transformer_2=transformers[1] if experts == 2 else None,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **pipeline)
+    return getattr(diffusers, pipeline_class)(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformers[0],
+        transformer_2=transformers[1] if experts == 2 else None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **pipeline)
+
+
+def _tiny_vae():
+    """The real 8x spatial and 4x temporal factors and 16 latent channels."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])
 
 
 def build_tiny():
-    """Two experts of one tiny architecture (as A14B), a UMT5 encoder of one layer, a VAE with the real 8x spatial and
-    4x temporal factors and 16 latent channels."""
-    from diffusers import AutoencoderKLWan
-
-    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    """Two experts of one tiny architecture (as A14B), a UMT5 encoder of one layer, `_tiny_vae`."""
     # A14B's boundary: the first step (t = 1000) runs the high-noise expert, later ones (t < 875) the low-noise one
-    return _tiny_pipeline(2, 16, vae, boundary_ratio=0.875)
+    return _tiny_pipeline(2, 16, _tiny_vae(), boundary_ratio=0.875)
+
+
+def build_tiny_i2v():
+    """tiny-wan's parts in a WanImageToVideoPipeline, its experts taking the first frame's 20 channels beside the
+    noise's 16 (`I2V_CONDITION`), and I2V-A14B's boundary: again the first of two steps on the high-noise expert."""
+    return _tiny_pipeline(2, 16, _tiny_vae(), "WanImageToVideoPipeline", I2V_CONDITION, boundary_ratio=I2V_BOUNDARY)
 
 
 # Wan 2.2's VAE (TI2V-5B): 2x2 pixel patches of 12 channels in, three 2x downsamplings, 48 latent channels: 16x in
@@ -149,4 +189,20 @@ WAN_5B = dataclasses.replace(
     step_cost=0.45,  # per token, 5.0B parameters against FLUX.1-dev's 11.9B: from the configs, not measured
     video=Video(fps=24, max_frames=121),  # 5 s at 24 fps: the released model's clip
     real_size=REAL_SIZE_5B,
+)
+
+WAN_I2V = dataclasses.replace(
+    WAN,
+    name="wan-i2v",
+    pipelines=("WanImageToVideoPipeline",),
+    serves=None,
+    unserved=unserved_i2v,
+    defaults=defaults_i2v,
+    build_tiny=build_tiny_i2v,
+    max_images=1,
+    min_images=1,  # the video starts from it
+    first_frame=True,
+    resizes_inputs=True,  # `video_processor.preprocess` to the output's height and width, whatever its aspect ratio
+    resized_to="the requested resolution, stretched to it: pick the one nearest the image's aspect ratio",
+    real_size=dataclasses.replace(REAL_SIZE, transformer=dict(REAL_SIZE.transformer, in_channels=16 + I2V_CONDITION)),
 )
