@@ -44,6 +44,7 @@ PROMPT_CACHE = prompts.cache_prompts_(MODEL.pipe, SETTINGS.prompt_cache, host=RE
 ENCODINGS = prompts.Encodings()
 PRESETS = {preset.name: preset for preset in MODEL.presets}
 VIDEO = FAMILY.video  # None for an image family; a video family's presets also carry their frame counts
+MADE = "a video" if VIDEO else "an image"  # what a request makes, in the page's words
 # What a request's `resolution` names (WIDTHxHEIGHT), and the presets at each size: a video's frame count picks one
 SIZES: dict[str, list] = {}
 for _preset in MODEL.presets:
@@ -109,7 +110,15 @@ EDIT_EXAMPLES = [
     ("example-7.png", "swap the places of the triangle and the circle"),
     ("example-5.png", "turn it into a watercolour painting"),
 ]
-EXAMPLES = [prompt for _, prompt in EDIT_EXAMPLES] if FAMILY.max_images else _example_prompts()
+# An image-to-video family's: the same pictures as first frames, and how they move
+FIRST_FRAME_EXAMPLES = [
+    ("example-1.png", "the red circle rolls slowly to the right"),
+    ("example-2.png", "the blue square drops to the bottom and bounces"),
+    ("example-3.png", "the yellow triangle spins in place"),
+    ("example-7.png", "the triangle and the circle swap places"),
+]
+INPUT_EXAMPLES = FIRST_FRAME_EXAMPLES if FAMILY.first_frame else EDIT_EXAMPLES
+EXAMPLES = [prompt for _, prompt in INPUT_EXAMPLES] if FAMILY.max_images else _example_prompts()
 # The demo model knows only its training captions' words (assets/shapes.py); other models list none
 VOCABULARY = frozenset(shapes.VOCABULARY) if SETTINGS.model_id == DEMO_MODEL_ID else frozenset()
 
@@ -150,7 +159,7 @@ def _thumbnails() -> list[str | None]:
 def _examples() -> list[list]:
     """The examples' rows: an editing family's input picture and edit, else the prompt with its picture (or None)."""
     if FAMILY.max_images:
-        return [[str(DEMO_THUMBNAILS / name), prompt] for name, prompt in EDIT_EXAMPLES]
+        return [[str(DEMO_THUMBNAILS / name), prompt] for name, prompt in INPUT_EXAMPLES]
     return [[picture, text] for picture, text in zip(_thumbnails(), EXAMPLES)]
 
 
@@ -491,7 +500,7 @@ def example(picked: tuple[int, list], resolution):
     if key in EXAMPLE_RESULTS:
         path, seed, details = EXAMPLE_RESULTS[key]
         return path, seed, f"{details}, example shown again"
-    picture = {"path": str(DEMO_THUMBNAILS / EDIT_EXAMPLES[index][0])} if FAMILY.max_images else None
+    picture = {"path": str(DEMO_THUMBNAILS / INPUT_EXAMPLES[index][0])} if FAMILY.max_images else None
     # an unknown resolution raises: nothing is kept
     EXAMPLE_RESULTS[key] = generate(EXAMPLES[index], resolution, image=picture)
     return EXAMPLE_RESULTS[key]
@@ -530,9 +539,11 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
         status_json = gr.JSON(label="/status API", elem_id="status-json")
     with gr.Row(elem_id="main"):
         with gr.Column(min_width=300, elem_id="ask"):
-            prompt = gr.Textbox(label="Prompt", placeholder=("Describe the edit, or an image, and press Enter"
+            prompt = gr.Textbox(label="Prompt", placeholder=("Describe how the picture moves and press Enter"
+                                                             if FAMILY.first_frame else
+                                                             "Describe the edit, or an image, and press Enter"
                                                              if FAMILY.max_images else
-                                                             "Describe an image and press Enter"),
+                                                             f"Describe {MADE} and press Enter"),
                                 max_lines=4, info=_vocabulary_hint(), elem_id="prompt")
             # An editing family's input, left of the result: upload, paste or webcam; the request checks it
             input_images = [gr.Image(label=f"Input image{f' {i}' if FAMILY.max_images > 1 else ''}"
@@ -561,7 +572,7 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
                                              value=VIDEO.fps, elem_id="fps",
                                              interactive=not VIDEO.audio_rate)} if VIDEO else {}  # _fps says why
             negative_prompt = gr.Textbox(value="", label="Negative prompt",
-                                         placeholder="What the image should not show", max_lines=2,
+                                         placeholder=f"What {MADE} should not show", max_lines=2,
                                          visible=TAKES_NEGATIVE_PROMPT, elem_id="negative-prompt")
             lora_choice = gr.Dropdown(choices=LORA_NAMES, value=LORA_NONE, label="LoRA", visible=len(LORA_NAMES) > 1,
                                       elem_id="lora")

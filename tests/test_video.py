@@ -404,3 +404,7 @@ def test_i2v_app_makes_a_video_from_an_image_and_refuses_a_request_without_one(w
         client.predict(**REQUEST, api_name="/generate")
     again, _, _ = client.predict(**REQUEST, image=handle_file(str(path)), api_name="/generate")  # served again
     assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
+    # the page asks for motion, and its examples are first frames with how they move
+    assert app.INPUT_EXAMPLES is app.FIRST_FRAME_EXAMPLES and app.EXAMPLES[0] == app.FIRST_FRAME_EXAMPLES[0][1]
+    assert app._examples()[0] == [str(app.DEMO_THUMBNAILS / "example-1.png"), app.EXAMPLES[0]]
+    assert app.MADE == "a video"
