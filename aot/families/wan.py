@@ -134,8 +134,9 @@ WAN = Family(
     # 1.3B's estimates come out about ten times too long)
     step_cost=1.2,
     video=Video(fps=16, max_frames=81),  # 5 s at 16 fps: the released models' clip
-    # An A14B expert's eager call at 832x480x81 (32,760 tokens): 3.47 GiB, counted on the meta device
-    # (benchmarks/zerogpu_plan.py), not measured on a GPU; Wan 2.1 1.3B, narrower, needs less
+    # An A14B expert's eager call at 832x480x81 (32,760 tokens): 3.47 GiB at its peak, counted on the meta device by
+    # torch's MemTracker (attention as flash attention's output, no tokens x tokens scores), not measured on a GPU;
+    # Wan 2.1 1.3B, narrower, needs less
     activation_bytes_per_token=111 * 1024,
     real_size=REAL_SIZE,
 )
