@@ -125,7 +125,8 @@ def _plan_and_place_(model: Model, settings: Settings, hardware: Hardware, repor
     plan, hardware = plan_memory(pipe, settings.low_vram, "none" if stored else settings.quantization,
                                  settings.vram_limit_gib, model.max_image_tokens, hardware, granularity is not None,
                                  compiled, report, family.keep_bf16, settings.zerogpu_size,
-                                 decided="none" if stored else report.quantization)
+                                 decided="none" if stored else report.quantization,
+                                 activation_bytes_per_token=family.activation_bytes_per_token)
     report.device, report.hardware = hardware.label, hardware
     if not stored and plan.quantization and plan.quantization != report.quantization:
         report.decide("quantization", Decision(plan.quantization, f"memory plan: {plan.reason}",

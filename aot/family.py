@@ -131,6 +131,9 @@ class Family:
     video: Video | None = None
     # The pipeline argument that takes the second expert's guidance (Wan 2.2 A14B's low-noise `transformer_2`)
     guidance_2_arg: str | None = None
+    # The transformer call's activation peak per token, where a video's tens of thousands of tokens make the image
+    # figure (aot/memory.py, measured on FLUX.1-dev with its VAE) several times too high; None: that figure
+    activation_bytes_per_token: int | None = None
     real_size: RealSize | None = field(default=None, compare=False)  # for the benchmarks only (dicts: not hashed)
 
     def image_tokens(self, width: int, height: int) -> int:

@@ -11,9 +11,14 @@ from aot.model import experts, repeated_block_lists
 from aot.quantize import GROUP_SIZE, _quantizable, kept_in_bf16, quantize_
 from aot.report import Report
 from aot.streaming import RING_SLOTS, BlockStream, tensor_leaves
+from aot.zerogpu import step_work
 
 GiB = 2**30
 ACTIVATION_BYTES_PER_TOKEN = 3 * GiB // 4096  # FLUX at 1024x1024: ~2.4 GiB above the weights (RESULTS.md)
+# FLUX.1-dev's transformer call itself holds 0.46 GiB of that at its peak (counted on the meta device as a family's
+# `activation_bytes_per_token`); the rest is the VAE's decode and CUDA's workspace. A family that gives its own
+# per-token figure gets the whole 3 GiB beside it for those, erring high: a video's VAE decode was not measured
+DECODE_BYTES = 3 * GiB
 SLACK_BYTES = GiB  # CUDA context, allocator fragmentation
 
 # The planner's yardstick for a layout's speed: one step of FLUX.1-dev at 1024x1024 on the H100, every block
@@ -48,6 +53,7 @@ class Footprint:
     other: int  # the VAE and anything else: always resident
     activations: int
     image_tokens: int
+    experts: int = 1  # denoisers whose blocks are counted here; a step runs one of them (Wan 2.2 A14B: two)
 
     def resident(self, mode: str) -> int:
         """The bytes placed on the GPU with every weight resident and the transformer in `mode`: what spaces packs
@@ -72,9 +78,11 @@ class Footprint:
         return sum(self.blocks[mode][i] for i in streamed_blocks(len(self.block_groups), streamed))
 
     def step_ms(self, mode: str, streamed: int, compiled: bool) -> float:
-        """A rough step time, to rank layouts: the compute, or the copies if they take longer."""
-        scale = self.transformer["none"] / REFERENCE_BYTES * self.image_tokens / REFERENCE_TOKENS
-        return max(STEP_MS[compiled][mode] * scale, self.streamed_bytes(mode, streamed) / COPY_BYTES_PER_MS)
+        """A rough step time, to rank layouts: the compute, or the copies if they take longer. A step runs one expert,
+        which holds its share of the streamed blocks (they are spread over the call order of all of them)."""
+        scale = self.transformer["none"] / self.experts / REFERENCE_BYTES * step_work(self.image_tokens)
+        copies = self.streamed_bytes(mode, streamed) / self.experts
+        return max(STEP_MS[compiled][mode] * scale, copies / COPY_BYTES_PER_MS)
 
 
 @dataclass(frozen=True)
@@ -234,8 +242,10 @@ def text_encoders(pipe) -> list[torch.nn.Module]:
     return [m for name, m in pipe.components.items() if name.startswith("text_encoder") and m is not None]
 
 
-def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = ()) -> Footprint:
-    """`keep_bf16`: the family's layers that fp8 leaves in bf16 (Qwen-Image's text stream: a third of its weights)."""
+def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = (),
+                      activation_bytes_per_token: int | None = None) -> Footprint:
+    """`keep_bf16`: the family's layers that fp8 leaves in bf16 (Qwen-Image's text stream: a third of its weights).
+    `activation_bytes_per_token`: the family's own figure for its transformer call (a video's), None: the image one."""
     modes = ("none", "fp8", "int8", "int4")
     denoisers = experts(pipe)  # Wan 2.2 A14B's two experts are both resident, quantized and streamed alike
     blocks = [block for expert in denoisers for blocks in transformer_blocks(expert).values() for block in blocks]
@@ -249,8 +259,10 @@ def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = 
         largest_text_group=max((_own_bytes(m) for text in texts for m in text.modules()), default=0),
         other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()
                   if isinstance(m, torch.nn.Module) and m not in denoisers and m not in texts),
-        activations=ACTIVATION_BYTES_PER_TOKEN * max_image_tokens,
+        activations=(ACTIVATION_BYTES_PER_TOKEN * max_image_tokens if activation_bytes_per_token is None
+                     else DECODE_BYTES + activation_bytes_per_token * max_image_tokens),
         image_tokens=max_image_tokens,
+        experts=len(denoisers),
     )
 
 
@@ -277,15 +289,17 @@ def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
 
 def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float | None, max_image_tokens: int,
                 hardware: Hardware, fp8_ok: bool, compiled: bool, report: Report, keep_bf16: tuple[str, ...] = (),
-                zerogpu_size: str = "auto", decided: str = "none") -> tuple[MemoryPlan, Hardware]:
+                zerogpu_size: str = "auto", decided: str = "none",
+                activation_bytes_per_token: int | None = None) -> tuple[MemoryPlan, Hardware]:
     """Chooses the layout for LOW_VRAM=`requested`, applies `vram_limit_gib` as a hard cap on this process, and
     reports the choice. `quantization`: QUANTIZATION. On a CPU the limit is planned for but caps nothing: the chosen
     layout runs there too, host to host (how the tests run it). On ZeroGPU it plans for the task's size (ZEROGPU_SIZE;
     aot/zerogpu.py), keeping the `decided` format where it fits, and returns the hardware with that size."""
     card = hardware.zerogpu
     if card is not None:
-        return _plan_zerogpu(pipe, requested, quantization == "auto", decided, vram_limit_gib, max_image_tokens,
-                             hardware, fp8_ok, compiled, report, keep_bf16, zerogpu_size)
+        footprint = measure_footprint(pipe, max_image_tokens, keep_bf16, activation_bytes_per_token)
+        return _plan_zerogpu(requested, quantization == "auto", decided, vram_limit_gib, footprint, hardware, fp8_ok,
+                             compiled, report, zerogpu_size)
     budget = None
     if hardware.device == "cuda":
         budget = hardware.memory
@@ -294,7 +308,7 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
             torch.cuda.set_per_process_memory_fraction(budget / hardware.memory)
     elif vram_limit_gib:
         budget = int(vram_limit_gib * GiB)
-    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16)
+    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16, activation_bytes_per_token)
     plan = choose_memory_plan(requested, quantization, footprint, budget, fp8_ok and compiled, compiled)
     report.memory = {**asdict(plan), "layout": plan.layout}
     if plan.low_vram:
@@ -304,8 +318,8 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
     return plan, hardware
 
 
-def _plan_zerogpu(pipe, requested, auto, decided, vram_limit_gib, max_image_tokens, hardware, fp8_ok, compiled,
-                  report, keep_bf16, zerogpu_size) -> tuple[MemoryPlan, Hardware]:
+def _plan_zerogpu(requested, auto, decided, vram_limit_gib, footprint, hardware, fp8_ok, compiled, report,
+                  zerogpu_size) -> tuple[MemoryPlan, Hardware]:
     """Every weight resident (the main process has no GPU to stream to; its GPU worker is forked from it), planned
     for each size the card offers, then the size chosen from the plans."""
     from aot.zerogpu import choose_size
@@ -314,7 +328,6 @@ def _plan_zerogpu(pipe, requested, auto, decided, vram_limit_gib, max_image_toke
     if requested in ("on", "stream"):
         report.fallback("memory", f"LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU to "
                                   "stream to); everything resident")
-    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16)
     sizes = card.sizes or (None,)
     plans = {}
     for size in sizes:

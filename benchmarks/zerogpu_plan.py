@@ -40,6 +40,11 @@ MODELS = {
     "FLUX.2 [klein] 4B": ("flux2-klein", {}, 43.2, "H200", False),
     "Qwen-Image": ("qwen-image", {}, 200.8, "H200", True),
     "Z-Image-Turbo": ("z-image", {}, 76.1, "H100", False),
+    # No video step has been measured on any GPU: their requests are estimated as a Space without timings asks (an
+    # H100's FLUX.1-dev step x step_cost x step_work x the card's slowdown, aot/zerogpu.py)
+    "Wan 2.2 A14B": ("wan", {}, None, "none", True),
+    "Wan 2.2 TI2V-5B": ("wan-5b", {}, None, "none", True),
+    "LTX-2": ("ltx2", {}, None, "none", True),
 }
 FIXED_S = 0.5  # text encoders, VAE and hand-over per image, as if measured (Durations applies its 3 s floor)
 
@@ -73,8 +78,8 @@ def main() -> int:
         family = family_named(name)
         pipe, params = real_pipe(label)
         presets = parse_presets(family.presets, family.multiple)
-        tokens = max(family.image_tokens(p.width, p.height) for p in presets)
-        footprint = measure_footprint(pipe, tokens, family.keep_bf16)
+        tokens = max(map(family.tokens, presets))
+        footprint = measure_footprint(pipe, tokens, family.keep_bf16, family.activation_bytes_per_token)
         models.append(dict(model=label, params_b=params, image_tokens=tokens, gib=dict(
             transformer={mode: gib(n) for mode, n in footprint.transformer.items()},
             text_encoders=gib(footprint.text_encoders), other=gib(footprint.other),
@@ -106,13 +111,15 @@ def main() -> int:
         by_size, auto = by_probe[True]
         for size in (Size.LARGE,) + ((Size.XLARGE,) if auto == Size.XLARGE.value else ()):
             factor = slowdown(card.model, card.sm_count, size)
-            durations = Durations({preset.name: Timing(step_ms * factor / 1000, FIXED_S)}, True, family.step_cost,
+            timed = {preset.name: Timing(step_ms * factor / 1000, FIXED_S)} if step_ms else {}
+            durations = Durations(timed, True, family.step_cost,
                                   factor, by_size[size].packed_gib, card.factor_for(size),
                                   2 if size is Size.XLARGE else 1, True, tokens=family.tokens)
+            steps, _ = durations.default_steps(preset, defaults.steps, calls)
             row = dict(model=label, size=size.value, auto=auto, preset=preset.name, steps=defaults.steps,
                        guidance=defaults.guidance, calls=calls, measured_ms=step_ms, measured_on=measured_on,
-                       slowdown=factor, call_s=round(step_ms * factor / 1000, 3), weight_gib=by_size[size].packed_gib,
-                       fits_memory=by_size[size].fits)
+                       slowdown=factor, weight_gib=by_size[size].packed_gib, fits_memory=by_size[size].fits,
+                       default_steps=steps)
             for key, new in (("warm", False), ("new", True)):
                 seconds = durations.task_seconds(preset, defaults.steps, calls, new_worker=new, first_shape=new)
                 row.update({f"{key}_s": round(seconds, 1), f"{key}_requested": durations.requested(seconds),
@@ -126,14 +133,17 @@ def main() -> int:
     print(f"\nZeroGPU today: default request at the first native preset, fp8 + AoT, limit {MAX_TASK_SECONDS} s. "
           f"Step = measured ms x slowdown; the slowdowns ({slowdown(card.model, card.sm_count, Size.LARGE)} large, "
           f"{slowdown(card.model, card.sm_count, Size.XLARGE)} xlarge) rest on published specs, not measured.")
-    print(f"{'model':18} {'size':>6} {'preset':>9} {'steps':>5} {'calls':>5} {'step ms':>14} {'x':>4} {'weights':>7} "
+    print(f"{'model':18} {'size':>6} {'preset':>12} {'steps':>7} {'calls':>5} {'step ms':>14} {'x':>4} {'weights':>7} "
           f"{'warm s':>6} {'req':>4} {'granted':>7} {'fits':>5} {'new s':>6} {'req':>4} {'granted':>7} {'fits':>5}")
     for r in today:
         note = "" if r["fits_memory"] else "  (does not fit this size: auto picks xlarge)"
-        print(f"{r['model']:18} {r['size']:>6} {r['preset']:>9} {r['steps']:>5} {r['calls']:>5} "
-              f"{r['measured_ms']:>6} {r['measured_on'][:4]:>7} {r['slowdown']:>4} {r['weight_gib']:>7.2f} "
+        print(f"{r['model']:18} {r['size']:>6} {r['preset']:>12} {r['steps']:>3}->{r['default_steps']:<3} "
+              f"{r['calls']:>5} {r['measured_ms'] or 'est.':>6} {r['measured_on'][:4]:>7} {r['slowdown']:>4} "
+              f"{r['weight_gib']:>7.2f} "
               f"{r['warm_s']:>6} {r['warm_requested']:>4} {r['warm_granted']:>7} {str(r['warm_fits']):>5} "
               f"{r['new_s']:>6} {r['new_requested']:>4} {r['new_granted']:>7} {str(r['new_fits']):>5}{note}")
+    print("(steps: the default, and after Durations.default_steps lowers it to fit; est.: no step measured on any "
+          "GPU, the H100 estimate x step_cost x step_work x slowdown, as a Space without timings asks)")
     print("(s: what the task needs, margin included; req: @spaces.GPU(duration=...); granted: req x duration_factor, "
           "what ZeroGPU enforces; new: a new worker's first request, weights copied and programs loaded)")
     print(json.dumps({"card": card.__dict__, "slowdown_source": "published specs, not measured", "fixed_s": FIXED_S,

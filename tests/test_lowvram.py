@@ -422,3 +422,75 @@ def test_forced_low_vram_is_refused_on_zerogpu_as_a_fallback(requested):
     assert planned.size is Size.LARGE  # the tiny pipeline fits half the card
     assert report.fallbacks == [f"memory: LOW_VRAM={requested} does not run on ZeroGPU (its main process has no GPU "
                                 "to stream to); everything resident"]
+
+
+# --- Wan 2.2 A14B: two experts, video tokens -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan_a14b_footprint():
+    """Wan 2.2 T2V-A14B's real sizes on the meta device (two 14.3B experts, UMT5-XXL), planned at 832x480x81."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from aot.families.wan import REAL_SIZE, UMT5_XXL, WAN
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            pipe = WanPipeline(tokenizer=None, text_encoder=UMT5EncoderModel(UMT5Config(**UMT5_XXL[None])),
+                               vae=AutoencoderKLWan(**REAL_SIZE.vae), scheduler=None,
+                               transformer=WanTransformer3DModel(**REAL_SIZE.transformer),
+                               transformer_2=WanTransformer3DModel(**REAL_SIZE.transformer), boundary_ratio=0.875)
+    finally:
+        torch.set_default_dtype(previous)
+    tokens = WAN.tokens(Preset("landscape", 832, 480, 81))
+    assert tokens == 32760
+    return measure_footprint(pipe, tokens, WAN.keep_bf16, WAN.activation_bytes_per_token)
+
+
+def test_wan_a14b_keeps_both_experts_resident_in_fp8_at_48_gib_and_streams_at_24(wan_a14b_footprint):
+    """Both experts in fp8 are 26.6 GiB: at 48 GiB they stay resident beside the streamed UMT5; at 24 GiB the blocks
+    that do not fit stream, spread over both experts' call order. The activations are a video call's (6.5 GiB at
+    32,760 tokens): the image figure per token would have planned 24 GiB of them, so nothing fit 24 GiB and 26 blocks
+    streamed at 48."""
+    from aot.memory import COPY_BYTES_PER_MS, DECODE_BYTES, STEP_MS
+    from aot.zerogpu import step_work
+
+    fp = wan_a14b_footprint
+    assert fp.experts == 2 and len(fp.block_groups) == 80 and set(fp.block_groups) == {0}  # one ring for both
+    assert 26.5 < fp.transformer["fp8"] / GiB < 26.8 and 10.5 < fp.text_encoders / GiB < 10.7
+    assert fp.activations == DECODE_BYTES + 111 * 1024 * 32760
+    roomy = choose_memory_plan("auto", "auto", fp, 48 * GiB, True, compiled=True)
+    assert (roomy.low_vram, roomy.quantization, roomy.streamed_blocks) == (True, "fp8", 0)
+    tight = choose_memory_plan("auto", "auto", fp, 24 * GiB, True, compiled=True)
+    assert tight.quantization == "fp8" and 0 < tight.streamed_blocks < 80 and tight.need_gib <= 24
+    chosen = streamed_blocks(80, tight.streamed_blocks)
+    assert abs(sum(i < 40 for i in chosen) - sum(i >= 40 for i in chosen)) <= 1  # each expert streams its half
+    # a step runs one expert: its compute, and the copies of its own streamed blocks
+    compute = STEP_MS[True]["fp8"] * fp.transformer["none"] / 2 / (2 * 11.90e9) * step_work(32760)
+    copies = fp.streamed_bytes("fp8", 80) / 2 / COPY_BYTES_PER_MS
+    assert fp.step_ms("fp8", 80, True) == pytest.approx(max(compute, copies))
+
+
+def test_tiny_wan_streams_both_experts_compiled_and_matches_eager():
+    """LOW_VRAM=stream, COMPILE=aoti (blocks) on tiny-wan: both experts' blocks stream through one ring, and a 2-step
+    run (the first step on the high-noise expert, the second on the low-noise one) matches eager resident."""
+    settings = {"model_id": "tiny-wan", "quantization": "none"}
+    resident = tiny_model(compile="none", **settings)
+    def run(model):  # a video's latents are the output's frames
+        return model("a red cube", model.presets[0], steps=2, generator=torch.Generator().manual_seed(3),
+                     output_type="latent").frames
+
+    expected = run(resident)
+    model = tiny_model(compile="aoti", **settings)
+    report = optimization.optimize_pipeline_(model, settings_for(low_vram="stream", compile="aoti", aot_scope="blocks",
+                                                                 **settings))
+    assert report.compile == "aoti" and report.compile_scope == "blocks", report.fallbacks
+    assert report.memory["streamed_blocks"] == report.memory["blocks"] == 4
+    first, second = model.pipe.transformer, model.pipe.transformer_2
+    stream = first.block_stream
+    assert second.block_stream is stream and stream.blocks == [*first.blocks, *second.blocks]
+    assert rel_err(run(model), expected) < TOLERANCE
+    stream.loads = 0
+    run(model)
+    assert stream.loads == 2 * 2 * 2  # 2 steps x 2 calls (CFG) x the running expert's 2 blocks

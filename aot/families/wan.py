@@ -174,6 +174,10 @@ WAN = Family(
     # 1.3B's estimates come out about ten times too long)
     step_cost=1.2,
     video=Video(fps=16, max_frames=81),  # 5 s at 16 fps: the released models' clip
+    # An A14B expert's eager call at 832x480x81 (32,760 tokens): 3.47 GiB at its peak, counted on the meta device by
+    # torch's MemTracker (attention as flash attention's output, no tokens x tokens scores), not measured on a GPU;
+    # Wan 2.1 1.3B, narrower, needs less
+    activation_bytes_per_token=111 * 1024,
     real_size=REAL_SIZE,
 )
 
@@ -188,6 +192,9 @@ WAN_5B = dataclasses.replace(
     guidance_2_arg=None,  # one transformer
     step_cost=0.45,  # per token, 5.0B parameters against FLUX.1-dev's 11.9B: from the configs, not measured
     video=Video(fps=24, max_frames=121),  # 5 s at 24 fps: the released model's clip
+    # Its call at 1280x704x121 (27,280 tokens): 5.07 GiB, counted as A14B's; its timestep per token gives each block a
+    # (tokens, 6, width) float32 modulation, 1.9 GiB of it
+    activation_bytes_per_token=195 * 1024,
     real_size=REAL_SIZE_5B,
 )
 
