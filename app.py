@@ -64,7 +64,7 @@ SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's
 
 
 def _calls(guidance: float) -> int:
-    return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step (each expert runs its own)
+    return MODEL.batch_one_calls(guidance)  # with two experts, each step runs one of them
 
 
 # A default request must fit ZeroGPU's per-call maximum: the family's default steps, fewer where they would not

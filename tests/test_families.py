@@ -170,7 +170,7 @@ def test_pipeline_runs_match_eager(family):
     finally:
         hook.remove()
     for run_name, run in family.runs.items():  # true CFG: two transformer calls per step
-        per_step = 2 if model.does_cfg(run.get("guidance", model.defaults.guidance)) else 1
+        per_step, _ = model.step_calls(run.get("guidance", model.defaults.guidance))
         assert calls.count(run_name) == per_step * STEPS, run_name
     if model.defaults.guidance_kind is Guidance.CFG:
         assert any(model.does_cfg(run.get("guidance", model.defaults.guidance)) for run in family.runs.values())

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from aot.families import LTX2
+from aot.families import FAMILIES, LTX2, Defaults, Guidance
+from aot.model import Model
 from aot.programs import ShapeDispatch
 from aot.video import Clip, encode
-from conftest import Compiled, rel_err, served_app
+from aot.zerogpu import FIXED_SECONDS, MARGIN, Durations, Timing
+from conftest import Compiled, rel_err, served_app, tiny_model
+from settings import check_frames, parse_presets
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
 PROMPT = "a drum rolling down stairs"
@@ -75,8 +78,6 @@ def test_every_block_runs_one_program_per_video_token_count(ltx2):
 
 
 def test_presets_are_8k_plus_1_frames_at_multiples_of_32():
-    from settings import check_frames, parse_presets
-
     presets = parse_presets(LTX2.presets, LTX2.multiple)
     check_frames(presets, LTX2.video, "ltx2")
     assert [LTX2.tokens(p) for p in presets] == [16 * 24 * 16] * 2  # 121 frames: 16 latent frames of 24x16 tokens
@@ -84,6 +85,38 @@ def test_presets_are_8k_plus_1_frames_at_multiples_of_32():
         check_frames(parse_presets("a=768x512x77", 32), LTX2.video, "ltx2")
     with pytest.raises(ValueError, match="multiples of 32"):
         parse_presets("a=784x512x121", 32)
+
+
+def test_a_step_counts_its_batched_cfg_call_as_two_batch_one_calls_at_every_guidance():
+    ltx2 = Model(None, LTX2, Defaults(30, 3.0, Guidance.CFG, 1024), parse_presets(LTX2.presets, LTX2.multiple))
+    qwen = Model(None, next(f for f in FAMILIES if f.name == "qwen-image"), Defaults(50, 4.0, Guidance.CFG, 1024), ())
+    for guidance in (0.0, 1.0, 3.0):  # the sound track's guidance keeps CFG on
+        assert ltx2.step_calls(guidance) == (1, 2) and ltx2.batch_one_calls(guidance) == 2, guidance
+    assert [qwen.step_calls(g) for g in (1.0, 4.0)] == [(1, 1), (2, 1)]
+    # a step timed at the default guidance and a request at guidance 1 count the same work: the startup timing
+    # (optimization.py `time_presets`) divides a step by these calls, a request multiplies by them
+    step_s, calls = 0.8, ltx2.batch_one_calls(ltx2.defaults.guidance)
+    preset = ltx2.presets[0]
+    durations = Durations({preset.name: Timing(step_s / calls, 0.0)}, True, 1.0, 1.0, 0.0, tokens=LTX2.tokens)
+    at_1, at_3 = (durations.task_seconds(preset, 10, ltx2.batch_one_calls(g), False, False) for g in (1.0, 3.0))
+    assert at_1 == at_3 == pytest.approx(FIXED_SECONDS + 10 * step_s * MARGIN)
+
+
+def test_the_pipeline_makes_one_call_of_batch_two_a_step_at_guidance_1_and_3():
+    """The family's `cfg_batched` and `cfg_always` against LTX2Pipeline itself, eagerly."""
+    model = tiny_model(model_id="tiny-ltx2")
+    batches = []
+    hook = model.pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        for guidance in (1.0, 3.0):
+            batches.clear()
+            with torch.inference_mode():
+                model(PROMPT, model.presets[-1], steps=2, guidance=guidance, output_type="latent")
+            calls, batch = model.step_calls(guidance)
+            assert batches == [batch] * (calls * 2) == [2, 2], guidance
+    finally:
+        hook.remove()
 
 
 def test_a_sound_track_is_encoded_beside_the_frames(tmp_path: Path):

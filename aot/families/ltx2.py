@@ -131,6 +131,9 @@ LTX2 = Family(
     prompt_tokens=prompt_tokens,
     shares_programs_by_token_count=False,  # the grid and the frame rate reach the transformer as Python numbers
     negative_prompt_arg="negative_prompt",
+    cfg_batched=True,  # pipeline_ltx2.py concatenates the latents and the prompts in two: one call a step
+    # its do_classifier_free_guidance: the video's guidance above 1 or the audio's, which CALL_ARGS keeps at 7.0
+    cfg_always=f"the sound track's guidance stays at {AUDIO_GUIDANCE}",
     call_args=call_args,
     # 8k+1 frames: the VAE folds 8 frames into one latent frame after the first
     video=Video(fps=24, max_frames=121, frame_step=8, audio_rate=audio_rate),
