@@ -177,3 +177,13 @@ def test_app_serves_a_video_with_its_sound_refuses_bad_input_and_serves_the_next
     again, _, _ = client.predict(**REQUEST, api_name="/generate")  # frames left out: the size's 9
     assert all(np.array_equal(a, b) for a, b in zip(_decoded(again)[0], frames, strict=True))
     assert _decoded(again)[3] == sound
+
+
+def test_app_serves_a_negative_prompt_at_guidance_1_where_the_sound_track_still_runs_cfg(ltx2_app):
+    app, client = ltx2_app
+    assert app.TAKES_NEGATIVE_PROMPT
+    videos = [client.predict(**REQUEST, guidance=1.0, negative_prompt=negative, api_name="/generate")[0]
+              for negative in ("", "silence, a blurry picture")]
+    (plain, _, _, plain_sound), (with_it, _, _, sound) = map(_decoded, videos)
+    assert plain_sound == sound  # the same track's shape, and the negative prompt reached the pipeline:
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, with_it, strict=True))
