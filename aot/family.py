@@ -57,6 +57,9 @@ class RealSize:
     vae: dict | None = None  # keyword arguments of the VAE class; None: its defaults are the released VAE's
     scheduler: dict | None = None  # keyword arguments of the scheduler class, where the tiny one's differ
     pipeline: dict = field(default_factory=dict)  # the pipeline's own config (FLUX.2 [klein] 4B: is_distilled)
+    # Other pipeline components that shape the transformer's call or the output: component -> keyword arguments of
+    # the tiny one's class (LTX-2's text connectors, audio VAE and vocoder)
+    components: dict = field(default_factory=dict)
     text_tokens: int | None = None  # the released tokenizer's length, where the tiny one's is shorter
 
 
