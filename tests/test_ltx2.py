@@ -119,6 +119,17 @@ def test_the_pipeline_makes_one_call_of_batch_two_a_step_at_guidance_1_and_3():
         hook.remove()
 
 
+def test_step_caches_are_refused_with_the_reason():
+    from aot.step_cache import choose
+    from settings import parse_step_cache
+
+    model = tiny_model(model_id="tiny-ltx2")
+    for method, why in [("fbc", "First Block Cache does not know one of its block classes"),
+                        ("taylorseer", "audio_proj_out would read the zeros its skipped blocks return")]:
+        decision = choose(parse_step_cache(method), model)
+        assert decision.value == "off" and decision.fell_back and why in decision.reason, method
+
+
 def test_a_sound_track_is_encoded_beside_the_frames(tmp_path: Path):
     rate, samples = 8000, 2640
     wave = 0.5 * np.sin(2 * np.pi * 440 * np.arange(samples) / rate)
