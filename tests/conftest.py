@@ -301,7 +301,8 @@ SLOW = {
     "test_startup.py": {"first_start"},
     "test_step_cache.py": {"compiled", "eager", "uncached"},
     "test_video.py": {"wan", "wan_app"},
-    "test_ltx2.py": {"ltx2", "ltx2_app"},
+    "test_ltx2.py": {"ltx2", "ltx2_app", "test_the_pipeline_makes_one_call_of_batch_two_a_step_at_guidance_1_and_3",
+                     "test_a_fused_lora_changes_both_streams_as_diffusers_loading_it_does"},
 }
 
 

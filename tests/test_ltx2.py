@@ -198,3 +198,27 @@ def test_app_serves_a_negative_prompt_at_guidance_1_where_the_sound_track_still_
     (plain, _, _, plain_sound), (with_it, _, _, sound) = map(_decoded, videos)
     assert plain_sound == sound  # the same track's shape, and the negative prompt reached the pipeline:
     assert not all(np.array_equal(a, b) for a, b in zip(plain, with_it, strict=True))
+
+
+def test_a_fused_lora_changes_both_streams_as_diffusers_loading_it_does(tmp_path):
+    """LORAS on LTX-2: nothing refuses it; the fused weights give diffusers' own outputs with the LoRA loaded."""
+    import optimization
+    from aot.programs import capture_inputs
+    from conftest import settings_for
+    from test_lora import make_lora
+
+    path = make_lora(tmp_path, "ltx2", 7, family="ltx2")
+    reference = tiny_model(model_id="tiny-ltx2")
+    args, kwargs = capture_inputs(reference, reference.pipe.transformer, reference.presets[0])
+    with torch.inference_mode():
+        plain = reference.pipe.transformer(*args, **kwargs)[:2]
+        reference.pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+        expected = reference.pipe.transformer(*args, **kwargs)[:2]
+    env = dict(model_id="tiny-ltx2", loras=str(path), compile="none")
+    model = tiny_model(**env)
+    report = optimization.optimize_pipeline_(model, settings_for(**env))
+    assert report.fallbacks == [] and report.loras, report.fallbacks
+    with torch.inference_mode():
+        fused = model.pipe.transformer(*args, **kwargs)[:2]
+    for stream, out, want, before in zip(("video", "audio"), fused, expected, plain):
+        assert rel_err(out, want) <= TOLERANCE and rel_err(out, before) > 1e-3, stream
