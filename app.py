@@ -65,7 +65,7 @@ SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's
 
 
 def _calls(guidance: float) -> int:
-    return 2 if MODEL.does_cfg(guidance) else 1  # true CFG: two transformer calls per step (each expert runs its own)
+    return MODEL.batch_one_calls(guidance)  # with two experts, each step runs one of them
 
 
 # A default request must fit ZeroGPU's per-call maximum: the family's default steps, fewer where they would not
@@ -307,6 +307,9 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
     if guidance != DEFAULTS.guidance and not USES_GUIDANCE:
         raise user_error(f"This {FAMILY.name} model is guidance-distilled and takes no guidance; "
                          f"use {DEFAULTS.guidance}.")
+    if negative_prompt and not MODEL.does_cfg(guidance):  # the pipeline would drop it without a word
+        raise user_error(f"This {FAMILY.name} model reads a negative prompt only at guidance above 1 (true CFG); "
+                         f"raise the guidance or leave the negative prompt empty. Got guidance {guidance}.")
     too_long = DURATIONS.too_long(MODEL.presets, preset, steps, _calls(guidance))
     if too_long:
         raise user_error(f"{too_long}.")

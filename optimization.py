@@ -509,7 +509,7 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
     """Each preset's request time on this device. A 1-step call first, which loads its programs and must give
     finite latents; then whole images of 1 and of TIMED_STEPS steps: the difference is the steps' time, the rest is
     the text encoders, the VAE and the hand-over."""
-    calls = 2 if model.does_cfg(model.defaults.guidance) else 1
+    calls = model.batch_one_calls(model.defaults.guidance)
     timings = {}
     for preset in presets:
         first_call(model, preset)

@@ -8,7 +8,9 @@ from typing import Callable
 
 class Guidance(enum.Enum):
     EMBEDDED = "embedded"  # distilled guidance fed to the transformer as an embedding (FLUX.1-dev, FLUX.2 [dev])
-    CFG = "cfg"  # true classifier-free guidance: a second transformer call on a negative prompt (Qwen-Image)
+    # true classifier-free guidance: the transformer on a negative prompt too, in a second call (Qwen-Image) or as the
+    # same call's second batch (LTX-2: `Family.cfg_batched`)
+    CFG = "cfg"
     NONE = "none"  # timestep-distilled turbo/schnell models: no guidance at all
 
 
@@ -55,6 +57,9 @@ class RealSize:
     vae: dict | None = None  # keyword arguments of the VAE class; None: its defaults are the released VAE's
     scheduler: dict | None = None  # keyword arguments of the scheduler class, where the tiny one's differ
     pipeline: dict = field(default_factory=dict)  # the pipeline's own config (FLUX.2 [klein] 4B: is_distilled)
+    # Other pipeline components that shape the transformer's call or the output: component -> keyword arguments of
+    # the tiny one's class (LTX-2's text connectors, audio VAE and vocoder)
+    components: dict = field(default_factory=dict)
     text_tokens: int | None = None  # the released tokenizer's length, where the tiny one's is shorter
 
 
@@ -84,6 +89,12 @@ class Family:
     # ZeroGPU duration estimated for a request, before any is measured, scales with it (aot/zerogpu.py `step_work`)
     step_cost: float = 1.0
     negative_prompt_arg: str | None = None  # Guidance.CFG: the pipeline argument for the negative prompt
+    # Guidance.CFG: the pipeline runs the negative and the positive prompt through the transformer as one call of batch
+    # two (LTX-2), not as two calls of batch one: the same work a step (aot/model.py `Model.step_calls`)
+    cfg_batched: bool = False
+    # Guidance.CFG: why the pipeline runs CFG at every guidance, 1 and below included, where it does (LTX-2: the sound
+    # track's own guidance stays above 1); None: at guidance above 1 only
+    cfg_always: str | None = None
     guidance_arg: str = "guidance_scale"  # the pipeline argument that takes the guidance value
     # Families whose programs can take a dynamic image-token axis (DYNAMIC_SHAPES, `dynamic_tokens`): marks it (a Dim)
     # in a captured call's kwargs, given the text tokens the call carries beside the image's (FIXED: its padded

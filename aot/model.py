@@ -76,8 +76,21 @@ class Model:
         return result.audio[0].float().cpu().numpy(), video.audio_rate(self.pipe)
 
     def does_cfg(self, guidance: float) -> bool:
-        """Whether a call runs the transformer twice per step (true classifier-free guidance)."""
-        return self.defaults.guidance_kind is Guidance.CFG and guidance > 1
+        """Whether a call at `guidance` runs true classifier-free guidance: the transformer on a negative prompt too."""
+        return self.defaults.guidance_kind is Guidance.CFG and (guidance > 1 or self.family.cfg_always is not None)
+
+    def step_calls(self, guidance: float) -> tuple[int, int]:
+        """The transformer calls a step makes at `guidance`, and each call's batch: (2, 1) under CFG, (1, 2) where
+        the family batches it (`cfg_batched`), (1, 1) without it."""
+        if not self.does_cfg(guidance):
+            return 1, 1
+        return (1, 2) if self.family.cfg_batched else (2, 1)
+
+    def batch_one_calls(self, guidance: float) -> int:
+        """A step's transformer work at `guidance` in calls of batch one, what the request durations count: a call
+        of batch two counts as two (twice the tokens through every layer; the H100 estimate is a batch-one call)."""
+        calls, batch = self.step_calls(guidance)
+        return calls * batch
 
     def input_preset(self, width: int, height: int, output: Preset | None = None) -> Preset:
         """The served preset an input image of `width` x `height` is resized to: the request's `output` where the input

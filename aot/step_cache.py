@@ -86,6 +86,11 @@ def _unsupported(method: str, pipe) -> str | None:
     if method == "taylorseer":  # lite mode predicts `proj_out`'s output: without one, skipped steps get zeroed blocks
         if not isinstance(getattr(transformer, "proj_out", None), torch.nn.Module):
             return f"TaylorSeer's lite mode extrapolates `proj_out`, which {type(transformer).__name__} lacks"
+        # another stream's projection would read the zeros skipped blocks return (LTX-2's sound track)
+        others = [name for name, _ in transformer.named_children() if name.endswith("proj_out") and name != "proj_out"]
+        if others:
+            return (f"TaylorSeer's lite mode extrapolates `proj_out` alone, and {type(transformer).__name__}'s "
+                    f"{', '.join(others)} would read the zeros its skipped blocks return")
         return None
     try:
         layouts = {type(block): TransformerBlockRegistry.get(type(block)) for block in blocks}

@@ -143,10 +143,11 @@ class Durations:
 
     def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool,
                      input_tokens: int = 0) -> float:
-        """The seconds a request's task needs, margin included. `calls`: transformer calls a step (2 with CFG);
-        `input_tokens`: what its input images add to each call. A preset is timed with the inputs the family needs,
-        so a text-only request asks for a text-only duration; more inputs scale the call by the work they add
-        (`step_work`: from the configs, not measured; the larger call is no less efficient, so it errs long)."""
+        """The seconds a request's task needs, margin included. `calls`: a step's transformer calls, counted at batch
+        one (`Model.batch_one_calls`: 2 with CFG); `input_tokens`: what its input images add to each call. A preset
+        is timed with the inputs the family needs, so a text-only request asks for a text-only duration; more inputs
+        scale the call by the work they add (`step_work`: from the configs, not measured; the larger call is no less
+        efficient, so it errs long)."""
         tokens, timed = self.tokens(preset), self.timed_input_tokens
         work = step_work(tokens + max(input_tokens, timed))
         timing = self.timings.get(preset.name)

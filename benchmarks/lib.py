@@ -207,8 +207,8 @@ def real_text_encoder(tiny, sizes: dict, device: str, shrink: int = 1, dtype: to
 
 def _text_widths(config) -> tuple[int, int | None]:
     """(text embedding width, pooled embedding width) that a transformer of this config reads."""
-    return (config.get("joint_attention_dim") or config.get("cap_feat_dim") or config.get("text_dim"),
-            config.get("pooled_projection_dim"))
+    return (config.get("joint_attention_dim") or config.get("cap_feat_dim") or config.get("text_dim")
+            or config.get("caption_channels"), config.get("pooled_projection_dim"))
 
 
 def _widen_text_(pipe, tiny_config, real_config, device: str, dtype: torch.dtype) -> None:
@@ -230,12 +230,24 @@ def _widen_text_(pipe, tiny_config, real_config, device: str, dtype: torch.dtype
         return value
 
     pipe.encode_prompt = lambda *args, **kwargs: widen(encode(*args, **kwargs))
+    # LTX-2's transformer reads its text through connectors, which read every hidden state of the text encoder: the
+    # tiny connectors stay, and their video and audio embeddings are widened
+    connectors = getattr(pipe, "connectors", None)
+    if connectors is not None:
+        connect = connectors.forward
+        connectors.forward = lambda *args, **kwargs: widen(connect(*args, **kwargs))
+
+
+# Components that read the text encoders' output (LTX-2's connectors): real-size with the real encoders only, since
+# the tiny encoders' embeddings are widened past them (`_widen_text_`)
+TEXT_SIDE = ("connectors",)
 
 
 def real_pipeline(family, device: str, text: str = "tiny", config: dict | None = None, tiny: bool = False,
                   dtype: torch.dtype = torch.bfloat16):
     """The family's tiny pipeline (its tokenizers and its way of calling the transformer) with the transformer, VAE
-    and scheduler of `family.real_size`, random weights made on `device`, seeded: every build has the same weights.
+    and scheduler of `family.real_size` and its other `components`, random weights made on `device`, seeded: every
+    build has the same weights.
 
     `text`: "tiny" keeps the tiny text encoders, their embeddings widened to the real text width (the transformer
     sees real shapes, encoding costs nothing); "real" builds them at their real sizes too. `config`: transformer
@@ -261,6 +273,7 @@ def real_pipeline(family, device: str, text: str = "tiny", config: dict | None =
             _widen_text_(pipe, tiny_config, models["transformer"].config, device, dtype)
         torch.manual_seed(2)
         models["vae"] = on_device(device, dtype, lambda: type(pipe.vae)(**(real.vae or {})))
+        models.update(real_components(pipe, real, device, dtype, text))
         pipe.register_modules(**models)
         as_released_(pipe, real)
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
@@ -268,6 +281,13 @@ def real_pipeline(family, device: str, text: str = "tiny", config: dict | None =
         module.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, {name: sum(p.numel() for p in m.parameters()) / 1e9 for name, m in modules.items()}
+
+
+def real_components(pipe, real, device: str, dtype: torch.dtype, text: str = "tiny") -> dict:
+    """`real.components` by name, each the tiny one's class at its released sizes, random weights made on `device`;
+    those that read the text encoders' output (TEXT_SIDE) only with `text` "real"."""
+    return {name: on_device(device, dtype, lambda name=name, sizes=sizes: type(getattr(pipe, name))(**sizes))
+            for name, sizes in real.components.items() if text == "real" or name not in TEXT_SIDE}
 
 
 def real_transformer(family, cls, device: str, config: dict | None = None, dtype: torch.dtype = torch.bfloat16):
@@ -301,7 +321,8 @@ def meta_step_flops(family, preset: str) -> dict:
     pipe = build_tiny(family).to(torch.bfloat16)
     transformer = real_transformer(family, type(pipe.transformer), "meta")
     _widen_text_(pipe, pipe.transformer.config, transformer.config, "cpu", torch.bfloat16)
-    pipe.register_modules(transformer=transformer)
+    # on the host, as the pipeline up to the call: they shape its inputs (LTX-2's audio VAE: the audio channels, length)
+    pipe.register_modules(transformer=transformer, **real_components(pipe, family.real_size, "cpu", torch.bfloat16))
     as_released_(pipe, family.real_size)
     pipe.set_progress_bar_config(disable=True)
     model = load_model(Settings.from_env({"MODEL_ID": f"tiny-{family.name}", "PRESETS": preset}, has_cuda=False), pipe)

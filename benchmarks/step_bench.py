@@ -288,7 +288,8 @@ class Bench:
         result = dict(variant=name, build_s=self.build_s, quantization="none", steps={})
         if text is None:
             self.presets, self.steps = model.presets, self.args.steps or model.defaults.steps
-            self.calls = 2 if model.does_cfg(model.defaults.guidance) else 1
+            # the transformer's calls a step, each timed as recorded (LTX-2's one call of batch two)
+            self.calls, _ = model.step_calls(model.defaults.guidance)
             result["params_b"] = {k: round(v, 3) for k, v in self.params.items()}
         if torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(1.0)  # the previous variant's cap; this one's plan sets its own

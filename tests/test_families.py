@@ -170,7 +170,7 @@ def test_pipeline_runs_match_eager(family):
     finally:
         hook.remove()
     for run_name, run in family.runs.items():  # true CFG: two transformer calls per step
-        per_step = 2 if model.does_cfg(run.get("guidance", model.defaults.guidance)) else 1
+        per_step, _ = model.step_calls(run.get("guidance", model.defaults.guidance))
         assert calls.count(run_name) == per_step * STEPS, run_name
     if model.defaults.guidance_kind is Guidance.CFG:
         assert any(model.does_cfg(run.get("guidance", model.defaults.guidance)) for run in family.runs.values())
@@ -284,6 +284,9 @@ def test_app_negative_prompt_is_served_or_refused_by_the_family(family, family_a
         with_it, seed, _ = client.predict(**_request(app, negative_prompt=NEGATIVE_PROMPT), api_name="/generate")
         without, _, _ = client.predict(**_request(app), api_name="/generate")
         assert seed == 4242 and _image(with_it)[1] != _image(without)[1]  # it reached the pipeline
+        if not family.model.does_cfg(1.0):  # where the pipeline would drop it
+            with pytest.raises(AppError, match="reads a negative prompt only at guidance above 1 .* Got guidance 1.0"):
+                client.predict(**_request(app, negative_prompt=NEGATIVE_PROMPT, guidance=1.0), api_name="/generate")
     else:
         with pytest.raises(AppError, match=f"This {re.escape(family.name)} model .*takes no negative prompt"):
             client.predict(**_request(app, negative_prompt=NEGATIVE_PROMPT), api_name="/generate")

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from aot.families import LTX2, LTX2_I2V
+from aot.families import FAMILIES, LTX2, LTX2_I2V, Defaults, Guidance
+from aot.model import Model
 from aot.programs import ShapeDispatch
 from aot.video import Clip, encode
-from conftest import Compiled, rel_err, served_app
+from aot.zerogpu import FIXED_SECONDS, MARGIN, Durations, Timing
+from conftest import Compiled, rel_err, served_app, tiny_model
+from settings import check_frames, parse_presets
 
 TOLERANCE = 1e-4  # fp32, compiled vs eager
 PROMPT = "a drum rolling down stairs"
@@ -75,8 +78,6 @@ def test_every_block_runs_one_program_per_video_token_count(ltx2):
 
 
 def test_presets_are_8k_plus_1_frames_at_multiples_of_32():
-    from settings import check_frames, parse_presets
-
     presets = parse_presets(LTX2.presets, LTX2.multiple)
     check_frames(presets, LTX2.video, "ltx2")
     assert [LTX2.tokens(p) for p in presets] == [16 * 24 * 16] * 2  # 121 frames: 16 latent frames of 24x16 tokens
@@ -84,6 +85,49 @@ def test_presets_are_8k_plus_1_frames_at_multiples_of_32():
         check_frames(parse_presets("a=768x512x77", 32), LTX2.video, "ltx2")
     with pytest.raises(ValueError, match="multiples of 32"):
         parse_presets("a=784x512x121", 32)
+
+
+def test_a_step_counts_its_batched_cfg_call_as_two_batch_one_calls_at_every_guidance():
+    ltx2 = Model(None, LTX2, Defaults(30, 3.0, Guidance.CFG, 1024), parse_presets(LTX2.presets, LTX2.multiple))
+    qwen = Model(None, next(f for f in FAMILIES if f.name == "qwen-image"), Defaults(50, 4.0, Guidance.CFG, 1024), ())
+    for guidance in (0.0, 1.0, 3.0):  # the sound track's guidance keeps CFG on
+        assert ltx2.step_calls(guidance) == (1, 2) and ltx2.batch_one_calls(guidance) == 2, guidance
+    assert [qwen.step_calls(g) for g in (1.0, 4.0)] == [(1, 1), (2, 1)]
+    # a step timed at the default guidance and a request at guidance 1 count the same work: the startup timing
+    # (optimization.py `time_presets`) divides a step by these calls, a request multiplies by them
+    step_s, calls = 0.8, ltx2.batch_one_calls(ltx2.defaults.guidance)
+    preset = ltx2.presets[0]
+    durations = Durations({preset.name: Timing(step_s / calls, 0.0)}, True, 1.0, 1.0, 0.0, tokens=LTX2.tokens)
+    at_1, at_3 = (durations.task_seconds(preset, 10, ltx2.batch_one_calls(g), False, False) for g in (1.0, 3.0))
+    assert at_1 == at_3 == pytest.approx(FIXED_SECONDS + 10 * step_s * MARGIN)
+
+
+def test_the_pipeline_makes_one_call_of_batch_two_a_step_at_guidance_1_and_3():
+    """The family's `cfg_batched` and `cfg_always` against LTX2Pipeline itself, eagerly."""
+    model = tiny_model(model_id="tiny-ltx2")
+    batches = []
+    hook = model.pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        for guidance in (1.0, 3.0):
+            batches.clear()
+            with torch.inference_mode():
+                model(PROMPT, model.presets[-1], steps=2, guidance=guidance, output_type="latent")
+            calls, batch = model.step_calls(guidance)
+            assert batches == [batch] * (calls * 2) == [2, 2], guidance
+    finally:
+        hook.remove()
+
+
+def test_step_caches_are_refused_with_the_reason():
+    from aot.step_cache import choose
+    from settings import parse_step_cache
+
+    model = tiny_model(model_id="tiny-ltx2")
+    for method, why in [("fbc", "First Block Cache does not know one of its block classes"),
+                        ("taylorseer", "audio_proj_out would read the zeros its skipped blocks return")]:
+        decision = choose(parse_step_cache(method), model)
+        assert decision.value == "off" and decision.fell_back and why in decision.reason, method
 
 
 def test_a_sound_track_is_encoded_beside_the_frames(tmp_path: Path):
@@ -206,3 +250,37 @@ def test_i2v_app_makes_a_video_from_an_image_and_refuses_a_request_without_one(l
     assert "input 96x160 resized to 96x64" in details
     with pytest.raises(AppError, match="This ltx2-i2v model makes its video from an image: give at least 1"):
         client.predict(**request, api_name="/generate")
+
+
+def test_app_serves_a_negative_prompt_at_guidance_1_where_the_sound_track_still_runs_cfg(ltx2_app):
+    app, client = ltx2_app
+    assert app.TAKES_NEGATIVE_PROMPT
+    videos = [client.predict(**REQUEST, guidance=1.0, negative_prompt=negative, api_name="/generate")[0]
+              for negative in ("", "silence, a blurry picture")]
+    (plain, _, _, plain_sound), (with_it, _, _, sound) = map(_decoded, videos)
+    assert plain_sound == sound  # the same track's shape, and the negative prompt reached the pipeline:
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, with_it, strict=True))
+
+
+def test_a_fused_lora_changes_both_streams_as_diffusers_loading_it_does(tmp_path):
+    """LORAS on LTX-2: nothing refuses it; the fused weights give diffusers' own outputs with the LoRA loaded."""
+    import optimization
+    from aot.programs import capture_inputs
+    from conftest import settings_for
+    from test_lora import make_lora
+
+    path = make_lora(tmp_path, "ltx2", 7, family="ltx2")
+    reference = tiny_model(model_id="tiny-ltx2")
+    args, kwargs = capture_inputs(reference, reference.pipe.transformer, reference.presets[0])
+    with torch.inference_mode():
+        plain = reference.pipe.transformer(*args, **kwargs)[:2]
+        reference.pipe.load_lora_weights(str(tmp_path), weight_name=path.name)
+        expected = reference.pipe.transformer(*args, **kwargs)[:2]
+    env = dict(model_id="tiny-ltx2", loras=str(path), compile="none")
+    model = tiny_model(**env)
+    report = optimization.optimize_pipeline_(model, settings_for(**env))
+    assert report.fallbacks == [] and report.loras, report.fallbacks
+    with torch.inference_mode():
+        fused = model.pipe.transformer(*args, **kwargs)[:2]
+    for stream, out, want, before in zip(("video", "audio"), fused, expected, plain):
+        assert rel_err(out, want) <= TOLERANCE and rel_err(out, before) > 1e-3, stream

@@ -232,9 +232,9 @@ def test_app_lowers_a_default_past_zerogpus_maximum_and_refuses_a_request_past_i
     from aot.zerogpu import Timing
 
     measured = zerogpu.durations
-    monkeypatch.setattr(zerogpu, "durations", lambda report, family, gib: dataclasses.replace(
-        measured(report, family, gib), timings={p: Timing(3.0, 1.0) for p in ("64x32x5", "32x64x5", "48x48x5")},
-        factor=1.5, limited=True))
+    timings = {p: Timing(3.0, 1.0) for p in ("64x32x5", "32x64x5", "48x48x5")}
+    monkeypatch.setattr(zerogpu, "durations", lambda report, family, gib, *inputs: dataclasses.replace(
+        measured(report, family, gib, *inputs), timings=timings, factor=1.5, limited=True))
     served = served_app("wan-zerogpu", {"MODEL_ID": "tiny-wan", "AOT_CACHE_DIR": wan.settings.cache_dir})
     app, client = next(served)
     try:

@@ -115,11 +115,20 @@ GEMMA3_12B = {"text_config": dict(  # google/gemma-3-12b-it's language model, wh
     vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
     num_key_value_heads=8, head_dim=256, sliding_window=1024)}
 
-REAL_SIZE = RealSize(  # LTX-2 (ltx-2-19b-dev) as released, 19B on its model card
-    params_b=18.88,  # diffusers' class defaults: 48 blocks, 4096 wide for video and 2048 for audio (5.7B of it)
-    transformer={},
+# LTX-2 (ltx-2-19b-dev, 19B on its model card) as released: the configs diffusers' scripts/convert_ltx2_to_diffusers.py
+# writes for version "2.0" (Lightricks/LTX-2's diffusers folders; its connectors/config.json agrees). diffusers' class
+# defaults are those sizes; the entries below are where they differ.
+SPLIT_ROPE = dict(rope_type="split")  # the classes default to "interleaved"
+REAL_SIZE = RealSize(
+    params_b=18.88,  # 48 blocks, 4096 wide for video and 2048 for audio (5.7B of it)
+    transformer=SPLIT_ROPE,
     text_encoders={"text_encoder": GEMMA3_12B},
-    vae=dict(spatial_compression_ratio=32, temporal_compression_ratio=8),  # build_tiny says why these two
+    # build_tiny says why the two factors; the released decoder is not causal (the class defaults to causal)
+    vae=dict(spatial_compression_ratio=32, temporal_compression_ratio=8, decoder_causal=False),
+    # the connectors read Gemma's 49 hidden states of 3840 and hand the transformer 3840 wide embeddings; the audio VAE
+    # makes the audio stream's 128 channels (8 latent channels x 64 mel bins / 4) and 25 tokens a second (16 kHz, hop
+    # 160, 4x in time); the vocoder turns its 64 mel bins a channel into 24 kHz sound (240x)
+    components=dict(connectors=SPLIT_ROPE, audio_vae={}, vocoder={}),
     text_tokens=MAX_TEXT,
 )
 
@@ -137,6 +146,9 @@ LTX2 = Family(
     prompt_tokens=prompt_tokens,
     shares_programs_by_token_count=False,  # the grid and the frame rate reach the transformer as Python numbers
     negative_prompt_arg="negative_prompt",
+    cfg_batched=True,  # pipeline_ltx2.py concatenates the latents and the prompts in two: one call a step
+    # its do_classifier_free_guidance: the video's guidance above 1 or the audio's, which CALL_ARGS keeps at 7.0
+    cfg_always=f"the sound track's guidance stays at {AUDIO_GUIDANCE}",
     call_args=call_args,
     # 8k+1 frames: the VAE folds 8 frames into one latent frame after the first
     video=Video(fps=24, max_frames=121, frame_step=8, audio_rate=audio_rate),
