@@ -186,7 +186,7 @@ def test_2511s_zero_timestep_for_references_matches_eager(tmp_path):
     transformer = model.pipe.transformer
     torch.manual_seed(0)
     model.pipe.register_modules(transformer=type(transformer).from_config(transformer.config, zero_cond_t=True).eval())
-    images = (_noise(300, 200), _noise(128, 128, 2))
+    images = (_noise(300, 200),)  # one reference: its 4096-odd tokens are what a CPU run can afford twice
 
     def latents():
         with torch.inference_mode():
