@@ -2,9 +2,10 @@
 
 - `family.py`: the types of a family entry (`Family`, `Guidance`, `Text`, `Defaults`, `RealSize`);
 - `families/`: what differs between model families (one entry each, or a mode built from another's: Kontext from
-  FLUX.1's, Qwen-Image-Edit from Qwen-Image's; an editing family declares its input images);
+  FLUX.1's, Qwen-Image-Edit from Qwen-Image's; an editing family declares its input images, a video family its
+  frames);
 - `images.py`: an input image checked and normalised (untrusted: size, format, mode, orientation, frames);
-- `video.py`: a video family's frames encoded as an H.264 MP4 (PyAV);
+- `video.py`: a video family's frames, and its sound track if it has one, encoded as an MP4 (PyAV);
 - `model.py`: loading a pipeline (or building a tiny one) and calling it the family's way;
 - `decisions.py`: attention, quantization and compilation chosen from the hardware;
 - `memory.py`: whether the pipeline fits the GPU, and the low-VRAM layout when it does not;
