@@ -146,6 +146,9 @@ LTX2 = Family(
     prompt_tokens=prompt_tokens,
     shares_programs_by_token_count=False,  # the grid and the frame rate reach the transformer as Python numbers
     negative_prompt_arg="negative_prompt",
+    # per token, by parameters: 18.9B against FLUX.1-dev's 11.9B (the audio stream's few tokens ride along); from the
+    # configs, not measured. Left at 1.0 it would under-ask ZeroGPU, which ends a task at its duration
+    step_cost=1.6,
     cfg_batched=True,  # pipeline_ltx2.py concatenates the latents and the prompts in two: one call a step
     # its do_classifier_free_guidance: the video's guidance above 1 or the audio's, which CALL_ARGS keeps at 7.0
     cfg_always=f"the sound track's guidance stays at {AUDIO_GUIDANCE}",
