@@ -45,6 +45,14 @@ class Video:
         return (frames - 1) // self.frame_step + 1
 
 
+# An image-to-video entry's input fields (Wan 2.2 I2V, LTX-2 I2V): one image, the video's first frame, which the
+# pipeline's `video_processor.preprocess` stretches to the output's height and width, whatever its aspect ratio
+FIRST_FRAME_INPUT = dict(
+    max_images=1, min_images=1, first_frame=True, resizes_inputs=True,
+    resized_to="the requested resolution, stretched to it: pick the one nearest the image's aspect ratio",
+)
+
+
 @dataclass(frozen=True)
 class RealSize:
     """The released model's sizes, as we read its published configs: the benchmarks build it from these with random

@@ -266,11 +266,7 @@ class Wan5BCompiled(Compiled):
     def record_eager(self) -> None:
         self.eager_latents = self.latents()
 
-    def latents(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(5)
-        with torch.inference_mode():
-            return self.model.outputs(self.model(PROMPT, self.model.presets[0], steps=2, generator=generator,
-                                                 output_type="latent"))
+    latents = WanCompiled.latents
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from aot.families.tokens import byte_vocabulary
-from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
+from aot.family import FIRST_FRAME_INPUT, Defaults, Family, Guidance, RealSize, Text, Video
 
 MAX_TEXT = 1024  # the pipeline's max_sequence_length: Gemma's embeddings are padded to it
 TINY_TEXT = 64  # the tiny tokenizer's model_max_length: fewer text tokens make a smaller transformer call
@@ -171,9 +171,5 @@ LTX2_I2V = dataclasses.replace(
     name="ltx2-i2v",
     pipelines=("LTX2ImageToVideoPipeline",),
     build_tiny=build_tiny_i2v,
-    max_images=1,
-    min_images=1,  # the video starts from it
-    first_frame=True,
-    resizes_inputs=True,  # `video_processor.preprocess` to the output's height and width, whatever its aspect ratio
-    resized_to="the requested resolution, stretched to it: pick the one nearest the image's aspect ratio",
+    **FIRST_FRAME_INPUT,
 )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from aot.families.tokens import byte_vocabulary
-from aot.family import Defaults, Family, Guidance, RealSize, Text, Video
+from aot.family import FIRST_FRAME_INPUT, Defaults, Family, Guidance, RealSize, Text, Video
 
 MAX_TEXT = 512  # the pipeline's max_sequence_length: UMT5's embeddings are padded to it
 # I2V's channels beside the noise's: a first-frame mask (one per frame in a latent frame: the VAE's 4x in time) and
@@ -206,10 +206,6 @@ WAN_I2V = dataclasses.replace(
     unserved=unserved_i2v,
     defaults=defaults_i2v,
     build_tiny=build_tiny_i2v,
-    max_images=1,
-    min_images=1,  # the video starts from it
-    first_frame=True,
-    resizes_inputs=True,  # `video_processor.preprocess` to the output's height and width, whatever its aspect ratio
-    resized_to="the requested resolution, stretched to it: pick the one nearest the image's aspect ratio",
+    **FIRST_FRAME_INPUT,
     real_size=dataclasses.replace(REAL_SIZE, transformer=dict(REAL_SIZE.transformer, in_channels=16 + I2V_CONDITION)),
 )
