@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from aot.hardware import Hardware
+from aot.quantize import ACTIVATION_SCALE_FLOOR
 from aot.report import Report
 
 log = logging.getLogger("aot-space")
@@ -50,6 +51,9 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
         "dtype": report.dtype,
         "quantization": report.quantization,
         "fp8_scales": report.fp8_granularity or None,
+        # the floor is baked into each program's activation scaling: programs made before it (which give NaN on zero
+        # rows, aot/quantize.py) are not these. Absent without fp8, so that no other program's key changes
+        **({"fp8_activation_floor": ACTIVATION_SCALE_FLOOR} if report.fp8_granularity else {}),
         "attention": report.attention,
         "scope": scope,
         "dynamic_shapes": dynamic,

@@ -124,6 +124,26 @@ def _quantizable(linear: torch.nn.Module, mode: str) -> bool:
     return type(linear) is torch.nn.Linear and (mode != "int4" or linear.in_features % GROUP_SIZE == 0)
 
 
+# The floor under an activation row's (or tensor's) largest magnitude when fp8 scales it. torchao divides by
+# max|x| / 448 as it is, so a row of zeros quantizes to 0/0 = NaN, and one such row makes the whole call NaN after
+# attention. Wan's pipelines hand the transformer such rows at every request: UMT5's embeddings past the prompt are
+# zeroed up to 512 tokens, and its text projection is an fp8 Linear (RESULTS.md run 25: every Wan program returned
+# NaN on the H100). With the floor a zero row quantizes to zeros; any other row's scale is unchanged (bf16's
+# smallest normal is 1e-38, but a row whose largest value is under 1e-12 is zero to every later layer anyway).
+ACTIVATION_SCALE_FLOOR = 1e-12
+
+
+def fp8_config(granularity: str = "row"):
+    """torchao's fp8 recipe as this template uses it: activations scaled per call and weights once, per row or per
+    tensor (`granularity`), with `ACTIVATION_SCALE_FLOOR`."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+    # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
+    return Float8DynamicActivationFloat8WeightConfig(granularity={"row": PerRow, "tensor": PerTensor}[granularity](),
+                                                     activation_value_lb=ACTIVATION_SCALE_FLOOR,
+                                                     set_inductor_config=False)
+
+
 def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None = None,
               result_device: str | None = None, keep_bf16: tuple[str, ...] = (), granularity: str = "row") -> None:
     """Quantizes the Linear weights in place, layer by layer: each is moved to `work_device` (a GPU does
@@ -133,12 +153,9 @@ def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None =
     if mode == "none":
         return
     if mode == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
         from torchao.quantization import quantize_ as torchao_quantize_
 
-        # set_inductor_config=False: keep torchao from switching on global Inductor tuning (see INDUCTOR_CONFIGS)
-        scales = {"row": PerRow, "tensor": PerTensor}[granularity]()
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=scales, set_inductor_config=False)
+        config = fp8_config(granularity)
 
         def chosen(module, name):
             return isinstance(module, torch.nn.Linear) and not kept_in_bf16(name, keep_bf16)

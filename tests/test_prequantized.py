@@ -29,7 +29,7 @@ from aot.families import family_named
 from conftest import cpu
 from aot.memory import measure_footprint
 from aot.model import build_tiny, load_model
-from aot.quantize import quantize_
+from aot.quantize import fp8_config, quantize_
 from aot.report import Report
 from aot.streaming import tensor_parts
 from conftest import Compiled, eager_outputs, rel_err, settings_for, transformer_inputs
@@ -46,6 +46,26 @@ SMALL = {"presets": "small=32x32", "aot_scope": "model"}  # one 4-token program:
 TOLERANCE = 1e-1
 FP8_UNCOMPILED = ("quantization: fp8 kept without compilation (about 3x slower than bf16): the checkpoint stores no "
                   "bf16 weights")
+
+
+def test_fp8_activation_scales_turn_a_row_of_zeros_into_zeros_not_nan():
+    """Wan zeroes UMT5's embeddings past the prompt, and its text projection is an fp8 Linear: a row of zeros. torchao
+    scales an activation row by its largest magnitude / 448, so without a floor that row quantizes to 0/0 (every Wan
+    program returned NaN on the H100, RESULTS.md run 25). The product's config carries the floor into torchao's
+    activation quantization (`Float8Tensor.from_hp`, as its fp8 layers call it per request), which keeps the row at
+    zero and every other row's codes and scales as they were."""
+    from torchao.quantization import Float8Tensor
+
+    config = fp8_config("row")
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    x[1] = 0
+    unfloored = Float8Tensor.from_hp(x, granularity=config.granularity[0])
+    floored = Float8Tensor.from_hp(x, granularity=config.granularity[0], hp_value_lb=config.activation_value_lb)
+    assert unfloored.dequantize()[1].isnan().all()  # why the floor is there
+    assert torch.equal(floored.dequantize()[1], torch.zeros(64, dtype=torch.bfloat16))
+    others = [0, 2, 3]
+    assert torch.equal(floored.qdata[others].float(), unfloored.qdata[others].float())
+    assert torch.equal(floored.scale[others], unfloored.scale[others])
 
 
 def _linear_weights(transformer) -> dict[str, torch.Tensor]:
