@@ -79,6 +79,15 @@ class Span:
         return self.a.elapsed_time(self.b) if self.cuda else (self.t1 - self.t0) * 1000
 
 
+def seconds(fn, device: str) -> float:
+    """Wall seconds of one call of `fn`, the device's queued work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_ms(fn, device: str, warmup: int = 3, iters: int = 10):
     """Median milliseconds of `fn()` after `warmup` calls (compile time and first-call costs excluded), each call
     timed alone and synchronized; and the last call's output."""
