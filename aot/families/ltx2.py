@@ -143,13 +143,17 @@ def _counted(bar, callback, before: int):
 
 def run_distilled(model, prompt: str, preset, generator=None, callback_on_step_end=None, **kwargs):
     """A request under the distilled recipe: the prompt encoded once for both stages; stage 1 at half the size to
-    latents (the video's and the sound's); the video's upsampled x2 (eager: a small conv net); stage 2 at `preset`
-    from them, re-noised to its schedule's first sigma, the sound's carried on. One seeded generator draws both
-    stages' noise, so a seed makes one video. `kwargs` reach stage 2, whose result is the request's."""
+    latents (the video's and the sound's); the video's upsampled x2 (eager: a conv net, a small share of a step);
+    stage 2 at `preset` from them, re-noised to its schedule's first sigma, the sound's carried on. One seeded
+    generator draws both stages' noise, so a seed makes one video. `kwargs` reach stage 2, whose result is the
+    request's."""
+    import torch
+
     (first, steps_1), (second, steps_2) = model.stages(preset)
     sigmas_1, sigmas_2 = model.recipe.schedules()
-    embeds, mask, _, _ = model.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                                  max_sequence_length=model.defaults.max_sequence_length)
+    with torch.no_grad():  # as the pipeline encodes: no graph kept of Gemma's activations
+        embeds, mask, _, _ = model.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                      max_sequence_length=model.defaults.max_sequence_length)
     text = dict(prompt_embeds=embeds, prompt_attention_mask=mask)
     with _one_progress_bar(model.pipe, steps_1 + steps_2) as bar:
         video, audio = model.stage(None, first, steps_1, generator=generator, sigmas=list(sigmas_1),
