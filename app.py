@@ -59,8 +59,9 @@ def _longest(size: str):
 DEFAULT_PRESET = _longest(MODEL.presets[0].size)  # a request that names neither resolution nor frames
 # What each request asks ZeroGPU for: the preset's time measured on this device at startup, with a margin, for its
 # steps and transformer calls, plus a new worker's start and a program's first load (aot/zerogpu.py)
-DURATIONS = zerogpu.durations(REPORT, FAMILY, resident_bytes(MODEL.pipe) / 2**30,
-                              MODEL.input_tokens(image.size for image in MODEL.needed_images()))
+DURATIONS = zerogpu.durations(REPORT, FAMILY, resident_bytes(MODEL.pipe, MODEL.extra_modules) / 2**30,
+                              MODEL.input_tokens(image.size for image in MODEL.needed_images()), MODEL.stages,
+                              bool(DEFAULTS.fixed_steps))
 SIZE = REPORT.hardware.size.value if REPORT.hardware.size else None  # ZeroGPU's task size, passed to every task
 
 
@@ -202,7 +203,8 @@ def status() -> dict:
         "output": _output(),
         "defaults": {"steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance,
                      "guidance_kind": DEFAULTS.guidance_kind.value, "max_prompt_tokens": DEFAULTS.max_sequence_length,
-                     "seed": DEFAULT_SEED, "randomize_seed": False},
+                     "seed": DEFAULT_SEED, "randomize_seed": False,
+                     **({"fixed_steps": DEFAULTS.fixed_steps} if DEFAULTS.fixed_steps else {})},
         **REPORT.as_dict(),
         "compiles": sum(programs.COMPILES.values()),  # programs compiled by this process since it started
         "durations": {**DURATIONS.as_dict(), "default_request_s": _default_request_seconds()},
@@ -299,6 +301,8 @@ def validate(prompt, resolution, seed, randomize_seed, steps, guidance, negative
         raise user_error(f"randomize_seed must be true or false; got {randomize_seed!r}.")
     seed = random.randint(0, MAX_SEED) if randomize_seed else _integer(seed, "Seed", 0, MAX_SEED)
     steps = _integer(steps, "Steps", 1, MAX_STEPS)
+    if DEFAULTS.fixed_steps and steps != DEFAULTS.steps:
+        raise user_error(f"Steps: {DEFAULTS.fixed_steps}; give {DEFAULTS.steps} or leave steps out. Got {steps}.")
     if (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
             or (isinstance(guidance, float) and not math.isfinite(guidance))):
         raise user_error(f"Guidance must be a finite number from 0 to {MAX_GUIDANCE}; got {guidance!r}.")
@@ -471,7 +475,7 @@ def generate(prompt, resolution=MODEL.presets[0].size, seed=DEFAULT_SEED, random
         # Gradio names an image it saves "image.png"; saved here into its cache, the download is named after the image
         path = save_pil_to_cache(image, get_upload_folder(), name=name, format="png")
         size = preset.size
-    details = f"{size}, {steps} steps, {seconds:.2f} s, {encodings}"
+    details = f"{size}, {_steps_in_words(preset, steps)}, {seconds:.2f} s, {encodings}"
     if lora_choice != LORA_NONE:
         details += f", LoRA {lora_choice}"
     if skipped:
@@ -479,6 +483,14 @@ def generate(prompt, resolution=MODEL.presets[0].size, seed=DEFAULT_SEED, random
     if notes:
         details += " | note: " + "; ".join(notes)
     return path, seed, details
+
+
+def _steps_in_words(preset, steps: int) -> str:
+    """A request's steps, each stage's at its size under a two-stage recipe: "11 steps (8 at 96x64, 3 at 192x128)"."""
+    stages = MODEL.stages(preset, steps)
+    if len(stages) == 1:
+        return f"{steps} steps"
+    return f"{steps} steps ({', '.join(f'{n} at {size.size}' for size, n in stages)})"
 
 
 # Gradio and gradio_client read an argument's default from the signature, which names no **more_images: the later
@@ -583,7 +595,8 @@ with gr.Blocks(title=panel.title(SETTINGS)) as demo:
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=False, elem_id="randomize")
                 seed = gr.Number(label="Seed", value=DEFAULT_SEED, minimum=0, maximum=MAX_SEED, precision=0,
                                  elem_id="seed")
-                steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps)
+                steps = gr.Slider(label="Steps", minimum=1, maximum=MAX_STEPS, step=1, value=DEFAULTS.steps,
+                                  interactive=not DEFAULTS.fixed_steps, info=DEFAULTS.fixed_steps or None)
                 guidance = gr.Slider(label="Guidance", minimum=0, maximum=MAX_GUIDANCE, step=0.1,
                                      value=DEFAULTS.guidance, interactive=USES_GUIDANCE)
             # A picked example's picture lands in the input image of an editing family, else here, unseen (and without

@@ -83,6 +83,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     hardware = hardware or detect()
     report = Report(device=hardware.label, dtype=str(model.pipe.transformer.dtype).removeprefix("torch."),
                     family=model.family.name, hardware=hardware)
+    report.decide("recipe", Decision(settings.recipe, model.recipe_summary()))
     stored = stored_quantization(model.pipe.transformer)  # a pre-quantized checkpoint: served as stored
     lora.fuse_(model, settings, report, stored)  # 0
     compiled = _choose(model, settings, hardware, report, stored, eager=ranks is not None)  # 1
@@ -127,7 +128,8 @@ def _plan_and_place_(model: Model, settings: Settings, hardware: Hardware, repor
                                  settings.vram_limit_gib, model.max_image_tokens, hardware, granularity is not None,
                                  compiled, report, family.keep_bf16, settings.zerogpu_size,
                                  decided="none" if stored else report.quantization,
-                                 activation_bytes_per_token=family.activation_bytes_per_token)
+                                 activation_bytes_per_token=family.activation_bytes_per_token,
+                                 extra=model.extra_modules)
     report.device, report.hardware = hardware.label, hardware
     if not stored and plan.quantization and plan.quantization != report.quantization:
         report.decide("quantization", Decision(plan.quantization, f"memory plan: {plan.reason}",
@@ -135,7 +137,8 @@ def _plan_and_place_(model: Model, settings: Settings, hardware: Hardware, repor
     report.fp8_granularity = (granularity or "row") if report.quantization == "fp8" else ""
     report.startup["model_load_s"] = model.load_seconds
     with _timed(report, "place_s"):
-        place_pipeline_(pipe, plan, hardware.device, family.keep_bf16, report.fp8_granularity or "row")
+        place_pipeline_(pipe, plan, hardware.device, family.keep_bf16, report.fp8_granularity or "row",
+                        model.extra_modules)
     if report.attention != SDPA:
         try:
             for expert in experts(pipe):
@@ -277,16 +280,16 @@ def _eager_fp8(model: Model, report: Report, low_vram: bool, stored: Stored | No
 
 
 def program_groups(model: Model, scope: str, dynamic: bool) -> dict[int | tuple, list[Preset]]:
-    """The programs to build and the presets each serves: presets with the same program shape share one;
-    with DYNAMIC_SHAPES, or a family whose block programs take any size, one program (keyed by the largest
-    preset, which it is traced at) serves them all."""
-    family = model.family
+    """The programs to build and the sizes each serves (the presets, and a two-stage recipe's first stages: every
+    size the transformer is called at): sizes with the same program shape share one; with DYNAMIC_SHAPES, or a
+    family whose block programs take any size, one program (keyed by the largest size, which it is traced at) serves
+    them all."""
+    family, sizes = model.family, model.stage_presets
     if dynamic or family.dynamic_tokens or (family.one_program and scope == "blocks"):
-        largest = max(model.presets, key=family.tokens)
-        return {family.tokens(largest):
-                [largest, *(p for p in model.presets if p != largest)]}
+        largest = max(sizes, key=family.tokens)
+        return {family.tokens(largest): [largest, *(p for p in sizes if p != largest)]}
     groups: dict[int | tuple, list[Preset]] = {}
-    for preset in model.presets:
+    for preset in sizes:
         groups.setdefault(family.program_shape(preset, scope), []).append(preset)
     return dict(sorted(groups.items()))
 
@@ -513,9 +516,10 @@ def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) ->
 
 
 def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
-    """Each preset's request time on this device. A 1-step call first, which loads its programs and must give
-    finite latents; then whole images of 1 and of TIMED_STEPS steps: the difference is the steps' time, the rest is
-    the text encoders, the VAE and the hand-over."""
+    """Each size's time on this device (`Model.stage_presets`: a two-stage recipe's first stages too). A 1-step call
+    first, which loads its programs and must give finite latents; then whole images of 1 and of TIMED_STEPS steps,
+    each one pipeline call (`Model.stage`): the difference is the steps' time, the rest is the text encoders, the VAE
+    and the hand-over. A two-stage request's output adds its upsampler's time to that rest."""
     calls = model.batch_one_calls(model.defaults.guidance)
     timings = {}
     for preset in presets:
@@ -523,18 +527,30 @@ def time_presets(model: Model, presets: list[Preset]) -> dict[str, Timing]:
         # with the inputs the family needs and no more: a request's references scale its call up (aot/zerogpu.py
         # `Durations.task_seconds`), so a text-only request to an editing family asks for a text-only duration
         with torch.inference_mode():
-            one, many = (_seconds(lambda n=n: model(CAPTURE_PROMPT, preset, steps=n, images=model.needed_images()))
+            one, many = (_seconds(lambda n=n: model.stage(CAPTURE_PROMPT, preset, steps=n,
+                                                          images=model.needed_images()))
                          for n in (1, TIMED_STEPS))
         call = max(many - one, 0.0) / (TIMED_STEPS - 1) / calls
-        timings[preset.name] = Timing(round(call, 4), round(max(one - calls * call, 0.0), 4))
+        fixed = max(one - calls * call, 0.0)
+        if model.recipe and preset in model.presets:
+            fixed += _upsample_seconds(model, preset)
+        timings[preset.name] = Timing(round(call, 4), round(fixed, 4))
     return timings
+
+
+def _upsample_seconds(model: Model, preset: Preset) -> float:
+    """The latent upsampler's time in a two-stage request for `preset`, on its first stage's latents."""
+    first, _ = model.stages(preset)[0]
+    with torch.inference_mode():
+        latents = model.outputs(model.stage(CAPTURE_PROMPT, first, steps=1, output_type="latent"))
+        return _seconds(lambda: model.upsample(latents))
 
 
 def first_call(model: Model, preset: Preset) -> None:
     """A 1-step call at `preset`, which loads its programs (and checks its CUDA graph); it must give finite latents."""
     with torch.inference_mode():
-        latents = model.outputs(model(CAPTURE_PROMPT, preset, steps=1, output_type="latent",
-                                      images=model.needed_images()))
+        latents = model.outputs(model.stage(CAPTURE_PROMPT, preset, steps=1, output_type="latent",
+                                            images=model.needed_images()))
     if not all(torch.isfinite(t).all() for t in torch.utils._pytree.tree_leaves(latents)):
         raise RuntimeError(f"the program for {preset.name} returned non-finite values")
 
@@ -555,7 +571,7 @@ def _time_eager(model: Model, report: Report, hardware: Hardware) -> None:
     def on_device() -> DeviceRun:
         start = time.perf_counter()
         try:
-            return DeviceRun(timings=time_presets(model, list(model.presets)),
+            return DeviceRun(timings=time_presets(model, list(model.stage_presets)),
                              warm_up_seconds=round(time.perf_counter() - start, 2))
         except Exception as err:  # reported below
             log.info("timing the presets failed; the full error:", exc_info=err)

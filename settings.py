@@ -59,6 +59,10 @@ LORA_MAX_RANK = 256
 # e.g. {"steps": 8, "guidance": 1.0}; a LORAS entry's own ;steps=N;guidance=G options win over it
 LORA_DEFAULTS_KEY = "aot_space.defaults"
 LORA_NONE = "none"  # the choice that serves the base weights (with LORAS fused, if any)
+# RECIPE: "standard" calls the pipeline once at the requested size; "distilled" runs a family's distilled two-stage
+# recipe (`Family.distilled`: LTX-2's 8 steps at half the size, an x2 latent upsampler, 3 steps at the size asked for)
+# on a distilled checkpoint. Its presets name the output
+RECIPE_CHOICES = ("standard", "distilled")
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ class Preset:
         return f"{self.label} {self.name}"
 
 
-def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
-    """`LABEL=WIDTHxHEIGHT` entries (images), or `LABEL=WIDTHxHEIGHTxFRAMES` (videos: `check_frames` says which)."""
+def parse_presets(text: str, multiple: int, why: str = "") -> tuple[Preset, ...]:
+    """`LABEL=WIDTHxHEIGHT` entries (images), or `LABEL=WIDTHxHEIGHTxFRAMES` (videos: `check_frames` says which).
+    `why`: the reason for `multiple`, where it is not the model's own token size."""
     presets = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         label, _, size = item.rpartition("=")
@@ -92,7 +97,8 @@ def parse_presets(text: str, multiple: int) -> tuple[Preset, ...]:
                              "LABEL=WIDTHxHEIGHTxFRAMES (a video, e.g. landscape=832x480x81)")
         width, height, *frames = map(int, parts)
         if width <= 0 or height <= 0 or width % multiple or height % multiple:
-            raise ValueError(f"PRESETS entry {item!r}: width and height must be positive multiples of {multiple}")
+            raise ValueError(f"PRESETS entry {item!r}: width and height must be positive multiples of {multiple}"
+                             + (f" ({why})" if why else ""))
         if frames and frames[0] <= 0:
             raise ValueError(f"PRESETS entry {item!r}: the frame count must be positive")
         presets.append(Preset(label or size, width, height, *frames))
@@ -292,6 +298,10 @@ class Settings:
     cuda_graphs: str = "auto"  # CUDA_GRAPHS: on, off, or auto (on where it applies)
     loras: tuple[LoraSpec, ...] = ()  # LORAS: fused into the weights before quantizing and compiling (aot/lora.py)
     lora_choices: tuple[LoraSpec, ...] = ()  # LORA_CHOICES: a visitor picks one, or none, per request
+    recipe: str = "standard"  # RECIPE: standard, or distilled (a family's two-stage recipe)
+    # UPSAMPLER_ID: the repo or folder whose `latent_upsampler` folder holds the distilled recipe's upsampler; None:
+    # MODEL_ID's (at MODEL_REVISION)
+    upsampler_id: str | None = None
 
     @property
     def tiny_family(self) -> str | None:
@@ -349,6 +359,8 @@ class Settings:
             cuda_graphs=_choice(env, "CUDA_GRAPHS", CUDA_GRAPHS_CHOICES, "auto"),
             loras=parse_loras(env.get("LORAS", ""), "LORAS"),
             lora_choices=parse_loras(env.get("LORA_CHOICES", ""), "LORA_CHOICES"),
+            recipe=_choice(env, "RECIPE", RECIPE_CHOICES, "standard"),
+            upsampler_id=env.get("UPSAMPLER_ID", "").strip() or None,
         )
         settings.check()
         return settings
@@ -387,4 +399,13 @@ class Settings:
             raise ValueError(f"QUEUE_SIZE={self.queue_size}: give a whole number of at least 1, e.g. 32")
         if self.world_size < 1:
             raise ValueError(f"WORLD_SIZE={self.world_size}: must be at least 1")
+        if self.upsampler_id and self.recipe != "distilled":
+            raise ValueError(f"UPSAMPLER_ID is set but RECIPE={self.recipe} runs no latent upsampler; set "
+                             "RECIPE=distilled, or unset UPSAMPLER_ID")
+        if self.upsampler_id and self.tiny_family:
+            raise ValueError(f"UPSAMPLER_ID is set but MODEL_ID={self.model_id} builds its own tiny upsampler; unset "
+                             "UPSAMPLER_ID")
+        if self.recipe == "distilled" and self.world_size != 1:
+            raise ValueError(f"RECIPE=distilled with {self.world_size} ranks (WORLD_SIZE): its two stages are not "
+                             "tested under context parallelism; set RECIPE=standard, or run one process")
         # what conflicts with several ranks is checked by aot.parallel.join, which app.py calls next

@@ -1,6 +1,6 @@
 """The machinery behind `optimization.py`, one job per file:
 
-- `family.py`: the types of a family entry (`Family`, `Guidance`, `Text`, `Defaults`, `RealSize`);
+- `family.py`: the types of a family entry (`Family`, `Guidance`, `Text`, `Defaults`, `TwoStage`, `RealSize`);
 - `families/`: what differs between model families (one entry each, or a mode built from another's: Kontext from
   FLUX.1's, Qwen-Image-Edit from Qwen-Image's; an editing family declares its input images, a video family its
   frames);

@@ -27,6 +27,8 @@ class Defaults:
     max_sequence_length: int  # text tokens the transformer sees at most (FIXED: always)
     # A second expert's guidance at the default (Wan 2.2 A14B's low-noise one); a request's other guidance sets both
     guidance_2: float | None = None
+    # Why a request cannot change the steps, where it cannot (a distilled recipe's fixed sigma schedules); "": it can
+    fixed_steps: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,35 @@ FIRST_FRAME_INPUT = dict(
 
 
 @dataclass(frozen=True)
+class TwoStage:
+    """A family's distilled two-stage recipe (RECIPE=distilled; LTX-2's): stage 1 draws the video at 1/`scale` of the
+    requested width and height on a fixed sigma schedule, a latent upsampler makes its latents `scale` times larger
+    on each side, and stage 2 refines them at the requested size on a shorter fixed schedule. The model is distilled
+    to run without guidance: each step is one transformer call of batch one. A preset names the output's size; each
+    stage's size is a program of its own."""
+
+    # Each stage's sigma schedule (its steps are its length), read from diffusers when asked: importing it at startup
+    # would import diffusers with the families
+    schedules: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]
+    presets: str  # the native outputs, "LABEL=WxHxF,...": sides multiples of the family's `multiple` x `scale`
+    tiny_presets: str  # the tiny pipeline's, each stage 1 still a size its VAE decodes
+    defaults: Callable[[object], Defaults]  # no guidance; both schedules' steps, fixed
+    call_args: dict  # pipeline arguments for both stages, over the family's own `call_args`
+    # (pipeline, source, revision) -> the latent upsampling pipeline over the pipeline's VAE, loaded from the source's
+    # `upsampler_folder`; it refuses an upsampler that does not fit (ValueError)
+    load_upsampler: Callable[[object, str, str | None], object]
+    build_tiny_upsampler: Callable[[object], object]  # the tiny pipeline's, from it: offline, random weights
+    # The chain, (model, prompt, output preset, generator, **pipeline arguments) -> stage 2's pipeline result
+    run: Callable[..., object]
+    upsampler_folder: str = "latent_upsampler"
+    scale: int = 2
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(map(len, self.schedules()))
+
+
+@dataclass(frozen=True)
 class RealSize:
     """The released model's sizes, as we read its published configs: the benchmarks build it from these with random
     weights in place of the tiny pipeline's models (benchmarks/lib.py). The app never reads them."""
@@ -69,6 +100,8 @@ class RealSize:
     # the tiny one's class (LTX-2's text connectors, audio VAE and vocoder)
     components: dict = field(default_factory=dict)
     text_tokens: int | None = None  # the released tokenizer's length, where the tiny one's is shorter
+    # A two-stage recipe's latent upsampler (`Family.distilled`): keyword arguments of the tiny one's class
+    upsampler: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +186,8 @@ class Family:
     # The transformer call's activation peak per token, where a video's tens of thousands of tokens make the image
     # figure (aot/memory.py, measured on FLUX.1-dev with its VAE) several times too high; None: that figure
     activation_bytes_per_token: int | None = None
+    # Its distilled two-stage recipe, served with RECIPE=distilled (`TwoStage`); None: the family has none
+    distilled: TwoStage | None = field(default=None, compare=False)
     real_size: RealSize | None = field(default=None, compare=False)  # for the benchmarks only (dicts: not hashed)
 
     def image_tokens(self, width: int, height: int) -> int:

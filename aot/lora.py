@@ -205,6 +205,8 @@ def fuse_(model, settings: Settings, report: Report, stored) -> None:
                  f", and {', '.join(texts)}" if texts else "")
     if "guidance" in asked and model.defaults.guidance_kind is Guidance.NONE:
         raise LoraRefused(f"LoRAs ask for guidance {asked['guidance']}, but this {model.family.name} model takes none")
+    if "steps" in asked and model.defaults.fixed_steps and asked["steps"] != model.defaults.steps:
+        raise LoraRefused(f"LoRAs ask for {asked['steps']} steps, but {model.defaults.fixed_steps}")
     model.defaults = dataclasses.replace(model.defaults, **asked)
     if settings.lora_choices:
         pipe.transformer.lora_choices = _read_choices(pipe, settings.lora_choices, report)

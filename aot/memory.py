@@ -192,9 +192,10 @@ def _own_bytes(module: torch.nn.Module) -> int:
     return sum(map(_stored_bytes, [*module.parameters(recurse=False), *module.buffers(recurse=False)]))
 
 
-def resident_bytes(pipe) -> int:
-    """The bytes of every weight and buffer of the pipeline's modules, as they are stored now."""
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+def resident_bytes(pipe, extra: tuple[torch.nn.Module, ...] = ()) -> int:
+    """The bytes of every weight and buffer of the pipeline's modules, and of the `extra` models run beside it
+    (`Model.extra_modules`), as they are stored now."""
+    modules = [*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)), *extra]
     return sum(_stored_bytes(t) for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
@@ -243,9 +244,12 @@ def text_encoders(pipe) -> list[torch.nn.Module]:
 
 
 def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = (),
-                      activation_bytes_per_token: int | None = None) -> Footprint:
+                      activation_bytes_per_token: int | None = None,
+                      extra: tuple[torch.nn.Module, ...] = ()) -> Footprint:
     """`keep_bf16`: the family's layers that fp8 leaves in bf16 (Qwen-Image's text stream: a third of its weights).
-    `activation_bytes_per_token`: the family's own figure for its transformer call (a video's), None: the image one."""
+    `activation_bytes_per_token`: the family's own figure for its transformer call (a video's), None: the image one.
+    `max_image_tokens`: the largest call's, a two-stage recipe's second stage. `extra`: models run beside the pipeline
+    (a two-stage recipe's latent upsampler), resident with the VAE."""
     modes = ("none", "fp8", "int8", "int4")
     denoisers = experts(pipe)  # Wan 2.2 A14B's two experts are both resident, quantized and streamed alike
     blocks = [block for expert in denoisers for blocks in transformer_blocks(expert).values() for block in blocks]
@@ -257,7 +261,7 @@ def measure_footprint(pipe, max_image_tokens: int, keep_bf16: tuple[str, ...] = 
         block_groups=tuple(shapes.index(_shape(b)) for b in blocks),
         text_encoders=sum(_weight_bytes(t, "none") for t in texts),
         largest_text_group=max((_own_bytes(m) for text in texts for m in text.modules()), default=0),
-        other=sum(_weight_bytes(m, "none") for name, m in pipe.components.items()
+        other=sum(_weight_bytes(m, "none") for m in [*pipe.components.values(), *extra]
                   if isinstance(m, torch.nn.Module) and m not in denoisers and m not in texts),
         activations=(ACTIVATION_BYTES_PER_TOKEN * max_image_tokens if activation_bytes_per_token is None
                      else DECODE_BYTES + activation_bytes_per_token * max_image_tokens),
@@ -289,15 +293,16 @@ def _stream_text_encoder_(module: torch.nn.Module, device: str) -> None:
 
 def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float | None, max_image_tokens: int,
                 hardware: Hardware, fp8_ok: bool, compiled: bool, report: Report, keep_bf16: tuple[str, ...] = (),
-                zerogpu_size: str = "auto", decided: str = "none",
-                activation_bytes_per_token: int | None = None) -> tuple[MemoryPlan, Hardware]:
+                zerogpu_size: str = "auto", decided: str = "none", activation_bytes_per_token: int | None = None,
+                extra: tuple[torch.nn.Module, ...] = ()) -> tuple[MemoryPlan, Hardware]:
     """Chooses the layout for LOW_VRAM=`requested`, applies `vram_limit_gib` as a hard cap on this process, and
     reports the choice. `quantization`: QUANTIZATION. On a CPU the limit is planned for but caps nothing: the chosen
     layout runs there too, host to host (how the tests run it). On ZeroGPU it plans for the task's size (ZEROGPU_SIZE;
-    aot/zerogpu.py), keeping the `decided` format where it fits, and returns the hardware with that size."""
+    aot/zerogpu.py), keeping the `decided` format where it fits, and returns the hardware with that size. `extra`:
+    models run beside the pipeline (`Model.extra_modules`)."""
     card = hardware.zerogpu
     if card is not None:
-        footprint = measure_footprint(pipe, max_image_tokens, keep_bf16, activation_bytes_per_token)
+        footprint = measure_footprint(pipe, max_image_tokens, keep_bf16, activation_bytes_per_token, extra)
         return _plan_zerogpu(requested, quantization == "auto", decided, vram_limit_gib, footprint, hardware, fp8_ok,
                              compiled, report, zerogpu_size)
     budget = None
@@ -308,7 +313,7 @@ def plan_memory(pipe, requested: str, quantization: str, vram_limit_gib: float |
             torch.cuda.set_per_process_memory_fraction(budget / hardware.memory)
     elif vram_limit_gib:
         budget = int(vram_limit_gib * GiB)
-    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16, activation_bytes_per_token)
+    footprint = measure_footprint(pipe, max_image_tokens, keep_bf16, activation_bytes_per_token, extra)
     plan = choose_memory_plan(requested, quantization, footprint, budget, fp8_ok and compiled, compiled)
     report.memory = {**asdict(plan), "layout": plan.layout}
     if plan.low_vram:
@@ -365,10 +370,13 @@ def _expandable_segments(report: Report) -> None:
 
 
 def place_pipeline_(pipe, plan: MemoryPlan, device: str, keep_bf16: tuple[str, ...] = (),
-                    granularity: str = "row") -> None:
-    """Puts the pipeline on `device`: whole, or in the low-VRAM layout `plan` describes. The transformer is
-    quantized one block at a time on `device` (fast, and never more than a block beyond the plan), each streamed
-    block then moved to host memory behind its ring slot (aot/streaming.py): `transformer.block_stream`."""
+                    granularity: str = "row", extra: tuple[torch.nn.Module, ...] = ()) -> None:
+    """Puts the pipeline, and the `extra` models run beside it, on `device`: whole, or in the low-VRAM layout `plan`
+    describes. The transformer is quantized one block at a time on `device` (fast, and never more than a block beyond
+    the plan), each streamed block then moved to host memory behind its ring slot (aot/streaming.py):
+    `transformer.block_stream`."""
+    for module in extra:  # resident, as the VAE is
+        module.to(device)
     if not plan.low_vram:
         pipe.to(device)
         return

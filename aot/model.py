@@ -2,6 +2,7 @@
 how to call it the family's way."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from aot.families import FAMILIES, Defaults, Family, Guidance, family_named
+from aot.family import TwoStage
 from aot.hardware import Hardware, detect
 from settings import (DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, check_frames,
                       parse_presets)
@@ -34,17 +36,33 @@ class Model:
     pipe: object  # a diffusers pipeline
     family: Family
     defaults: Defaults
-    presets: tuple[Preset, ...]
+    presets: tuple[Preset, ...]  # what a request asks for: the output's sizes
     load_seconds: float = 0.0  # loading (or building) the pipeline, for the start-up breakdown
+    recipe: TwoStage | None = None  # RECIPE=distilled: the family's two-stage recipe; None: one pipeline call
+    upsampler: object | None = None  # that recipe's latent upsampling pipeline, over the pipeline's VAE
 
     def __call__(self, prompt: str, preset: Preset, steps: int, guidance: float | None = None,
                  negative_prompt: str | None = None, generator: torch.Generator | None = None,
                  images: tuple = (), **kwargs):
-        """One pipeline call with the family's arguments: guidance under its own name (a second expert's too: its
-        own default at the default guidance, else the same), the text length, a video's frames, a
+        """A request: one pipeline call at `preset` (`stage`), or under a two-stage recipe its chain (the family's
+        `TwoStage.run`), which takes its fixed steps and no guidance. Its result's `images` or `frames`: `outputs`."""
+        if not self.recipe:
+            return self.stage(prompt, preset, steps, guidance, negative_prompt, generator, images, **kwargs)
+        if steps != self.defaults.steps or guidance not in (None, self.defaults.guidance) or negative_prompt or images:
+            raise ValueError(f"RECIPE=distilled takes {self.defaults.steps} steps, no guidance, negative prompt or "
+                             f"input image; got {steps} steps, guidance {guidance}, negative prompt "
+                             f"{negative_prompt!r}, {len(images)} images")
+        return self.recipe.run(self, prompt, preset, generator, **kwargs)
+
+    def stage(self, prompt: str | None, preset: Preset, steps: int, guidance: float | None = None,
+              negative_prompt: str | None = None, generator: torch.Generator | None = None,
+              images: tuple = (), **kwargs):
+        """One pipeline call with the family's arguments: a whole request, or one stage of a two-stage recipe (and the
+        call that start-up captures and times each transformer shape with). Guidance under its own name (a second
+        expert's too: its own default at the default guidance, else the same), the text length, a video's frames, a
         negative prompt where the family does true CFG (a blank one when none is given, as the families'
         own examples do: the pipelines skip CFG without one), and an editing family's input images (RGB, checked
-        by aot/images.py), each resized to its preset (`input_preset`). Its result's `images` or `frames`: `outputs`."""
+        by aot/images.py), each resized to its preset (`input_preset`). `kwargs` win over all of these."""
         guidance = self.defaults.guidance if guidance is None else guidance
         extra = {self.family.guidance_arg: guidance}
         if self.family.guidance_2_arg and self.defaults.guidance_2 is not None:
@@ -52,16 +70,63 @@ class Model:
                                                  else guidance)
         if preset.frames:
             extra["num_frames"] = preset.frames
-            kwargs = {"output_type": "np", **kwargs}  # frames as floats in [0, 1] (LTX-2's default is PIL images)
+            extra["output_type"] = "np"  # frames as floats in [0, 1] (LTX-2's default is PIL images)
         if self.family.call_args:
             extra.update(self.family.call_args(preset.width, preset.height))
+        if self.recipe:
+            extra.update(self.recipe.call_args)
         if self.does_cfg(guidance) and self.family.negative_prompt_arg:
             extra[self.family.negative_prompt_arg] = negative_prompt or " "
         if images:
             resized = [self.resized(image, preset) for image in images]
             extra[self.family.image_arg] = resized[0] if self.family.max_images == 1 else resized
         return self.pipe(prompt=prompt, width=preset.width, height=preset.height, num_inference_steps=steps,
-                         max_sequence_length=self.defaults.max_sequence_length, generator=generator, **extra, **kwargs)
+                         max_sequence_length=self.defaults.max_sequence_length, generator=generator,
+                         **{**extra, **kwargs})
+
+    def stages(self, preset: Preset, steps: int | None = None) -> list[tuple[Preset, int]]:
+        """The transformer's work in a request for `preset`: each stage's size and steps. One stage of `steps`, or a
+        two-stage recipe's fixed steps at 1/scale of each side, then at `preset`."""
+        if not self.recipe:
+            return [(preset, self.defaults.steps if steps is None else steps)]
+        first, second = self.recipe.steps
+        scale = self.recipe.scale
+        smaller = dataclasses.replace(preset, label=f"{preset.label}, stage 1", width=preset.width // scale,
+                                      height=preset.height // scale)
+        return [(smaller, first), (preset, second)]
+
+    @property
+    def stage_presets(self) -> tuple[Preset, ...]:
+        """Every size the transformer is called at, each once: the presets, and a two-stage recipe's first stages
+        (a preset that is also another's first stage keeps its own label). What programs are compiled and timed for."""
+        sizes = {stage.name: stage for preset in self.presets for stage, _ in self.stages(preset)[:-1]}
+        sizes.update({preset.name: preset for preset in self.presets})
+        return tuple(sizes.values())
+
+    @property
+    def extra_modules(self) -> tuple[torch.nn.Module, ...]:
+        """Models a request runs beside the pipeline's own: a two-stage recipe's latent upsampler (eager). The memory
+        plan counts them, and placing the pipeline places them."""
+        if self.upsampler is None:
+            return ()
+        mine = [module for module in self.pipe.components.values() if isinstance(module, torch.nn.Module)]
+        return tuple(module for module in self.upsampler.components.values()
+                     if isinstance(module, torch.nn.Module) and all(module is not m for m in mine))
+
+    def upsample(self, latents: torch.Tensor) -> torch.Tensor:
+        """Stage 1's video latents `scale` times larger on each side, by the recipe's latent upsampler."""
+        return self.upsampler(latents=latents, output_type="latent", return_dict=False)[0]
+
+    def recipe_summary(self) -> str:
+        """What a request runs, in words, for /status and the page: each size's stages under a two-stage recipe."""
+        if not self.recipe:
+            return "one pipeline call at the requested size"
+        per_size = {}
+        for preset in self.presets:
+            (first, steps_1), (second, steps_2) = self.stages(preset)
+            per_size[second.size] = (f"{steps_1} steps at {first.size}, x{self.recipe.scale} upsampled (eager), "
+                                     f"{steps_2} steps at {second.size}")
+        return "; ".join(per_size.values())
 
     def outputs(self, result):
         """A pipeline result's batch: its images, or a video family's frames (each video an array of frames)."""
@@ -269,15 +334,62 @@ def load_pipeline(settings: Settings, hardware: Hardware):
         ) from None
 
 
-def load_model(settings: Settings, pipe=None, hardware: Hardware | None = None) -> Model:
+def recipe_of(settings: Settings, family: Family) -> TwoStage | None:
+    """RECIPE's two-stage recipe for `family` (None: the standard one call); a family without one is refused."""
+    if settings.recipe == "standard":
+        return None
+    if family.distilled is None:
+        having = ", ".join(f.name for f in FAMILIES if f.distilled) or "none"
+        raise ValueError(f"RECIPE={settings.recipe}: the {family.name} family has no distilled recipe (families with "
+                         f"one: {having}); set RECIPE=standard, or unset it")
+    return family.distilled
+
+
+def load_upsampler(settings: Settings, recipe: TwoStage, pipe):
+    """The recipe's latent upsampler: the tiny pipeline's own, built here, or loaded from UPSAMPLER_ID (else MODEL_ID
+    at MODEL_REVISION); one that is missing or does not fit the pipeline stops startup, saying which setting to
+    change."""
+    if settings.tiny_family:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(1)
+        try:
+            return recipe.build_tiny_upsampler(pipe)
+        finally:
+            torch.random.set_rng_state(state)
+    source = settings.upsampler_id or settings.model_id
+    revision = None if settings.upsampler_id else settings.revision
+    try:
+        return recipe.load_upsampler(pipe, source, revision)
+    except Exception as err:  # noqa: BLE001 - a missing folder, a bad config or an unfit upsampler: one message
+        raise SystemExit(
+            f"RECIPE={settings.recipe} needs a latent upsampler in the `{recipe.upsampler_folder}` folder of "
+            f"{'UPSAMPLER_ID' if settings.upsampler_id else 'MODEL_ID'}={source!r}, and none that fits could be "
+            f"loaded: {type(err).__name__}: {_first_line(err)}\nSet UPSAMPLER_ID to a repo or folder that holds one "
+            "(e.g. Lightricks/LTX-2), or RECIPE=standard."
+        ) from None
+
+
+def load_model(settings: Settings, pipe=None, hardware: Hardware | None = None, upsampler=None) -> Model:
     """The pipeline (loaded here unless given), its family and defaults, and the presets it serves: PRESETS
-    if set, else the family's native resolutions (its tiny ones for a tiny pipeline, the demo model's own).
-    `hardware`: where it will run (detected here unless given)."""
+    if set, else the family's native resolutions (its tiny ones for a tiny pipeline, the demo model's own); under a
+    two-stage recipe (RECIPE) the recipe's own, and its latent upsampler (loaded here unless given). `hardware`:
+    where it will run (detected here unless given)."""
     start = time.perf_counter()
     pipe = load_pipeline(settings, hardware or detect()) if pipe is None else pipe
     family = family_of(pipe)
-    native = (DEMO_PRESETS if settings.model_id == DEMO_MODEL_ID else family.tiny_presets if settings.tiny_family
-              else family.presets)
-    presets = parse_presets(settings.presets_text or native, family.multiple)
+    recipe = recipe_of(settings, family)
+    own = recipe or family  # whose native presets
+    native = (DEMO_PRESETS if settings.model_id == DEMO_MODEL_ID else own.tiny_presets if settings.tiny_family
+              else own.presets)
+    # a two-stage recipe's presets are its outputs, stage 1 runs at 1/scale of each side: still whole tokens
+    multiple, why = family.multiple, ""
+    if recipe:
+        multiple *= recipe.scale
+        why = (f"RECIPE={settings.recipe}: a preset is the output, and stage 1 runs at 1/{recipe.scale} of each side, "
+               f"in multiples of {family.multiple}")
+    presets = parse_presets(settings.presets_text or native, multiple, why)
     check_frames(presets, family.video, family.name)
-    return Model(pipe, family, family.defaults(pipe), presets, round(time.perf_counter() - start, 2))
+    if recipe and upsampler is None:
+        upsampler = load_upsampler(settings, recipe, pipe)
+    return Model(pipe, family, (recipe or family).defaults(pipe), presets, round(time.perf_counter() - start, 2),
+                 recipe, upsampler)

@@ -81,6 +81,8 @@ def details(settings: Settings, report: Report, resolutions: list[str], default_
     lines.append(f"`{settings.model_id}` ({report.family} family) on {report.device}, {report.dtype}, attention "
                  f"`{report.attention}`, step cache `{report.step_cache}`, quantization `{report.quantization}`, "
                  f"{compiled}.")
+    if report.recipe != "standard":
+        lines.append(f"Recipe `{report.recipe}`: {report.recipe_reason}.")
     if report.cuda_graphs == "on":
         kept = [check["shape"] for check in report.graphs.values() if check["kept"]]
         lines.append(f"CUDA graphs: replayed at {len(kept)} of {len(report.graphs)} call shape(s)"

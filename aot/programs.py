@@ -180,12 +180,12 @@ def compile_targets(transformer: torch.nn.Module, scope: str) -> dict[str, torch
 
 def capture_inputs(model: Model, module: torch.nn.Module, preset: Preset, prompt: str = CAPTURE_PROMPT,
                    images: int | None = None) -> tuple[tuple, dict]:
-    """`module`'s real first call for one preset, recorded without running it, its tensors contiguous; with `images`
-    input images at the largest preset (default: as many as the family needs, since Qwen-Image-Edit draws nothing
-    without one)."""
+    """`module`'s real first call for one preset (one pipeline call at its size: `Model.stage`), recorded without
+    running it, its tensors contiguous; with `images` input images at the largest preset (default: as many as the
+    family needs, since Qwen-Image-Edit draws nothing without one)."""
     inputs = model.needed_images() if images is None else model.sample_images()[:images]
     with spaces.aoti_capture(module) as call:
-        model(prompt, preset, steps=1, output_type="latent", images=inputs)
+        model.stage(prompt, preset, steps=1, output_type="latent", images=inputs)
     return contiguous(call.args, call.kwargs)
 
 

@@ -45,6 +45,8 @@ class Report:
     cuda_graphs_reason: str = ""
     graphs: dict = field(default_factory=dict)  # each call shape's start-up check: exact, ms uncaptured/replayed, kept
     text: str = ""  # how prompt lengths reach the programs: fixed, padded to N, or a dynamic axis
+    recipe: str = "standard"  # RECIPE: "standard" (one pipeline call), or "distilled" (a family's two-stage recipe)
+    recipe_reason: str = ""  # what a request runs, in words: each size's stages
     cache_keys: list[str] = field(default_factory=list)  # one cache entry per program
     programs: list[dict] = field(default_factory=list)
     memory: dict = field(default_factory=dict)  # the MemoryPlan: low-VRAM mode or not, and why

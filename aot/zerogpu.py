@@ -140,29 +140,38 @@ class Durations:
     # The input images' tokens in the timed calls: those of the inputs the family needs (Qwen-Image-Edit's one, at the
     # largest preset), none for a family that can draw from the prompt alone
     timed_input_tokens: int = field(default=0, kw_only=True)
+    # A request's transformer work, (preset, steps) -> each stage's size and steps (`Model.stages`): one stage of its
+    # steps, or a two-stage recipe's first stage at a smaller size, then its second at the preset
+    stages: Callable[[object, int], list] = field(default=lambda preset, steps: [(preset, steps)], kw_only=True)
+    fixed_steps: bool = field(default=False, kw_only=True)  # a request takes the default steps only (`fixed_steps`)
 
     def task_seconds(self, preset, steps: int, calls: int, new_worker: bool, first_shape: bool,
                      input_tokens: int = 0) -> float:
-        """The seconds a request's task needs, margin included. `calls`: a step's transformer calls, counted at batch
-        one (`Model.batch_one_calls`: 2 with CFG); `input_tokens`: what its input images add to each call. A preset
-        is timed with the inputs the family needs, so a text-only request asks for a text-only duration; more inputs
-        scale the call by the work they add (`step_work`: from the configs, not measured; the larger call is no less
-        efficient, so it errs long)."""
-        tokens, timed = self.tokens(preset), self.timed_input_tokens
-        work = step_work(tokens + max(input_tokens, timed))
+        """The seconds a request's task needs, margin included: each stage's steps at its size's call (`call_seconds`;
+        a two-stage request's at two sizes), and the rest of the request as timed at its output's size. `calls`: a
+        step's transformer calls, counted at batch one (`Model.batch_one_calls`: 2 with CFG); `input_tokens`: what its
+        input images add to each call."""
         timing = self.timings.get(preset.name)
-        if timing:
-            call = timing.call_s * MARGIN * work / step_work(tokens + timed)
-            fixed = max(FIXED_SECONDS, timing.fixed_s * MARGIN)
-        else:
-            call = H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * work
-            fixed = FIXED_SECONDS
+        fixed = max(FIXED_SECONDS, timing.fixed_s * MARGIN) if timing else FIXED_SECONDS
         extra = (WORKER_START_SECONDS + WORKER_SECONDS_PER_GIB * self.weight_gib) if new_worker else 0.0
         if self.compiled and first_shape:
             extra += PROGRAM_LOAD_SECONDS
         # a worker's weights may hold another choice than the request's (none included): any request may switch
         extra += SWITCH_SECONDS_PER_GIB * self.switch_gib
-        return fixed + extra + calls * steps * call
+        work = sum(n * self.call_seconds(size, input_tokens) for size, n in self.stages(preset, steps))
+        return fixed + extra + calls * work
+
+    def call_seconds(self, preset, input_tokens: int = 0) -> float:
+        """One transformer call of batch one at `preset`'s size, margin included: as timed there, else an H100's
+        estimate. A preset is timed with the inputs the family needs, so a text-only request asks for a text-only
+        duration; more inputs scale the call by the work they add (`step_work`: from the configs, not measured; the
+        larger call is no less efficient, so it errs long)."""
+        tokens, timed = self.tokens(preset), self.timed_input_tokens
+        work = step_work(tokens + max(input_tokens, timed))
+        timing = self.timings.get(preset.name)
+        if timing:
+            return timing.call_s * MARGIN * work / step_work(tokens + timed)
+        return H100_CALL_SECONDS[self.compiled] * self.step_cost * self.slowdown * work
 
     def requested(self, seconds: float) -> int:
         """What `@spaces.GPU(duration=...)` is given for a task of `seconds` (`asked`)."""
@@ -180,11 +189,12 @@ class Durations:
         return self.task_seconds(preset, steps, calls, new_worker=True, first_shape=True, input_tokens=input_tokens)
 
     def most_steps(self, preset, steps: int, calls: int, input_tokens: int = 0) -> int:
-        """The most steps, up to `steps`, that fit ZeroGPU's per-call maximum at `preset`; 0 if none does."""
+        """The most steps, up to `steps`, that fit ZeroGPU's per-call maximum at `preset`; 0 if none does (with
+        `fixed_steps`, `steps` or 0)."""
         if not self.limited:
             return steps
-        return max((n for n in range(1, steps + 1) if self.fits(self.worst_case(preset, n, calls, input_tokens))),
-                   default=0)
+        counts = (steps,) if self.fixed_steps else range(1, steps + 1)
+        return max((n for n in counts if self.fits(self.worst_case(preset, n, calls, input_tokens))), default=0)
 
     def too_long(self, presets, preset, steps: int, calls: int, input_tokens: int = 0) -> str | None:
         """Why a request cannot fit ZeroGPU's per-call maximum (counting a new worker's start, the worst case),
@@ -208,8 +218,9 @@ class Durations:
         asked for, while steps compile nothing and take time in proportion. A preset where no step fits is refused."""
         most = self.most_steps(preset, steps, calls)
         if not most:
-            raise ValueError(f"{self._past(preset, 1, calls)} even at 1 step; put a smaller size or fewer frames "
-                             "first in PRESETS")
+            fewest = (self._past(preset, steps, calls) + ", which are fixed" if self.fixed_steps
+                      else f"{self._past(preset, 1, calls)} even at 1 step")
+            raise ValueError(f"{fewest}; put a smaller size or fewer frames first in PRESETS")
         if most == steps:
             return steps, None
         return most, f"{self._past(preset, steps, calls)}: the default is {most} steps, which fit"
@@ -228,9 +239,11 @@ class Durations:
                 "max_task_seconds": MAX_TASK_SECONDS}
 
 
-def durations(report: Report, family, weight_gib: float, timed_input_tokens: int = 0) -> Durations:
+def durations(report: Report, family, weight_gib: float, timed_input_tokens: int = 0, stages=None,
+              fixed_steps: bool = False) -> Durations:
     """The request durations for what `report` says runs: its measured timings, else estimates for its hardware and
-    `family` (its step cost and tokens); `timed_input_tokens`: the timed calls' input images' tokens."""
+    `family` (its step cost and tokens); `timed_input_tokens`: the timed calls' input images' tokens; `stages` and
+    `fixed_steps`: a request's stages (`Model.stages`; None: one) and whether its steps are fixed."""
     hardware = report.hardware
     card, size = hardware.zerogpu, hardware.size
     name = card.model if card else hardware.name
@@ -238,4 +251,5 @@ def durations(report: Report, family, weight_gib: float, timed_input_tokens: int
     return Durations({name: Timing(**t) for name, t in report.timings.items()}, report.compile == "aoti",
                      family.step_cost, slowdown(name, hardware.sm_count, size), weight_gib,
                      card.factor_for(size) if card else 1.0, 2 if size is Size.XLARGE else 1, card is not None,
-                     sum(choices[:2]) / 2**30, tokens=family.tokens, timed_input_tokens=timed_input_tokens)
+                     sum(choices[:2]) / 2**30, tokens=family.tokens, timed_input_tokens=timed_input_tokens,
+                     fixed_steps=fixed_steps, **({"stages": stages} if stages else {}))

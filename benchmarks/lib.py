@@ -9,7 +9,8 @@ the project on sys.path.
 - `peak_gib()`: the most GPU memory allocated since the last reading; `allocated_gib()`: allocated now.
 - `count_flops(module, args, kwargs)`: one call's FLOPs as torch counts them while it runs (GEMMs and attention
   apart), and `against_ceiling(flops, ms, quantization)`: achieved TFLOP/s and the share of the ceilings reached.
-- `real_pipeline(family, device)`: the family's tiny pipeline with its models at their released sizes.
+- `real_pipeline(family, device)`: the family's tiny pipeline with its models at their released sizes;
+  `real_upsampler(family, pipe, device)`: its distilled recipe's latent upsampler at its released size.
   `python benchmarks/lib.py` builds each on the meta device and checks its parameters against the released sizes
   (on a CPU, in a minute), with one step's FLOPs and the time they need at the ceilings.
 - `emit(kind, ...)`: one RESULT line per figure, so a run cut short keeps its numbers; `finish(document)`: the
@@ -297,6 +298,17 @@ def real_components(pipe, real, device: str, dtype: torch.dtype, text: str = "ti
     those that read the text encoders' output (TEXT_SIDE) only with `text` "real"."""
     return {name: on_device(device, dtype, lambda name=name, sizes=sizes: type(getattr(pipe, name))(**sizes))
             for name, sizes in real.components.items() if text == "real" or name not in TEXT_SIDE}
+
+
+def real_upsampler(family, pipe, device: str):
+    """The family's two-stage recipe's latent upsampler (`Family.distilled`) at `real_size.upsampler`, random weights
+    made on `device` in the VAE's dtype, in the tiny one's upsampling pipeline over `pipe`'s (real-size) VAE: what
+    `load_model` takes for a real-size pipeline under RECIPE=distilled."""
+    tiny = family.distilled.build_tiny_upsampler(pipe)
+    torch.manual_seed(4)
+    upsampler = on_device(device, pipe.vae.dtype,
+                          lambda: type(tiny.latent_upsampler)(**family.real_size.upsampler))
+    return type(tiny)(vae=pipe.vae, latent_upsampler=upsampler)
 
 
 def real_transformer(family, cls, device: str, config: dict | None = None, dtype: torch.dtype = torch.bfloat16):

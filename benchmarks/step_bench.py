@@ -36,6 +36,7 @@ allocated after it (RESULTS.md run 7; `left_gib`): give a capped variant a proce
     python benchmarks/step_bench.py --family flux --config num_layers=4,num_single_layers=8 \\
         --variant QUANTIZATION=fp8 --variant QUANTIZATION=fp8,inductor.epilogue_fusion=true
     python benchmarks/step_bench.py --family flux --tiny --device cpu --variant COMPILE=none   # smoke test
+    python benchmarks/step_bench.py --family ltx2 --recipe distilled --variant QUANTIZATION=fp8 --image 1
     python benchmarks/step_bench.py --family flux-kontext --presets square=1024x1024 --inputs 1 \\
         --variant QUANTIZATION=fp8 --variant QUANTIZATION=fp8,bench.static_edit=1 --image 1
 
@@ -254,9 +255,10 @@ class Bench:
         self.args, self.device = args, args.device
         self.family = family_named(args.family)
         self.config = {k: parse_value(v) for k, v in (i.split("=", 1) for i in filter(None, args.config.split(",")))}
+        native = self.family.distilled if args.recipe == "distilled" else self.family  # its presets are the outputs
         self.base = {"MODEL_ID": f"tiny-{self.family.name}" if args.tiny else f"bench/{self.family.name}-real-size",
-                     "AOT_CACHE_DIR": args.cache_dir,
-                     "PRESETS": args.presets or (self.family.tiny_presets if args.tiny else self.family.presets)}
+                     "AOT_CACHE_DIR": args.cache_dir, "RECIPE": args.recipe,
+                     "PRESETS": args.presets or (native.tiny_presets if args.tiny else native.presets)}
         self.inputs, self.flops, self.reference, self.latents, self.weights = {}, {}, {}, None, None
 
     def build(self, settings: Settings, host: bool):
@@ -279,7 +281,11 @@ class Bench:
         env, knobs = parse_variant(text or "")
         settings = Settings.from_env({**self.base, **(env if text is not None else {"COMPILE": "none"})},
                                      has_cuda=self.device == "cuda")
-        model = load_model(settings, self.build(settings, host=text is not None and not knobs.get("bench.bnb4")))
+        pipe = self.build(settings, host=text is not None and not knobs.get("bench.bnb4"))
+        # a real-size pipeline's distilled recipe takes a real-size upsampler (a tiny pipeline's is built by load_model)
+        upsampler = (lib.real_upsampler(self.family, pipe, next(pipe.vae.parameters()).device.type)
+                     if settings.recipe == "distilled" and not self.args.tiny else None)
+        model = load_model(settings, pipe, upsampler=upsampler)
         if knobs.get("bench.static_edit"):  # traced with the inputs, so each preset's program is its edit's shape
             model.family = dataclasses.replace(model.family, dynamic_tokens=None, min_images=self.args.inputs)
         transformer, name = model.pipe.transformer, "eager" if text is None else text
@@ -322,8 +328,9 @@ class Bench:
             lib.sync(self.device)
             result["first_image"] = dict(image_s=round(time.perf_counter() - t1, 2),
                                          since_process_start_s=round(time.perf_counter() - lib.PROCESS_START, 1))
-        # one step out of an image's context means nothing to a step cache (and its hooks refuse a call outside one)
-        for preset in model.presets if result.get("step_cache", "off") == "off" else ():
+        # one step out of an image's context means nothing to a step cache (and its hooks refuse a call outside one);
+        # each size a request calls the transformer at (a two-stage recipe's first stages too)
+        for preset in model.stage_presets if result.get("step_cache", "off") == "off" else ():
             result["steps"][preset.name] = self.step(model, preset, name, result["quantization"])
             if self.args.profile and self.device == "cuda" and preset == model.presets[0]:
                 result["profile"] = kernel_breakdown(transformer, *self.on_device(self.inputs[preset.name]))
@@ -432,6 +439,9 @@ def main() -> int:
     parser.add_argument("--text", choices=("tiny", "real"), default="tiny",
                         help="text encoders: tiny, their embeddings widened to the real width; or at real size")
     parser.add_argument("--tiny", action="store_true", help="the family's tiny pipeline as the app builds it")
+    parser.add_argument("--recipe", choices=("standard", "distilled"), default="standard",
+                        help="RECIPE of the reference and every variant: distilled times both stages' sizes, "
+                             "with its latent upsampler at its real size")
     parser.add_argument("--steps", type=int, default=0, help="steps of an image; default: the family's")
     parser.add_argument("--image", type=int, default=0, metavar="REPEATS", help="time whole images, median of REPEATS")
     parser.add_argument("--latent-error", type=int, default=0, metavar="STEPS",

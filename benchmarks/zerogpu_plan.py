@@ -27,6 +27,7 @@ import torch
 from aot.families import Guidance, family_named
 from aot.hardware import Size, ZeroGPUCard
 from aot.memory import GiB, choose_resident_plan, measure_footprint
+from aot.model import Model
 from aot.zerogpu import MAX_TASK_SECONDS, Durations, Timing, choose_size, slowdown
 from settings import parse_presets
 
@@ -45,7 +46,9 @@ MODELS = {
     "Wan 2.2 A14B": ("wan", {}, None, "none", True),
     "Wan 2.2 TI2V-5B": ("wan-5b", {}, None, "none", True),
     "LTX-2": ("ltx2", {}, None, "none", True),
+    "LTX-2 distilled": ("ltx2", {}, None, "none", True),
 }
+RECIPES = {"LTX-2 distilled": "distilled"}  # a row's RECIPE, where not the standard one call (its presets: outputs)
 FIXED_S = 0.5  # text encoders, VAE and hand-over per image, as if measured (Durations applies its 3 s floor)
 
 
@@ -77,9 +80,12 @@ def main() -> int:
     for label, (name, _, step_ms, measured_on, asked) in MODELS.items():
         family = family_named(name)
         pipe, params = real_pipe(label)
-        presets = parse_presets(family.presets, family.multiple)
-        tokens = max(map(family.tokens, presets))
-        footprint = measure_footprint(pipe, tokens, family.keep_bf16, family.activation_bytes_per_token)
+        recipe = family.distilled if RECIPES.get(label) else None
+        own = recipe or family  # whose presets and defaults
+        presets = parse_presets(own.presets, family.multiple * (recipe.scale if recipe else 1))
+        tokens = max(map(family.tokens, presets))  # a two-stage recipe's largest call: its second stage
+        extra = (lib.real_upsampler(family, pipe, "meta").latent_upsampler,) if recipe else ()
+        footprint = measure_footprint(pipe, tokens, family.keep_bf16, family.activation_bytes_per_token, extra)
         models.append(dict(model=label, params_b=params, image_tokens=tokens, gib=dict(
             transformer={mode: gib(n) for mode, n in footprint.transformer.items()},
             text_encoders=gib(footprint.text_encoders), other=gib(footprint.other),
@@ -106,7 +112,8 @@ def main() -> int:
                           f"{str(plan.fits):>5} {auto:>6}")
 
         # ZeroGPU today: the default request at the first preset, on `large`, and on `xlarge` where auto picks it
-        defaults, preset = family.defaults(pipe), presets[0]
+        defaults, preset = own.defaults(pipe), presets[0]
+        model = Model(pipe, family, defaults, presets, recipe=recipe)
         calls = 2 if defaults.guidance_kind is Guidance.CFG and defaults.guidance > 1 else 1
         by_size, auto = by_probe[True]
         for size in (Size.LARGE,) + ((Size.XLARGE,) if auto == Size.XLARGE.value else ()):
@@ -114,7 +121,8 @@ def main() -> int:
             timed = {preset.name: Timing(step_ms * factor / 1000, FIXED_S)} if step_ms else {}
             durations = Durations(timed, True, family.step_cost,
                                   factor, by_size[size].packed_gib, card.factor_for(size),
-                                  2 if size is Size.XLARGE else 1, True, tokens=family.tokens)
+                                  2 if size is Size.XLARGE else 1, True, tokens=family.tokens, stages=model.stages,
+                                  fixed_steps=bool(defaults.fixed_steps))
             steps, _ = durations.default_steps(preset, defaults.steps, calls)
             row = dict(model=label, size=size.value, auto=auto, preset=preset.name, steps=defaults.steps,
                        guidance=defaults.guidance, calls=calls, measured_ms=step_ms, measured_on=measured_on,

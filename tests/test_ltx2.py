@@ -284,3 +284,250 @@ def test_a_fused_lora_changes_both_streams_as_diffusers_loading_it_does(tmp_path
         fused = model.pipe.transformer(*args, **kwargs)[:2]
     for stream, out, want, before in zip(("video", "audio"), fused, expected, plain):
         assert rel_err(out, want) <= TOLERANCE and rel_err(out, before) > 1e-3, stream
+
+
+# --- RECIPE=distilled: 8 steps at half the size, the x2 latent upsampler, 3 steps at the preset (issue 30) ----------
+STAGES = ("96x64x9, 64x96x9", "192x128x9, 128x192x9")  # each program's sizes: the first stages', the outputs'
+
+
+class LTX2DistilledCompiled(LTX2Compiled):
+    """tiny-ltx2 under RECIPE=distilled after `optimize_pipeline_`, a request's latents recorded eagerly before."""
+
+    def __init__(self):
+        super().__init__(recipe="distilled")
+
+    def check_model(self) -> None:
+        assert self.model.recipe is LTX2.distilled and self.model.upsampler is not None
+
+    def record_eager(self) -> None:
+        self.eager_latents = self.latents()
+
+    def latents(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole request at the first preset (192x128x9): stage 2's video and sound latents."""
+        generator = torch.Generator().manual_seed(5)
+        with torch.inference_mode():
+            result = self.model(PROMPT, self.model.presets[0], self.model.defaults.steps, generator=generator,
+                                output_type="latent", **kwargs)
+        return result.frames, result.audio
+
+
+@pytest.fixture(scope="module")
+def ltx2_distilled() -> LTX2DistilledCompiled:
+    return LTX2DistilledCompiled()
+
+
+@pytest.fixture(scope="module")
+def distilled() -> Model:
+    """tiny-ltx2 under RECIPE=distilled, eager, not optimized."""
+    return tiny_model(model_id="tiny-ltx2", recipe="distilled")
+
+
+def _served_by(monkeypatch) -> set[str]:
+    """From now on, the sizes of each program a block call runs (its label), added to the set returned."""
+    from aot.programs import matches, named_inputs, signature
+
+    served, real = set(), ShapeDispatch.program_for
+
+    def program_for(self, args, kwargs):
+        actual = signature(named_inputs(self.module, args, kwargs))
+        served.update(label for expected, _, label in self.programs if matches(expected, actual))
+        return real(self, args, kwargs)
+
+    monkeypatch.setattr(ShapeDispatch, "program_for", program_for)
+    return served
+
+
+def test_distilled_compiles_both_stages_sizes_runs_both_and_matches_eager(ltx2_distilled, monkeypatch):
+    report = ltx2_distilled.report
+    assert report.compile == "aoti" and report.fallbacks == [], report.fallbacks
+    # each program serves a stage of both outputs: 2 latent frames of 6 tokens at stage 1, of 24 (four times) at stage 2
+    assert report.programs == [{"image_tokens": 12, "resolutions": STAGES[0].split(", ")},
+                               {"image_tokens": 48, "resolutions": STAGES[1].split(", ")}]
+    assert report.recipe == "distilled" and report.recipe_reason.startswith(
+        "8 steps at 96x64, x2 upsampled (eager), 3 steps at 192x128; ")
+    served = _served_by(monkeypatch)
+    for out, eager in zip(ltx2_distilled.latents(), ltx2_distilled.eager_latents, strict=True):
+        assert torch.isfinite(out).all() and rel_err(out, eager) <= TOLERANCE
+    assert served == set(STAGES)  # the installed programs served both stages' calls
+    # the video: 192x128, twice stage 1's 96x64 on each side, at the 9 frames asked for, with its sound track
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        result = ltx2_distilled.model(PROMPT, ltx2_distilled.model.presets[0], 11, generator=generator)
+    assert result.frames.shape == (1, 9, 128, 192, 3) and result.audio.shape[:2] == (1, 2)
+
+
+def test_distilled_programs_are_keyed_apart_from_the_standard_recipes(ltx2_distilled):
+    """The same size's standard program takes CFG's batch of two: a cache shared by both recipes keeps both."""
+    import dataclasses
+
+    import optimization
+    from aot.cache import cache_key, key_digest
+
+    report, model = ltx2_distilled.report, ltx2_distilled.model
+    keys = [key_digest(cache_key(model.pipe, "ltx2", "tiny-ltx2", None, dataclasses.replace(report, recipe=recipe),
+                                 report.hardware, "blocks", 12, False, report.text, optimization.INDUCTOR_CONFIGS))
+            for recipe in ("distilled", "standard")]
+    assert keys[0] in report.cache_keys and keys[1] not in report.cache_keys
+
+
+def test_a_distilled_request_is_one_bar_of_11_steps_one_call_of_batch_one_each_and_one_video_per_seed(
+        distilled, monkeypatch):
+    bars, steps, calls = [], [], []
+    real = distilled.pipe.progress_bar
+
+    def progress_bar(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        bars.append((bar.total, bar.disable))
+        return bar
+
+    monkeypatch.setattr(distilled.pipe, "progress_bar", progress_bar)
+    hook = distilled.pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(tuple(kwargs["hidden_states"].shape[:2])), with_kwargs=True)
+    try:
+        def request(seed: int, **kwargs) -> np.ndarray:
+            with torch.inference_mode():
+                return distilled(PROMPT, distilled.presets[0], 11, generator=torch.Generator().manual_seed(seed),
+                                 **kwargs).frames
+        video = request(7, callback_on_step_end=lambda pipe, i, t, tensors: steps.append(i) or {})
+    finally:
+        hook.remove()
+    assert bars == [(11, False), (8, True), (3, True)]  # one bar shown, the stages' own off
+    assert steps == list(range(11))  # one numbering, as one pipeline call's
+    assert calls == [(1, 12)] * 8 + [(1, 48)] * 3  # no CFG: batch one, at stage 1's tokens, then stage 2's
+    assert video.shape == (1, 9, 128, 192, 3)
+    assert np.array_equal(request(7), video) and not np.array_equal(request(8), video)
+    with pytest.raises(ValueError, match="RECIPE=distilled takes 11 steps, no guidance"):
+        distilled(PROMPT, distilled.presets[0], 8)
+
+
+def test_distilled_durations_count_each_stage_at_its_tokens_without_cfg(distilled):
+    first, second = (size for size, _ in distilled.stages(distilled.presets[0]))
+    assert distilled.stages(distilled.presets[0]) == [(first, 8), (second, 3)]
+    assert (first.size, second.size, distilled.batch_one_calls(distilled.defaults.guidance)) == ("96x64", "192x128", 1)
+    timed = Durations({first.name: Timing(0.5, 9.0), second.name: Timing(3.0, 10.0)}, True, LTX2.step_cost, 1.0, 0.0,
+                      tokens=LTX2.tokens, stages=distilled.stages, fixed_steps=True)
+    assert timed.task_seconds(second, 11, 1, False, False) == pytest.approx((10.0 + 8 * 0.5 + 3 * 3.0) * MARGIN)
+    # before anything is timed: an H100's call at each stage's tokens, attention quadratic
+    from aot.zerogpu import H100_CALL_SECONDS, step_work
+
+    estimated = Durations({}, True, LTX2.step_cost, 1.0, 0.0, tokens=LTX2.tokens, stages=distilled.stages)
+    per_call = H100_CALL_SECONDS[True] * LTX2.step_cost
+    assert estimated.task_seconds(second, 11, 1, False, False) == pytest.approx(
+        FIXED_SECONDS + per_call * (8 * step_work(12) + 3 * step_work(48)))
+    # the steps are fixed: ZeroGPU's limit takes all 11 or none, and says so
+    slow = Durations({first.name: Timing(20.0, 1.0), second.name: Timing(40.0, 1.0)}, True, 1.0, 1.0, 0.0,
+                     limited=True, tokens=LTX2.tokens, stages=distilled.stages, fixed_steps=True)
+    assert slow.most_steps(second, 11, 1) == 0
+    with pytest.raises(ValueError, match=r"11 steps at 192x128x9 need about \d+ s of GPU, .*, which are fixed; put a "
+                                         "smaller size"):
+        slow.default_steps(second, 11, 1)
+
+
+def test_the_memory_plan_counts_the_upsampler_and_stage_2s_tokens(distilled):
+    from aot.memory import measure_footprint, resident_bytes
+
+    (upsampler,) = distilled.extra_modules
+    weights = sum(t.numel() * t.element_size() for t in [*upsampler.parameters(), *upsampler.buffers()])
+    with_it = resident_bytes(distilled.pipe, distilled.extra_modules)
+    assert weights and with_it - resident_bytes(distilled.pipe) == weights
+    plain, planned = (measure_footprint(distilled.pipe, distilled.max_image_tokens, extra=extra)
+                      for extra in ((), distilled.extra_modules))
+    assert planned.other - plain.other == weights
+    first, second = (size for size, _ in distilled.stages(distilled.presets[0]))
+    assert planned.image_tokens == LTX2.tokens(second) == 4 * LTX2.tokens(first)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"UPSAMPLER_ID": "Lightricks/LTX-2"}, "UPSAMPLER_ID is set but RECIPE=standard runs no latent upsampler"),
+    ({"RECIPE": "distilled", "UPSAMPLER_ID": "Lightricks/LTX-2"}, "MODEL_ID=tiny-ltx2 builds its own tiny upsampler"),
+    ({"RECIPE": "distilled", "WORLD_SIZE": "2", "PARALLEL": "ulysses", "COMPILE": "none"},
+     "RECIPE=distilled with 2 ranks"),
+    ({"RECIPE": "turbo"}, "RECIPE='turbo' is not one of standard, distilled"),
+])
+def test_distilled_settings_that_conflict_stop_startup(env, message):
+    from settings import Settings
+
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env({"MODEL_ID": "tiny-ltx2", **env}, has_cuda=False)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(model_id="tiny"), "RECIPE=distilled: the flux family has no distilled recipe .families with one: ltx2.; "
+                            "set RECIPE=standard"),
+    (dict(model_id="tiny-ltx2-i2v"), "the ltx2-i2v family has no distilled recipe"),
+    (dict(model_id="tiny-ltx2", presets="a=96x64x9"), r"multiples of 64 \(RECIPE=distilled: a preset is the output, "
+                                                      r"and stage 1 runs at 1/2 of each side, in multiples of 32\)"),
+])
+def test_distilled_is_refused_where_it_cannot_run(env, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(recipe="distilled", **env)
+
+
+def test_the_upsampler_is_loaded_from_its_folder_and_a_missing_or_unfit_one_stops_startup(distilled, tmp_path):
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    from aot.model import load_model
+    from conftest import settings_for
+
+    (upsampler,) = distilled.extra_modules
+    upsampler.save_pretrained(tmp_path / "fits" / "latent_upsampler")
+    LTX2LatentUpsamplerModel(in_channels=16, mid_channels=32, num_blocks_per_stage=1).save_pretrained(
+        tmp_path / "wider" / "latent_upsampler")
+    model_dir = tmp_path / "distilled-model"  # the pipeline is given: only the upsampler is read from disk
+    for folder in (model_dir, tmp_path / "empty"):  # neither with a latent_upsampler folder
+        folder.mkdir()
+    for upsampler_id, message in [
+            (None, f"needs a latent upsampler in the `latent_upsampler` folder of MODEL_ID='{model_dir}'"),
+            (tmp_path / "empty", f"folder of UPSAMPLER_ID='{tmp_path / 'empty'}', and none that fits could be loaded"),
+            (tmp_path / "wider", "it takes 16 latent channels, the VAE makes 8")]:
+        settings = settings_for(model_id=model_dir, recipe="distilled", **{"upsampler_id": upsampler_id or ""})
+        with pytest.raises(SystemExit, match=message):
+            load_model(settings, distilled.pipe)
+    model = load_model(settings_for(model_id=model_dir, recipe="distilled", upsampler_id=tmp_path / "fits"),
+                       distilled.pipe)
+    (loaded,) = model.extra_modules
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), upsampler.state_dict().values(),
+                                                 strict=True))
+    assert model.upsampler.vae is distilled.pipe.vae  # over the pipeline's own VAE
+
+
+# the app serving tiny-ltx2 under RECIPE=distilled, loading `ltx2_distilled`'s programs from the cache
+@pytest.fixture(scope="module")
+def ltx2_distilled_app(ltx2_distilled):
+    yield from served_app("ltx2-distilled", {"MODEL_ID": "tiny-ltx2", "RECIPE": "distilled",
+                                             "AOT_CACHE_DIR": ltx2_distilled.settings.cache_dir})
+
+
+def test_app_serves_the_distilled_recipe_at_its_fixed_steps_and_asks_for_both_stages(ltx2_distilled_app):
+    from gradio_client.exceptions import AppError
+
+    app, client = ltx2_distilled_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache" and status["fallbacks"] == []
+    assert status["recipe"] == "distilled" and "8 steps at 64x96, x2 upsampled (eager), 3 steps at 128x192" in status[
+        "recipe_reason"]
+    assert status["resolutions"] == ["192x128", "128x192"]
+    assert {p["image_tokens"] for p in status["programs"]} == {12, 48}
+    assert status["defaults"]["steps"] == 11 and status["defaults"]["guidance_kind"] == "none"
+    assert status["defaults"]["fixed_steps"].startswith("the distilled recipe runs 8 steps, then 3 after upsampling")
+    request = dict(prompt=PROMPT, resolution="192x128", seed=7, randomize_seed=False)
+    video, seed, details = client.predict(**request, api_name="/generate")
+    frames, fps, size, sound = _decoded(video)
+    assert (len(frames), fps, size, seed) == (9, 24, (192, 128), 7) and sound[:3] == ("aac", 8000, 2)
+    assert "11 steps (8 at 96x64, 3 at 192x128)" in details
+    # the seed's frames, as the request made them: two MP4s of equal frames can differ here (x264's decisions on these
+    # noisy tiny frames changed between encodes in the server's process, seen while writing this test)
+    made = [app._image(PROMPT, 192, 128, 7, 11, 1.0, frames=9).frames for _ in range(2)]
+    assert made[0].shape == (9, 128, 192, 3) and np.array_equal(*made)
+    assert client.predict(**request, steps=11, api_name="/generate")[1] == 7
+    for bad, message in [(dict(steps=8), "Steps: the distilled recipe runs 8 steps, then 3 after upsampling, on fixed "
+                                         "sigma schedules; give 11 or leave steps out. Got 8."),
+                         (dict(guidance=3.0), "guidance-distilled and takes no guidance; use 1.0"),
+                         (dict(negative_prompt="blurry"), "takes no negative prompt")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(**request, **bad, api_name="/generate")
+    # a request asks ZeroGPU for 8 calls at stage 1's size and 3 at stage 2's, each as timed at startup
+    timings, preset = status["timings"], app.PRESETS["192x128x9"]
+    call = {name: timings[name]["call_s"] * MARGIN for name in ("96x64x9", "192x128x9")}
+    assert app.DURATIONS.task_seconds(preset, 11, 1, False, False) == pytest.approx(
+        max(FIXED_SECONDS, timings["192x128x9"]["fixed_s"] * MARGIN) + 8 * call["96x64x9"] + 3 * call["192x128x9"])

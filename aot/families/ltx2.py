@@ -21,13 +21,18 @@ What sets it apart for AoT compilation:
   LTX-2's Gemma), resizes it to the requested size and holds the first latent frame at it; that frame's tokens get
   timestep 0, so the video's timestep is one per token, (batch, tokens), where text to video's is one per video. The
   tokens are text to video's; the programs are their own, captured with the image.
+- The distilled recipe (RECIPE=distilled, `DISTILLED`), as diffusers' LTX-2 docs run a distilled checkpoint: 8 steps
+  at half the width and height, the x2 latent upsampler (`LTX2LatentUpsamplePipeline`), 3 steps at the size asked
+  for. Without guidance, so every step is one call of batch one: the programs of both stages' shapes are their own,
+  not the CFG batch of two's. Text to video only: image to video would hold the image in stage 2 too.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from aot.families.tokens import byte_vocabulary
-from aot.family import FIRST_FRAME_INPUT, Defaults, Family, Guidance, RealSize, Text, Video
+from aot.family import FIRST_FRAME_INPUT, Defaults, Family, Guidance, RealSize, Text, TwoStage, Video
 
 MAX_TEXT = 1024  # the pipeline's max_sequence_length: Gemma's embeddings are padded to it
 TINY_TEXT = 64  # the tiny tokenizer's model_max_length: fewer text tokens make a smaller transformer call
@@ -54,6 +59,109 @@ def call_args(width: int, height: int) -> dict:
 
 def audio_rate(pipe) -> int:
     return pipe.vocoder.config.output_sampling_rate
+
+
+def distilled_schedules() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """diffusers' DISTILLED_SIGMA_VALUES and STAGE_2_DISTILLED_SIGMA_VALUES: Lightricks' two stages' schedules."""
+    from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
+
+    return tuple(DISTILLED_SIGMA_VALUES), tuple(STAGE_2_DISTILLED_SIGMA_VALUES)
+
+
+# The distilled model is trained to run without guidance (Lightricks' distilled pipeline runs none). The pipeline's
+# CFG is on where the video's guidance or the sound's is above 1, and the sound's defaults to 7.0, so diffusers' own
+# example still runs CFG on the sound: both at 1.0 make each step one call of batch one. STG and modality guidance
+# stay off as in CALL_ARGS.
+DISTILLED_CALL_ARGS = dict(audio_guidance_scale=1.0)
+
+
+def distilled_defaults(pipe) -> Defaults:
+    first, second = DISTILLED.steps
+    return Defaults(steps=first + second, guidance=1.0, guidance_kind=Guidance.NONE,
+                    max_sequence_length=min(MAX_TEXT, pipe.tokenizer.model_max_length),
+                    fixed_steps=f"the distilled recipe runs {first} steps, then {second} after upsampling, on fixed "
+                                "sigma schedules")
+
+
+def _upsampling_pipeline(pipe, latent_upsampler):
+    from diffusers.pipelines.ltx2 import LTX2LatentUpsamplePipeline
+
+    return LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=latent_upsampler)
+
+
+def load_upsampler(pipe, source: str, revision: str | None):
+    """The latent upsampler in `source`'s `latent_upsampler` folder, in the VAE's dtype, over the pipeline's VAE;
+    refused unless it makes the VAE's latents twice as large in space alone (LTX-2.3 also has an x1.5 one)."""
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    upsampler = LTX2LatentUpsamplerModel.from_pretrained(source, subfolder=DISTILLED.upsampler_folder,
+                                                         revision=revision, dtype=pipe.vae.dtype)
+    config = upsampler.config
+    if config.in_channels != pipe.vae.config.latent_channels:
+        raise ValueError(f"it takes {config.in_channels} latent channels, the VAE makes "
+                         f"{pipe.vae.config.latent_channels}")
+    if not config.spatial_upsample or config.temporal_upsample or (
+            config.use_rational_resampler and config.rational_spatial_scale != DISTILLED.scale):
+        raise ValueError(f"it is not an x{DISTILLED.scale} spatial upsampler (spatial_upsample "
+                         f"{config.spatial_upsample}, temporal_upsample {config.temporal_upsample}, rational scale "
+                         f"{config.rational_spatial_scale if config.use_rational_resampler else 'none'})")
+    return _upsampling_pipeline(pipe, upsampler)
+
+
+def build_tiny_upsampler(pipe):
+    """An x2 latent upsampler over tiny-ltx2's 8 latent channels: 32 wide (its GroupNorms take 32 groups), one
+    residual block on each side of the upsampling, random weights."""
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+
+    upsampler = LTX2LatentUpsamplerModel(in_channels=pipe.vae.config.latent_channels, mid_channels=32,
+                                         num_blocks_per_stage=1)
+    return _upsampling_pipeline(pipe, upsampler.eval().to(pipe.vae.dtype))
+
+
+@contextlib.contextmanager
+def _one_progress_bar(pipe, total: int):
+    """One progress bar of `total` steps, made as the pipeline makes its own (its progress bar settings), with the
+    pipeline's own bars off inside: a page following tqdm sees one bar for both stages."""
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    with pipe.progress_bar(total=total) as bar:
+        pipe.set_progress_bar_config(**{**saved, "disable": True})
+        try:
+            yield bar
+        finally:
+            pipe.set_progress_bar_config(**saved)
+
+
+def _counted(bar, callback, before: int):
+    """A step callback for one stage that moves the bar, and calls the request's `callback` (if any) with the step's
+    number among both stages' (`before` steps came first), as one call of the pipeline would."""
+    def on_step(pipe, step: int, timestep, tensors: dict) -> dict:
+        bar.update()
+        return callback(pipe, before + step, timestep, tensors) if callback else {}
+
+    return on_step
+
+
+def run_distilled(model, prompt: str, preset, generator=None, callback_on_step_end=None, **kwargs):
+    """A request under the distilled recipe: the prompt encoded once for both stages; stage 1 at half the size to
+    latents (the video's and the sound's); the video's upsampled x2 (eager: a conv net, a small share of a step);
+    stage 2 at `preset` from them, re-noised to its schedule's first sigma, the sound's carried on. One seeded
+    generator draws both stages' noise, so a seed makes one video. `kwargs` reach stage 2, whose result is the
+    request's."""
+    import torch
+
+    (first, steps_1), (second, steps_2) = model.stages(preset)
+    sigmas_1, sigmas_2 = model.recipe.schedules()
+    with torch.no_grad():  # as the pipeline encodes: no graph kept of Gemma's activations
+        embeds, mask, _, _ = model.pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                      max_sequence_length=model.defaults.max_sequence_length)
+    text = dict(prompt_embeds=embeds, prompt_attention_mask=mask)
+    with _one_progress_bar(model.pipe, steps_1 + steps_2) as bar:
+        video, audio = model.stage(None, first, steps_1, generator=generator, sigmas=list(sigmas_1),
+                                   output_type="latent", return_dict=False,
+                                   callback_on_step_end=_counted(bar, callback_on_step_end, 0), **text)
+        return model.stage(None, second, steps_2, generator=generator, latents=model.upsample(video),
+                           audio_latents=audio, noise_scale=sigmas_2[0], sigmas=list(sigmas_2),
+                           callback_on_step_end=_counted(bar, callback_on_step_end, steps_1), **text, **kwargs)
 
 
 def build_tiny():
@@ -130,6 +238,22 @@ REAL_SIZE = RealSize(
     # 160, 4x in time); the vocoder turns its 64 mel bins a channel into 24 kHz sound (240x)
     components=dict(connectors=SPLIT_ROPE, audio_vae={}, vocoder={}),
     text_tokens=MAX_TEXT,
+    # the class defaults: 128 latent channels, 1024 wide, 4 residual blocks before and after its x2 spatial upsampling
+    # (diffusers' sizes for LTX-2's upsampler; the released latent_upsampler/config.json not read here)
+    upsampler={},
+)
+
+DISTILLED = TwoStage(
+    schedules=distilled_schedules,
+    # the outputs: the docs' stage 1 is the family's 768x512, at 121 frames, so the videos are 1536x1024 and standing
+    presets="landscape=1536x1024x121,portrait=1024x1536x121",
+    # stage 1 at 96x64 and 64x96: the decoder's 2 latent pixels a side (stage 1 is decoded where the start-up times it)
+    tiny_presets="landscape=192x128x9,portrait=128x192x9",
+    defaults=distilled_defaults,
+    call_args=DISTILLED_CALL_ARGS,
+    load_upsampler=load_upsampler,
+    build_tiny_upsampler=build_tiny_upsampler,
+    run=run_distilled,
 )
 
 LTX2 = Family(
@@ -155,6 +279,7 @@ LTX2 = Family(
     call_args=call_args,
     # 8k+1 frames: the VAE folds 8 frames into one latent frame after the first
     video=Video(fps=24, max_frames=121, frame_step=8, audio_rate=audio_rate),
+    distilled=DISTILLED,
     real_size=REAL_SIZE,
 )
 
@@ -171,5 +296,6 @@ LTX2_I2V = dataclasses.replace(
     name="ltx2-i2v",
     pipelines=("LTX2ImageToVideoPipeline",),
     build_tiny=build_tiny_i2v,
+    distilled=None,  # the module docstring says why
     **FIRST_FRAME_INPUT,
 )
