@@ -52,7 +52,8 @@ from aot.model import Model, experts, load_model
 from aot.probes import AttentionShape, run_probes
 from aot.programs import (CAPTURE_PROMPT, UnsupportedShape, compile_program, install_programs_, own_tensors_,
                           release_export_memory, restore_eager_, trust_host_isa_)
-from aot.quantize import Stored, dequantize_, quantize_, stored_decision, stored_quantization
+from aot.quantize import (ACTIVATION_SCALE_FLOOR, Stored, dequantize_, floor_activation_scales_, quantize_,
+                          stored_decision, stored_quantization)
 from aot.report import Decision, Report
 from aot.zerogpu import MAX_TASK_SECONDS, PROBE_TASK_SECONDS, STARTUP_TASK_SECONDS, Timing, gpu_task
 from settings import Preset, Settings
@@ -85,6 +86,9 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
                     family=model.family.name, hardware=hardware)
     report.decide("recipe", Decision(settings.recipe, model.recipe_summary()))
     stored = stored_quantization(model.pipe.transformer)  # a pre-quantized checkpoint: served as stored
+    if stored and stored.mode == "fp8" and (floored := floor_activation_scales_(model.pipe.transformer)):
+        report.note("quantization", f"the stored fp8 layers' activation scales floored at {ACTIVATION_SCALE_FLOOR} "
+                                    f"({floored} layers), so that a row of zeros stays zero rather than NaN")
     lora.fuse_(model, settings, report, stored)  # 0
     compiled = _choose(model, settings, hardware, report, stored, eager=ranks is not None)  # 1
     granularity = _probe(model, settings, hardware, report)  # 2

@@ -53,7 +53,7 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
         "fp8_scales": report.fp8_granularity or None,
         # the floor is baked into each program's activation scaling: programs made before it (which give NaN on zero
         # rows, aot/quantize.py) are not these. Absent without fp8, so that no other program's key changes
-        **({"fp8_activation_floor": ACTIVATION_SCALE_FLOOR} if report.fp8_granularity else {}),
+        **({"fp8_activation_floor": ACTIVATION_SCALE_FLOOR} if report.quantization.startswith("fp8") else {}),
         "attention": report.attention,
         "scope": scope,
         "dynamic_shapes": dynamic,

@@ -3,6 +3,7 @@ layers (plain tensors, so export, streaming and CPU all work); and a transformer
 quantized already (torchao-serialized), served as stored."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,19 @@ def fp8_config(granularity: str = "row"):
     return Float8DynamicActivationFloat8WeightConfig(granularity={"row": PerRow, "tensor": PerTensor}[granularity](),
                                                      activation_value_lb=ACTIVATION_SCALE_FLOOR,
                                                      set_inductor_config=False)
+
+
+def floor_activation_scales_(transformer: torch.nn.Module) -> int:
+    """`ACTIVATION_SCALE_FLOOR` in the activation scaling of a checkpoint stored in fp8 by torchao, wherever it was
+    saved without one: its layers quantize each request's activations with the settings they were saved with, so a
+    stored Wan would meet the same NaN as one quantized here without the floor. Returns how many layers changed."""
+    changed = 0
+    for module in transformer.modules():
+        kwargs = getattr(getattr(module, "weight", None), "act_quant_kwargs", None)
+        if kwargs is not None and hasattr(kwargs, "hp_value_lb") and kwargs.hp_value_lb is None:
+            module.weight.act_quant_kwargs = dataclasses.replace(kwargs, hp_value_lb=ACTIVATION_SCALE_FLOOR)
+            changed += 1
+    return changed
 
 
 def quantize_(transformer: torch.nn.Module, mode: str, work_device: str | None = None,

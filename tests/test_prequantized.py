@@ -29,7 +29,7 @@ from aot.families import family_named
 from conftest import cpu
 from aot.memory import measure_footprint
 from aot.model import build_tiny, load_model
-from aot.quantize import fp8_config, quantize_
+from aot.quantize import ACTIVATION_SCALE_FLOOR, fp8_config, quantize_
 from aot.report import Report
 from aot.streaming import tensor_parts
 from conftest import Compiled, eager_outputs, rel_err, settings_for, transformer_inputs
@@ -198,6 +198,21 @@ def test_a_restart_loads_its_programs_from_the_cache(int8_checkpoint, served):
     assert again.report.compile_source == "loaded from cache"
     assert again.report.cache_keys == served.report.cache_keys
     assert rel_err(again.run()["32x32"], again.eager["32x32"]) < TOLERANCE
+
+
+def test_a_stored_fp8_checkpoint_gets_the_activation_floor_and_a_zero_input_stays_zero(fp8_served):
+    """The checkpoint was saved without a floor (`_fp8`), as torchao's config makes it: served, each layer scales its
+    activations with the floor, so an input of zeros (per tensor here: one scale for the whole input) gives the bias,
+    where 0/0 made it NaN."""
+    layers = [m for m in fp8_served.pipe.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.act_quant_kwargs.hp_value_lb == ACTIVATION_SCALE_FLOOR for m in layers)
+    note = (f"quantization: the stored fp8 layers' activation scales floored at {ACTIVATION_SCALE_FLOOR} "
+            f"({len(layers)} layers), so that a row of zeros stays zero rather than NaN")
+    assert note in fp8_served.report.notes
+    layer = next(m for m in layers if m.bias is not None)
+    with torch.inference_mode():
+        out = layer(torch.zeros(2, layer.in_features, dtype=torch.bfloat16))
+    assert torch.equal(out, layer.bias.expand_as(out))
 
 
 def test_the_cache_key_tells_it_from_the_same_model_quantized_at_startup(fp8_served, monkeypatch):
