@@ -192,9 +192,11 @@ WAN_5B = dataclasses.replace(
     guidance_2_arg=None,  # one transformer
     step_cost=0.45,  # per token, 5.0B parameters against FLUX.1-dev's 11.9B: from the configs, not measured
     video=Video(fps=24, max_frames=121),  # 5 s at 24 fps: the released model's clip
-    # Its call at 1280x704x121 (27,280 tokens): 5.07 GiB, counted as A14B's; its timestep per token gives each block a
-    # (tokens, 6, width) float32 modulation, 1.9 GiB of it
-    activation_bytes_per_token=195 * 1024,
+    # Measured on the H100 (RESULTS.md run 25, eager bf16 at 1280x704x121, 27,280 tokens): 10.6 GiB above the weights
+    # while serving, its VAE's decode of 121 frames at 720p included: 300 KiB a token beside `DECODE_BYTES`' 3 GiB.
+    # The call alone counts 5.07 GiB on the meta device (its timestep per token gives each block a (tokens, 6, width)
+    # float32 modulation, 1.9 GiB of it): the 16x VAE's decode holds more than FLUX's 3 GiB
+    activation_bytes_per_token=300 * 1024,
     real_size=REAL_SIZE_5B,
 )
 
