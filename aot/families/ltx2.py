@@ -273,6 +273,11 @@ LTX2 = Family(
     # per token, by parameters: 18.9B against FLUX.1-dev's 11.9B (the audio stream's few tokens ride along); from the
     # configs, not measured. Left at 1.0 it would under-ask ZeroGPU, which ends a task at its duration
     step_cost=1.6,
+    # Activations: FLUX's measured image figure per token (3 GiB at 4096 tokens, its VAE's decode included). The call
+    # alone counts 147 KiB a token at batch one on the meta device (torch's MemTracker, real sizes, 6,144 and 24,576
+    # tokens alike), twice that in CFG's batch of two: 1.7 GiB at 768x512x121, under the image figure's 4.5; but the
+    # VAE's decode at these sizes is unmeasured, and TI2V-5B's measured decode held more than FLUX's 3 GiB (RESULTS.md
+    # run 25), so the higher figure stays
     cfg_batched=True,  # pipeline_ltx2.py concatenates the latents and the prompts in two: one call a step
     # its do_classifier_free_guidance: the video's guidance above 1 or the audio's, which CALL_ARGS keeps at 7.0
     cfg_always=f"the sound track's guidance stays at {AUDIO_GUIDANCE}",
