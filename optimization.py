@@ -30,6 +30,7 @@ Programs are cached under a key of everything that makes them valid: a restart w
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -100,7 +101,7 @@ def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks |
     else:  # 5
         if ranks:
             ranks.enable_(model, report)
-        _eager_fp8(model, report, plan.low_vram, stored)
+        _eager_fp8(model, report, plan, stored)
         _time_eager(model, report, hardware)
     step_cache.enable_(model.pipe.transformer, report)  # 6
     lora.serve_choices_(model, report)  # 7
@@ -234,7 +235,13 @@ def _compile_or_serve_eager(model: Model, settings: Settings, report: Report, pl
             report.fallback("compile", f"AoT compilation failed, serving eager ({reason})")
             report.compile, report.compile_source = "none", ""
             report.cuda_graphs, report.cuda_graphs_reason = "off", "compilation failed"
-            _eager_fp8(model, report, plan.low_vram, stored)
+            # the failed programs' instances may still hold the fp8 weights: collected before they are undone (run
+            # 25: the undo on an 80 GB H100 ran out of memory with 70 GiB allocated; that this was why is not measured)
+            del err
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _eager_fp8(model, report, plan, stored)
             _time_eager(model, report, hardware)
             return
     report.compile_seconds = round(time.perf_counter() - start, 1)
@@ -268,12 +275,12 @@ def _use_sdpa(pipe, report: Report, reason: str) -> None:
     report.attention = SDPA
 
 
-def _eager_fp8(model: Model, report: Report, low_vram: bool, stored: Stored | None) -> None:
+def _eager_fp8(model: Model, report: Report, plan: MemoryPlan, stored: Stored | None) -> None:
     """fp8 weights that no program runs: unfused eager fp8 is about 3x slower than bf16 (RESULTS.md), so they are
-    undone where there are bf16 weights to go back to and room for them, else kept and said so."""
+    undone where there are bf16 weights to go back to and room for them (`plan`), else kept and said so."""
     if (stored.mode if stored else report.quantization) != "fp8":
         return
-    if stored or low_vram:
+    if stored or plan.low_vram or not plan.bf16_fits:
         why = "the checkpoint stores no bf16 weights" if stored else "bf16 weights would not fit"
         report.fallback("quantization", f"fp8 kept without compilation (about 3x slower than bf16): {why}")
     else:

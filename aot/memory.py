@@ -97,6 +97,9 @@ class MemoryPlan:
     reason: str = ""
     packed_gib: float | None = None  # ZeroGPU: the GiB spaces packs at startup, against its xlarge threshold
     fits: bool = True
+    # Whether the transformer as loaded (bf16) would fit as well: where it would not (Wan A14B's two experts on half a
+    # card), fp8 weights that no program runs are kept, not undone (optimization.py `_eager_fp8`)
+    bf16_fits: bool = True
 
     @property
     def stream(self) -> bool:
@@ -179,7 +182,7 @@ def choose_resident_plan(decided: str, auto: bool, footprint: Footprint, budget:
         why = f"does not fit {gib(budget)} GiB{limit}, even with the transformer in {mode}"
     need = footprint.resident(mode) + footprint.activations + SLACK_BYTES
     return MemoryPlan(False, mode, len(footprint.block_groups), 0, gib(budget), gib(need), STEP_ERROR[mode], why,
-                      gib(footprint.resident(mode)), bool(fitting))
+                      gib(footprint.resident(mode)), bool(fitting), bf16_fits=fits("none"))
 
 
 def _stored_bytes(tensor: torch.Tensor) -> int:

@@ -573,6 +573,28 @@ def test_flux2_dev_fits_xlarge_only(rtx):
     assert size.value == "xlarge" and size.fell_back
 
 
+def test_fp8_that_no_program_runs_is_undone_only_where_bf16_fits(rtx):
+    """Compilation failed, so fp8 would run unfused (about 3x slower than bf16): it is undone, unless the plan says bf16
+    would not fit. Wan A14B's two experts fit half the card in fp8 only: undoing it there ran out of memory on the H100
+    (RESULTS.md run 25, 80 GB; half the RTX Pro 6000 has 47.5 GiB)."""
+    import optimization
+    from aot.model import load_model
+    from settings import Settings
+
+    model = load_model(Settings.from_env({"MODEL_ID": "tiny-flux"}, has_cuda=False))
+    wan = footprint(57 * GB, 11 * GB)  # Wan 2.2 A14B: both experts' 53 GiB in bf16, UMT5's 11 GB
+    for fp, kept in ((wan, True), (footprint(23.8 * GB, 9.65 * GB), False)):  # FLUX.1-dev fits in bf16
+        plan = large_plan(rtx, fp, "fp8")
+        assert plan.fits and plan.quantization == "fp8" and plan.bf16_fits is not kept
+        report = Report(device="cpu", dtype="bfloat16")
+        report.quantization, report.fp8_granularity = "fp8", "row"
+        optimization._eager_fp8(model, report, plan, None)
+        assert report.fallbacks == [
+            "quantization: fp8 kept without compilation (about 3x slower than bf16): bf16 weights would not fit"
+            if kept else "quantization: fp8 undone: without compilation it is slower than bf16"]
+        assert report.quantization == ("fp8" if kept else "none")
+
+
 # The probe and the durations through the product's own path, on this CPU: its `_scaled_mm` refuses per-row fp8 scales
 # and takes per-tensor ones, which is what cuBLAS did on an sm_120 card (pytorch/pytorch#192707).
 
