@@ -77,6 +77,7 @@ class TwoStage:
     # The chain, (model, prompt, output preset, generator, **pipeline arguments) -> stage 2's pipeline result
     run: Callable[..., object]
     upsampler_folder: str = "latent_upsampler"
+    upsampler_repo: str = ""  # a repository whose `upsampler_folder` holds one, named where none is found
     scale: int = 2
 
     @property

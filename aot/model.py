@@ -364,8 +364,8 @@ def load_upsampler(settings: Settings, recipe: TwoStage, pipe):
         raise SystemExit(
             f"RECIPE={settings.recipe} needs a latent upsampler in the `{recipe.upsampler_folder}` folder of "
             f"{'UPSAMPLER_ID' if settings.upsampler_id else 'MODEL_ID'}={source!r}, and none that fits could be "
-            f"loaded: {type(err).__name__}: {_first_line(err)}\nSet UPSAMPLER_ID to a repo or folder that holds one "
-            "(e.g. Lightricks/LTX-2), or RECIPE=standard."
+            f"loaded: {type(err).__name__}: {_first_line(err)}\nSet UPSAMPLER_ID to a repo or folder that holds one"
+            f"{f' (e.g. {recipe.upsampler_repo})' if recipe.upsampler_repo else ''}, or RECIPE=standard."
         ) from None
 
 

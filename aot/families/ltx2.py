@@ -254,6 +254,7 @@ DISTILLED = TwoStage(
     load_upsampler=load_upsampler,
     build_tiny_upsampler=build_tiny_upsampler,
     run=run_distilled,
+    upsampler_repo="Lightricks/LTX-2",  # diffusers' LTX-2 docs load the upsampler from there
 )
 
 LTX2 = Family(
