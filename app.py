@@ -188,7 +188,15 @@ def _inputs() -> dict:
     return {"text": True, "images": FAMILY.max_images, "image_args": IMAGE_ARGS,
             "image_required": FAMILY.min_images > 0, "formats": list(images.FORMATS),
             "max_pixels": images.MAX_PIXELS, "min_side": MIN_IMAGE_SIDE, "max_aspect": images.MAX_ASPECT,
-            "alpha_background": list(images.BACKGROUND), "resized_to": FAMILY.resized_to}
+            "alpha_background": list(images.BACKGROUND), "resized_to": _resized_to()}
+
+
+def _resized_to() -> str:
+    """Where an input image is resized to, in words: a first frame under a two-stage recipe to its first stage's size,
+    the one stage whose pipeline reads it."""
+    if MODEL.recipe and FAMILY.first_frame:
+        return f"stage 1's size, 1/{MODEL.recipe.scale} of each side of {FAMILY.resized_to}"
+    return FAMILY.resized_to
 
 
 def status() -> dict:
@@ -339,8 +347,9 @@ def _input_images(given: dict, output, notes: list[str]) -> tuple:
             checked[name] = images.load(value["path"], MIN_IMAGE_SIDE)
         except images.BadImage as err:
             raise user_error(f"{name}: {err}" if FAMILY.max_images > 1 else str(err)) from None
+    read_at = MODEL.stages(output)[0][0]  # a first frame's size: the first stage's, the one whose pipeline reads it
     for name, one in checked.items():
-        preset = MODEL.input_preset(*one.image.size, output)
+        preset = MODEL.input_preset(*one.image.size, read_at)
         label = name.replace("image", "input") if FAMILY.max_images > 1 else "input"
         notes += [*one.notes, f"{label} {one.image.width}x{one.image.height} resized to {preset.size}"]
     return tuple(one.image for one in checked.values())

@@ -553,7 +553,9 @@ def _upsample_seconds(model: Model, preset: Preset) -> float:
     """The latent upsampler's time in a two-stage request for `preset`, on its first stage's latents."""
     first, _ = model.stages(preset)[0]
     with torch.inference_mode():
-        latents = model.outputs(model.stage(CAPTURE_PROMPT, first, steps=1, output_type="latent"))
+        # with the inputs the family needs: an image-to-video stage 1 draws nothing without its first frame
+        latents = model.outputs(model.stage(CAPTURE_PROMPT, first, steps=1, output_type="latent",
+                                            images=model.needed_images()))
         return _seconds(lambda: model.upsample(latents))
 
 

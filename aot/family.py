@@ -74,7 +74,8 @@ class TwoStage:
     # `upsampler_folder`; it refuses an upsampler that does not fit (ValueError)
     load_upsampler: Callable[[object, str, str | None], object]
     build_tiny_upsampler: Callable[[object], object]  # the tiny pipeline's, from it: offline, random weights
-    # The chain, (model, prompt, output preset, generator, **pipeline arguments) -> stage 2's pipeline result
+    # The chain, (model, prompt, output preset, generator, images=input images, **pipeline arguments) -> stage 2's
+    # pipeline result
     run: Callable[..., object]
     upsampler_folder: str = "latent_upsampler"
     upsampler_repo: str = ""  # a repository whose `upsampler_folder` holds one, named where none is found

@@ -45,14 +45,19 @@ class Model:
                  negative_prompt: str | None = None, generator: torch.Generator | None = None,
                  images: tuple = (), **kwargs):
         """A request: one pipeline call at `preset` (`stage`), or under a two-stage recipe its chain (the family's
-        `TwoStage.run`), which takes its fixed steps and no guidance. Its result's `images` or `frames`: `outputs`."""
+        `TwoStage.run`), which takes its fixed steps, no guidance, and the input images the family takes (an
+        image-to-video family's first frame). Its result's `images` or `frames`: `outputs`."""
         if not self.recipe:
             return self.stage(prompt, preset, steps, guidance, negative_prompt, generator, images, **kwargs)
-        if steps != self.defaults.steps or guidance not in (None, self.defaults.guidance) or negative_prompt or images:
-            raise ValueError(f"RECIPE=distilled takes {self.defaults.steps} steps, no guidance, negative prompt or "
-                             f"input image; got {steps} steps, guidance {guidance}, negative prompt "
-                             f"{negative_prompt!r}, {len(images)} images")
-        return self.recipe.run(self, prompt, preset, generator, **kwargs)
+        if steps != self.defaults.steps or guidance not in (None, self.defaults.guidance) or negative_prompt:
+            raise ValueError(f"RECIPE=distilled takes {self.defaults.steps} steps, no guidance or negative prompt; got "
+                             f"{steps} steps, guidance {guidance}, negative prompt {negative_prompt!r}")
+        from aot.images import check_count
+
+        # the page checks the count first: a direct call gets the same refusal, not an error from inside a stage
+        check_count(len(images), self.family.max_images, self.family.name, self.family.min_images,
+                    video=bool(self.family.video))
+        return self.recipe.run(self, prompt, preset, generator, images=images, **kwargs)
 
     def stage(self, prompt: str | None, preset: Preset, steps: int, guidance: float | None = None,
               negative_prompt: str | None = None, generator: torch.Generator | None = None,

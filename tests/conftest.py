@@ -304,6 +304,7 @@ SLOW = {
     "test_video.py": {"wan", "wan_app", "wan_i2v", "wan_i2v_app",
                       "test_wan_5b_compiled_matches_eager_at_every_preset_and_in_a_run"},
     "test_ltx2.py": {"ltx2", "ltx2_app", "ltx2_i2v", "ltx2_i2v_app", "ltx2_distilled", "ltx2_distilled_app",
+                     "ltx2_distilled_i2v", "ltx2_distilled_i2v_app",
                      "test_the_pipeline_makes_one_call_of_batch_two_a_step_at_guidance_1_and_3",
                      "test_a_fused_lora_changes_both_streams_as_diffusers_loading_it_does"},
 }

@@ -191,6 +191,13 @@ def test_app_serves_a_video_with_its_sound_refuses_bad_input_and_serves_the_next
 
 
 # --- LTX-2 image to video (MODEL_ID=tiny-ltx2-i2v): the first latent frame held at the image, a timestep per token --
+def first_frame():
+    """An input image of another aspect ratio than any preset's: the pipeline stretches it to the call's size."""
+    from PIL import Image
+
+    return Image.new("RGB", (96, 160), (200, 30, 30))
+
+
 class LTX2I2VCompiled(LTX2Compiled):
     """tiny-ltx2-i2v after `optimize_pipeline_` at one preset, a whole run from an image recorded eagerly before."""
 
@@ -201,12 +208,10 @@ class LTX2I2VCompiled(LTX2Compiled):
         assert self.model.family is LTX2_I2V
 
     def latents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
         generator = torch.Generator().manual_seed(5)
         with torch.inference_mode():
             result = self.model(PROMPT, self.model.presets[0], steps=2, generator=generator, output_type="latent",
-                                images=(Image.new("RGB", (96, 160), (200, 30, 30)),))
+                                images=(first_frame(),))
         return result.frames, result.audio
 
 
@@ -293,8 +298,8 @@ STAGES = ("96x64x9, 64x96x9", "192x128x9, 128x192x9")  # each program's sizes: t
 class LTX2DistilledCompiled(LTX2Compiled):
     """tiny-ltx2 under RECIPE=distilled after `optimize_pipeline_`, a request's latents recorded eagerly before."""
 
-    def __init__(self):
-        super().__init__(recipe="distilled")
+    def __init__(self, **overrides):
+        super().__init__(recipe="distilled", **overrides)
 
     def check_model(self) -> None:
         assert self.model.recipe is LTX2.distilled and self.model.upsampler is not None
@@ -398,6 +403,8 @@ def test_a_distilled_request_is_one_bar_of_11_steps_one_call_of_batch_one_each_a
     assert np.array_equal(request(7), video) and not np.array_equal(request(8), video)
     with pytest.raises(ValueError, match="RECIPE=distilled takes 11 steps, no guidance"):
         distilled(PROMPT, distilled.presets[0], 8)
+    with pytest.raises(ValueError, match="This ltx2 model takes no input image; got 1"):  # text to video only
+        distilled(PROMPT, distilled.presets[0], 11, images=(first_frame(),))
 
 
 def test_distilled_durations_count_each_stage_at_its_tokens_without_cfg(distilled):
@@ -452,9 +459,8 @@ def test_distilled_settings_that_conflict_stop_startup(env, message):
 
 
 @pytest.mark.parametrize("env, message", [
-    (dict(model_id="tiny"), "RECIPE=distilled: the flux family has no distilled recipe .families with one: ltx2.; "
-                            "set RECIPE=standard"),
-    (dict(model_id="tiny-ltx2-i2v"), "the ltx2-i2v family has no distilled recipe"),
+    (dict(model_id="tiny"), "RECIPE=distilled: the flux family has no distilled recipe .families with one: ltx2, "
+                            "ltx2-i2v.; set RECIPE=standard"),
     (dict(model_id="tiny-ltx2", presets="a=96x64x9"), r"multiples of 64 \(RECIPE=distilled: a preset is the output, "
                                                       r"and stage 1 runs at 1/2 of each side, in multiples of 32\)"),
 ])
@@ -530,4 +536,187 @@ def test_app_serves_the_distilled_recipe_at_its_fixed_steps_and_asks_for_both_st
     timings, preset = status["timings"], app.PRESETS["192x128x9"]
     call = {name: timings[name]["call_s"] * MARGIN for name in ("96x64x9", "192x128x9")}
     assert app.DURATIONS.task_seconds(preset, 11, 1, False, False) == pytest.approx(
+        max(FIXED_SECONDS, timings["192x128x9"]["fixed_s"] * MARGIN) + 8 * call["96x64x9"] + 3 * call["192x128x9"])
+
+
+# --- RECIPE=distilled for image to video (MODEL_ID=tiny-ltx2-i2v): the image in stage 1, its frame held in stage 2 --
+I2V_OUTPUT = "landscape=192x128x9"  # one output: its two stages' programs, at 12 and 48 tokens
+
+
+@pytest.fixture(scope="module")
+def distilled_i2v() -> Model:
+    """tiny-ltx2-i2v under RECIPE=distilled at one output, eager, not optimized."""
+    return tiny_model(model_id="tiny-ltx2-i2v", recipe="distilled", presets=I2V_OUTPUT)
+
+
+def test_distilled_i2v_holds_the_image_in_stage_1_and_its_upsampled_frame_in_stage_2(distilled_i2v, monkeypatch):
+    """The chain against LTX2ImageToVideoPipeline itself: stage 1 encodes the image as the first latent frame; stage 2,
+    given the upsampled latents, re-noises every frame but that one and never steps it; the sound is carried on."""
+    import inspect
+
+    model, pipe = distilled_i2v, distilled_i2v.pipe
+    sigma_2 = model.recipe.schedules()[1][0]
+    calls, upsampled, video_in, audio_in = [], [], [], []
+
+    def upsample(latents):
+        upsampled.append((latents.clone(), real_upsample(latents)))
+        return upsampled[-1][1]
+
+    def spy(real, into):
+        """`real` as it was, each call's `latents` and `noise_scale` added to `into`."""
+        signature = inspect.signature(real)
+
+        def prepare(*args, **kwargs):
+            given = signature.bind(*args, **kwargs).arguments
+            into.append((given["latents"], given["noise_scale"]))
+            return real(*args, **kwargs)
+        return prepare
+
+    real_upsample = model.upsample
+    monkeypatch.setattr(model, "upsample", upsample)
+    monkeypatch.setattr(pipe, "prepare_latents", spy(pipe.prepare_latents, video_in))
+    monkeypatch.setattr(pipe, "prepare_audio_latents", spy(pipe.prepare_audio_latents, audio_in))
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["timestep"].clone()), with_kwargs=True)
+
+    def request(seed: int, **kwargs):
+        with torch.inference_mode():
+            return model(PROMPT, model.presets[0], 11, generator=torch.Generator().manual_seed(seed),
+                         images=(first_frame(),), **kwargs)
+    try:
+        latents = request(7, output_type="latent").frames
+    finally:
+        hook.remove()
+    # batch one, a timestep per video token: the first latent frame's (6 tokens at 96x64, 24 at 192x128) at 0
+    assert [tuple(t.shape) for t in calls] == [(1, 12)] * 8 + [(1, 48)] * 3
+    for t in calls:
+        frame = t.shape[1] // 2
+        assert (t[:, :frame] == 0).all() and (t[:, frame:] > 0).all()
+    # stage 1 drew from noise and the image; stage 2 took the upsampled latents and stage 1's sound, re-noised to its
+    # schedule's first sigma
+    (stage_1, upsampled_latents), = upsampled
+    assert [(given is None, scale) for given, scale in video_in] == [(True, 0.0), (False, sigma_2)]
+    assert video_in[1][0] is upsampled_latents and (stage_1.shape[-2:], upsampled_latents.shape[-2:]) == ((2, 3),
+                                                                                                           (4, 6))
+    assert audio_in[0][0] is None and audio_in[1][0].ndim == 4 and audio_in[1][1] == sigma_2
+    # stage 2 kept the upsampled first frame as it was and refined the rest
+    assert torch.allclose(latents[:, :, 0], upsampled_latents[:, :, 0], atol=1e-6)
+    assert rel_err(latents[:, :, 1:], upsampled_latents[:, :, 1:]) > 0.1
+    # another seed: stage 1's first frame is still the image's, the rest is another video
+    upsampled.clear()
+    request(8, output_type="latent")
+    (other, _), = upsampled
+    assert torch.equal(other[:, :, 0], stage_1[:, :, 0]) and not torch.equal(other[:, :, 1:], stage_1[:, :, 1:])
+    video = request(7).frames
+    assert video.shape == (1, 9, 128, 192, 3) and np.array_equal(request(7).frames, video)
+    for images, message in [((), r"This ltx2-i2v model makes its video from an image: give at least 1 input image "
+                                 r"\(up to 1\); got 0"),
+                            ((first_frame(),) * 2, "This ltx2-i2v model takes at most 1 input image; got 2")]:
+        with pytest.raises(ValueError, match=message):
+            model(PROMPT, model.presets[0], 11, images=images)
+
+
+def test_distilled_i2v_durations_and_memory_plan_count_both_stages_and_no_input_tokens(distilled_i2v):
+    from aot.memory import measure_footprint
+    from aot.zerogpu import H100_CALL_SECONDS, step_work
+
+    model = distilled_i2v
+    (first, steps_1), (second, steps_2) = model.stages(model.presets[0])
+    assert (first.size, steps_1, second.size, steps_2) == ("96x64", 8, "192x128", 3)
+    # a first frame adds no tokens to either stage's calls: the durations count the stages' own
+    given = model.input_tokens([first_frame().size])
+    assert given == model.input_tokens(image.size for image in model.needed_images()) == 0
+    estimated = Durations({}, True, LTX2_I2V.step_cost, 1.0, 0.0, tokens=LTX2_I2V.tokens, stages=model.stages,
+                          fixed_steps=True)
+    assert estimated.task_seconds(second, 11, 1, False, False, input_tokens=given) == pytest.approx(
+        FIXED_SECONDS + H100_CALL_SECONDS[True] * LTX2_I2V.step_cost * (8 * step_work(12) + 3 * step_work(48)))
+    # the plan: stage 2's tokens, the upsampler beside the pipeline
+    assert model.max_image_tokens == LTX2_I2V.tokens(second) == 4 * LTX2_I2V.tokens(first) == 48
+    (upsampler,) = model.extra_modules
+    plain, planned = (measure_footprint(model.pipe, model.max_image_tokens, extra=extra)
+                      for extra in ((), model.extra_modules))
+    assert planned.image_tokens == 48 and planned.other - plain.other == sum(
+        t.numel() * t.element_size() for t in [*upsampler.parameters(), *upsampler.buffers()])
+
+
+class LTX2DistilledI2VCompiled(LTX2DistilledCompiled):
+    """tiny-ltx2-i2v under RECIPE=distilled at one output after `optimize_pipeline_`, a request from an image recorded
+    eagerly before."""
+
+    def __init__(self):
+        super().__init__(model_id="tiny-ltx2-i2v", presets=I2V_OUTPUT)
+
+    def check_model(self) -> None:
+        assert self.model.family is LTX2_I2V and self.model.recipe is LTX2_I2V.distilled
+
+    def latents(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().latents(images=(first_frame(),), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ltx2_distilled_i2v() -> LTX2DistilledI2VCompiled:
+    return LTX2DistilledI2VCompiled()
+
+
+def test_distilled_i2v_compiles_both_stages_with_a_timestep_per_token_and_matches_eager(ltx2_distilled_i2v,
+                                                                                        monkeypatch):
+    report, model = ltx2_distilled_i2v.report, ltx2_distilled_i2v.model
+    assert report.compile == "aoti" and report.fallbacks == [], report.fallbacks
+    # captured with the image, at batch one: a timestep per token, as the chain's stage 2 calls it too
+    assert ltx2_distilled_i2v.inputs["192x128x9"][1]["timestep"].shape == (1, 48)
+    assert report.programs == [{"image_tokens": 12, "resolutions": ["96x64x9"]},
+                               {"image_tokens": 48, "resolutions": ["192x128x9"]}]
+    assert set(report.timings) == {"96x64x9", "192x128x9"}  # start-up timed both, the upsampler with stage 1's image
+    served = _served_by(monkeypatch)
+    for stream, out, eager in zip(("video", "audio"), ltx2_distilled_i2v.latents(), ltx2_distilled_i2v.eager_latents,
+                                  strict=True):
+        assert torch.isfinite(out).all() and rel_err(out, eager) <= TOLERANCE, stream
+    assert served == {"96x64x9", "192x128x9"}  # the installed programs served both stages' calls
+    with pytest.raises(ValueError, match="makes its video from an image"):
+        model(PROMPT, model.presets[0], 11)
+
+
+@pytest.fixture(scope="module")
+def ltx2_distilled_i2v_app(ltx2_distilled_i2v):
+    yield from served_app("ltx2-distilled-i2v", {"MODEL_ID": "tiny-ltx2-i2v", "RECIPE": "distilled",
+                                                 "PRESETS": I2V_OUTPUT,
+                                                 "AOT_CACHE_DIR": ltx2_distilled_i2v.settings.cache_dir})
+
+
+def test_app_serves_distilled_i2v_from_an_image_at_its_fixed_steps_and_refuses_a_request_without_one(
+        ltx2_distilled_i2v_app, tmp_path):
+    import gradio as gr
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    app, client = ltx2_distilled_i2v_app
+    status = client.predict(api_name="/status")
+    assert status["compile_source"] == "loaded from cache" and status["fallbacks"] == []
+    assert status["recipe"] == "distilled" and status["defaults"]["steps"] == 11
+    assert status["inputs"]["image_required"] and status["inputs"]["resized_to"].startswith(
+        "stage 1's size, 1/2 of each side of the requested resolution")
+    # the page: the image input, and the Steps slider at 11, locked
+    page = list(app.demo.blocks.values())
+    assert [b.label for b in page if isinstance(b, gr.Image) and b.elem_id == "input-image"] == ["Input image"]
+    (steps,) = [b for b in page if isinstance(b, gr.Slider) and b.label == "Steps"]
+    assert (steps.value, steps.interactive) == (11, False)
+    path = tmp_path / "first.png"
+    first_frame().save(path)
+    request = dict(prompt=PROMPT, resolution="192x128", seed=7, randomize_seed=False)
+    video, seed, details = client.predict(**request, image=handle_file(str(path)), api_name="/generate")
+    frames, fps, size, sound = _decoded(video)
+    assert (len(frames), fps, size, seed) == (9, 24, (192, 128), 7) and sound[:3] == ("aac", 8000, 2)
+    assert "11 steps (8 at 96x64, 3 at 192x128)" in details and "input 96x160 resized to 96x64" in details
+    with pytest.raises(AppError, match="This ltx2-i2v model makes its video from an image: give at least 1"):
+        client.predict(**request, api_name="/generate")
+    again, seed, _ = client.predict(**request, image=handle_file(str(path)), api_name="/generate")
+    assert seed == 7 and _decoded(again)[2] == (192, 128)  # still serving
+    # the seed's frames, as the request made them (the distilled app test says why not the MP4s)
+    made = [app._image(PROMPT, 192, 128, 7, 11, 1.0, images=(first_frame(),), frames=9).frames for _ in range(2)]
+    assert made[0].shape == (9, 128, 192, 3) and np.array_equal(*made)
+    # a request asks ZeroGPU for 8 calls at stage 1's size and 3 at stage 2's; its image adds none
+    timings, preset = status["timings"], app.PRESETS["192x128x9"]
+    call = {name: timings[name]["call_s"] * MARGIN for name in ("96x64x9", "192x128x9")}
+    assert app.DURATIONS.task_seconds(preset, 11, 1, False, False, input_tokens=app.MODEL.input_tokens(
+        [first_frame().size])) == pytest.approx(
         max(FIXED_SECONDS, timings["192x128x9"]["fixed_s"] * MARGIN) + 8 * call["96x64x9"] + 3 * call["192x128x9"])

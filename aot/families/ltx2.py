@@ -24,7 +24,11 @@ What sets it apart for AoT compilation:
 - The distilled recipe (RECIPE=distilled, `DISTILLED`), as diffusers' LTX-2 docs run a distilled checkpoint: 8 steps
   at half the width and height, the x2 latent upsampler (`LTX2LatentUpsamplePipeline`), 3 steps at the size asked
   for. Without guidance, so every step is one call of batch one: the programs of both stages' shapes are their own,
-  not the CFG batch of two's. Text to video only: image to video would hold the image in stage 2 too.
+  not the CFG batch of two's. Image to video too, as diffusers' i2v pipeline runs two stages: stage 1 holds the first
+  latent frame at the image, resized to stage 1's size; stage 2, given the upsampled latents, reads no image and keeps
+  their first frame clean (no noise, timestep 0, no scheduler step), so the video starts at stage 1's image frame
+  upsampled, not at the image encoded at the full size. Both stages' programs are captured with the image: a timestep
+  per token at batch one.
 """
 from __future__ import annotations
 
@@ -141,12 +145,13 @@ def _counted(bar, callback, before: int):
     return on_step
 
 
-def run_distilled(model, prompt: str, preset, generator=None, callback_on_step_end=None, **kwargs):
+def run_distilled(model, prompt: str, preset, generator=None, callback_on_step_end=None, images: tuple = (),
+                  **kwargs):
     """A request under the distilled recipe: the prompt encoded once for both stages; stage 1 at half the size to
-    latents (the video's and the sound's); the video's upsampled x2 (eager: a conv net, a small share of a step);
-    stage 2 at `preset` from them, re-noised to its schedule's first sigma, the sound's carried on. One seeded
-    generator draws both stages' noise, so a seed makes one video. `kwargs` reach stage 2, whose result is the
-    request's."""
+    latents (the video's and the sound's), from the first frame in `images` for image to video; the video's upsampled
+    x2 (eager: a conv net, a small share of a step); stage 2 at `preset` from them, re-noised to its schedule's first
+    sigma (the i2v pipeline keeps their first frame clean), the sound's carried on. One seeded generator draws both
+    stages' noise, so a seed makes one video. `kwargs` reach stage 2, whose result is the request's."""
     import torch
 
     (first, steps_1), (second, steps_2) = model.stages(preset)
@@ -156,9 +161,10 @@ def run_distilled(model, prompt: str, preset, generator=None, callback_on_step_e
                                                       max_sequence_length=model.defaults.max_sequence_length)
     text = dict(prompt_embeds=embeds, prompt_attention_mask=mask)
     with _one_progress_bar(model.pipe, steps_1 + steps_2) as bar:
-        video, audio = model.stage(None, first, steps_1, generator=generator, sigmas=list(sigmas_1),
+        video, audio = model.stage(None, first, steps_1, generator=generator, images=images, sigmas=list(sigmas_1),
                                    output_type="latent", return_dict=False,
                                    callback_on_step_end=_counted(bar, callback_on_step_end, 0), **text)
+        # no image: given latents, the i2v pipeline neither reads nor encodes one (its first frame is stage 1's)
         return model.stage(None, second, steps_2, generator=generator, latents=model.upsample(video),
                            audio_latents=audio, noise_scale=sigmas_2[0], sigmas=list(sigmas_2),
                            callback_on_step_end=_counted(bar, callback_on_step_end, steps_1), **text, **kwargs)
@@ -302,6 +308,5 @@ LTX2_I2V = dataclasses.replace(
     name="ltx2-i2v",
     pipelines=("LTX2ImageToVideoPipeline",),
     build_tiny=build_tiny_i2v,
-    distilled=None,  # the module docstring says why
     **FIRST_FRAME_INPUT,
 )
