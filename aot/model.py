@@ -13,6 +13,7 @@ import torch
 from aot.families import FAMILIES, Defaults, Family, Guidance, family_named
 from aot.family import TwoStage
 from aot.hardware import Hardware, detect
+from aot.images import check_count
 from settings import (DEFAULT_MODEL_ID, DEMO_MODEL_DIR, DEMO_MODEL_ID, DEMO_PRESETS, Preset, Settings, check_frames,
                       parse_presets)
 
@@ -52,8 +53,6 @@ class Model:
         if steps != self.defaults.steps or guidance not in (None, self.defaults.guidance) or negative_prompt:
             raise ValueError(f"RECIPE=distilled takes {self.defaults.steps} steps, no guidance or negative prompt; got "
                              f"{steps} steps, guidance {guidance}, negative prompt {negative_prompt!r}")
-        from aot.images import check_count
-
         # the page checks the count first: a direct call gets the same refusal, not an error from inside a stage
         check_count(len(images), self.family.max_images, self.family.name, self.family.min_images,
                     video=bool(self.family.video))
