@@ -7,7 +7,7 @@ lib.real_pipeline. aot.memory.measure_footprint sizes it as the Space does; choo
 plan it for the card of spaces' own configs.json, with a working fp8 probe and with a failed one.
 
 The second table is the default request on `large` through aot.zerogpu.Durations, from the fp8 + AoT steps measured
-on an H100/H200 (RESULTS.md run 12) times aot.zerogpu.slowdown, which for this card rests on its published specs:
+on an H100/H200 (RESULTS.md runs 12 and 26) times aot.zerogpu.slowdown, which for this card rests on its published specs:
 nobody here has measured one.
 
     python benchmarks/zerogpu_plan.py
@@ -41,15 +41,18 @@ MODELS = {
     "FLUX.2 [klein] 4B": ("flux2-klein", {}, 43.2, "H200", False),
     "Qwen-Image": ("qwen-image", {}, 200.8, "H200", True),
     "Z-Image-Turbo": ("z-image", {}, 76.1, "H100", False),
-    # No video step has been measured on any GPU: their requests are estimated as a Space without timings asks (an
-    # H100's FLUX.1-dev step x step_cost x step_work x the card's slowdown, aot/zerogpu.py)
-    "Wan 2.2 A14B": ("wan", {}, None, "none", True),
-    "Wan 2.2 TI2V-5B": ("wan-5b", {}, None, "none", True),
-    "LTX-2": ("ltx2", {}, None, "none", True),
+    # The videos' calls at batch one (RESULTS.md run 26; LTX-2's CFG batch of two took 518.8 ms). The distilled
+    # recipe's stages are not measured: its request is estimated as a Space without timings asks (an H100's FLUX.1-dev
+    # step x step_cost x step_work x the card's slowdown, aot/zerogpu.py)
+    "Wan 2.2 A14B": ("wan", {}, 2414.9, "H100", True),
+    "Wan 2.2 TI2V-5B": ("wan-5b", {}, 791.7, "H100", True),
+    "LTX-2": ("ltx2", {}, 259.4, "H100", True),
     "LTX-2 distilled": ("ltx2", {}, None, "none", True),
 }
 RECIPES = {"LTX-2 distilled": "distilled"}  # a row's RECIPE, where not the standard one call (its presets: outputs)
 FIXED_S = 0.5  # text encoders, VAE and hand-over per image, as if measured (Durations applies its 3 s floor)
+# A video's VAE decode is seconds: Wan's as measured eager on the H100 (RESULTS.md run 25); LTX-2's is not measured
+FIXED_VIDEO_S = {"Wan 2.2 A14B": 2.1, "Wan 2.2 TI2V-5B": 6.3}
 
 
 def real_pipe(label: str):
@@ -118,7 +121,8 @@ def main() -> int:
         by_size, auto = by_probe[True]
         for size in (Size.LARGE,) + ((Size.XLARGE,) if auto == Size.XLARGE.value else ()):
             factor = slowdown(card.model, card.sm_count, size)
-            timed = {preset.name: Timing(step_ms * factor / 1000, FIXED_S)} if step_ms else {}
+            timed = ({preset.name: Timing(step_ms * factor / 1000, FIXED_VIDEO_S.get(label, FIXED_S) * factor)}
+                     if step_ms else {})
             durations = Durations(timed, True, family.step_cost,
                                   factor, by_size[size].packed_gib, card.factor_for(size),
                                   2 if size is Size.XLARGE else 1, True, tokens=family.tokens, stages=model.stages,

@@ -277,9 +277,10 @@ LTX2 = Family(
     prompt_tokens=prompt_tokens,
     shares_programs_by_token_count=False,  # the grid and the frame rate reach the transformer as Python numbers
     negative_prompt_arg="negative_prompt",
-    # per token, by parameters: 18.9B against FLUX.1-dev's 11.9B (the audio stream's few tokens ride along); from the
-    # configs, not measured. Left at 1.0 it would under-ask ZeroGPU, which ends a task at its duration
-    step_cost=1.6,
+    # per token at batch one: measured on the H100 (RESULTS.md run 26, 768x512x121, CFG's batch of two), 1.22 of the
+    # estimate's eager call and 1.09 of its compiled one; 1.25, so that neither under-asks ZeroGPU, which ends a task
+    # at its duration (by parameters, 18.9B against FLUX.1-dev's 11.9B, it was 1.6: 46% long compiled)
+    step_cost=1.25,
     # Activations: FLUX's measured image figure per token (3 GiB at 4096 tokens, its VAE's decode included). The call
     # alone counts 147 KiB a token at batch one on the meta device (torch's MemTracker, real sizes, 6,144 and 24,576
     # tokens alike), twice that in CFG's batch of two: 1.7 GiB at 768x512x121, under the image figure's 4.5; but the

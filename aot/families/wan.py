@@ -170,8 +170,9 @@ WAN = Family(
     shares_programs_by_token_count=False,  # the rotary table comes from the latent's shape, as Python ints
     negative_prompt_arg="negative_prompt",
     guidance_2_arg="guidance_scale_2",
-    # Per token, an A14B expert's 14.3B parameters against FLUX.1-dev's 11.9B: from the configs, not measured (Wan 2.1
-    # 1.3B's estimates come out about ten times too long)
+    # Per token, an A14B expert's 14.3B parameters against FLUX.1-dev's 11.9B, from the configs. Measured on the H100
+    # (RESULTS.md run 26, 832x480x81): a call is 0.94 of this estimate's eager figure and 1.15 of its compiled one, so
+    # it errs long by 4-28% (Wan 2.1 1.3B's estimates come out about ten times too long)
     step_cost=1.2,
     video=Video(fps=16, max_frames=81),  # 5 s at 16 fps: the released models' clip
     # An A14B expert's eager call at 832x480x81 (32,760 tokens): 3.47 GiB at its peak, counted on the meta device by
@@ -190,7 +191,9 @@ WAN_5B = dataclasses.replace(
     multiple=32,  # the VAE downsamples 16x, the transformer packs 2x2 latent patches into one token
     build_tiny=build_tiny_5b,
     guidance_2_arg=None,  # one transformer
-    step_cost=0.45,  # per token, 5.0B parameters against FLUX.1-dev's 11.9B: from the configs, not measured
+    # per token: 5.0B parameters against FLUX.1-dev's 11.9B gave 0.45, but the H100 measured 0.45 of the estimate's
+    # eager call and 0.49 of its compiled one (RESULTS.md run 26, 1280x704x121): 0.5, so that it never under-asks
+    step_cost=0.5,
     video=Video(fps=24, max_frames=121),  # 5 s at 24 fps: the released model's clip
     # Measured on the H100 (RESULTS.md run 25, eager bf16 at 1280x704x121, 27,280 tokens): 10.6 GiB above the weights
     # while serving, its VAE's decode of 121 frames at 720p included: 300 KiB a token beside `DECODE_BYTES`' 3 GiB.
