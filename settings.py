@@ -63,6 +63,9 @@ LORA_NONE = "none"  # the choice that serves the base weights (with LORAS fused,
 # recipe (`Family.distilled`: LTX-2's 8 steps at half the size, an x2 latent upsampler, 3 steps at the size asked for)
 # on a distilled checkpoint. Its presets name the output
 RECIPE_CHOICES = ("standard", "distilled")
+# A LORAS entry's expert=, for a pipeline of two experts: the component(s) each value fuses it into. Wan 2.2's
+# distillation LoRAs come as one file per expert (high noise, low noise)
+EXPERTS = {"high": ("transformer",), "low": ("transformer_2",), "both": ("transformer", "transformer_2")}
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ class LoraSpec:
     scale: float = 1.0
     steps: int | None = None  # LORAS only: the default steps it is made for (a distillation LoRA)
     guidance: float | None = None  # LORAS only: the default guidance (1.0 turns true CFG off)
+    # LORAS only, and only for a pipeline of two experts (Wan 2.2 A14B): which one it is fused into, `high` (the
+    # high-noise `transformer`), `low` (`transformer_2`) or `both` (EXPERTS)
+    expert: str | None = None
     label: str = ""  # LORA_CHOICES only: its name in the page and the API; default: the file's name
 
     @property
@@ -157,10 +163,10 @@ class LoraSpec:
 
 def parse_loras(text: str, name: str) -> tuple[LoraSpec, ...]:
     """LORAS or LORA_CHOICES (`name`): comma-separated `repo_or_path[:weight_name][@revision][=scale]` entries, each
-    with options after `;`: steps=N and guidance=G (LORAS), name=LABEL (LORA_CHOICES)."""
+    with options after `;`: steps=N, guidance=G and expert=high|low|both (LORAS), name=LABEL (LORA_CHOICES)."""
     usage = (f"give {name} as comma-separated repo_or_path[:weight_name][@revision][=scale] entries, e.g. "
              "ByteDance/Hyper-SD:Hyper-FLUX.1-dev-8steps-lora.safetensors=0.125")
-    options = {"LORAS": ("steps", "guidance"), "LORA_CHOICES": ("name",)}[name]
+    options = {"LORAS": ("steps", "guidance", "expert"), "LORA_CHOICES": ("name",)}[name]
     specs = []
     for entry in filter(None, (part.strip() for part in text.split(","))):
         main, *extra = (part.strip() for part in entry.split(";"))
@@ -190,6 +196,8 @@ def parse_loras(text: str, name: str) -> tuple[LoraSpec, ...]:
                 spec.guidance is not None and not 0 <= spec.guidance <= MAX_GUIDANCE):
             raise ValueError(f"{name} entry {entry!r}: the scale must be non-zero and at most 10 in size, steps from 1 "
                              f"to {MAX_STEPS}, guidance from 0 to {MAX_GUIDANCE}")
+        if spec.expert is not None and spec.expert not in EXPERTS:
+            raise ValueError(f"{name} entry {entry!r}: expert={spec.expert} is not one of {', '.join(EXPERTS)}")
         specs.append(spec)
     names = [spec.name for spec in specs]
     if name == "LORA_CHOICES" and (len(set(names)) != len(names) or LORA_NONE in names):

@@ -60,9 +60,10 @@ def cache_key(pipe, family: str, model_id: str, revision: str | None, report: Re
         "image_tokens": shape,
         "text_tokens": text,
         "inductor": inductor_configs,
-        # fused LoRAs change the weights' values, which "weights" above does not read: each one's file and scale.
-        # Absent without LoRAs, so that no other program's key changes
-        **({"loras": [[lora["sha256"], lora["scale"]] for lora in report.loras]} if report.loras else {}),
+        # fused LoRAs change the weights' values, which "weights" above does not read: each one's file and scale (and
+        # expert, where it names one). Absent without LoRAs, so that no other program's key changes
+        **({"loras": [[lora["sha256"], lora["scale"], *([lora["expert"]] if "expert" in lora else [])]
+                      for lora in report.loras]} if report.loras else {}),
         # a recipe other than the standard one may call the transformer in another batch at the same shape (LTX-2's
         # distilled one: one of batch one, where CFG's is of two). Absent for the standard one, as for LoRAs
         **({"recipe": report.recipe} if report.recipe != "standard" else {}),

@@ -34,7 +34,7 @@ from aot.family import Guidance
 from aot.quantize import WeightOnlyLinear
 from aot.report import Report
 from aot.streaming import tensor_parts
-from settings import LORA_DEFAULTS_KEY, LORA_MAX_RANK, LORA_NONE, LoraSpec, Settings
+from settings import EXPERTS, LORA_DEFAULTS_KEY, LORA_MAX_RANK, LORA_NONE, LoraSpec, Settings
 
 log = logging.getLogger("aot-space")
 FUSING = "aot_fusing"  # the adapter name a LoRA is loaded under while it is fused or read
@@ -136,14 +136,16 @@ def check(pipe, path: Path, state: dict, switchable: bool) -> tuple[dict[str, in
 
 
 @contextlib.contextmanager
-def _loaded(pipe, path: Path, ranks: dict[str, int]):
-    """The LoRA loaded as adapter FUSING, checked to have reached every layer it names (diffusers only warns of keys
-    it drops); yields the transformer's wrapped layers by name. Unloaded after, whatever happens."""
+def _loaded(pipe, path: Path, ranks: dict[str, int], component: str = "transformer"):
+    """The LoRA loaded as adapter FUSING into `component` (a second expert: `transformer_2`, through diffusers'
+    `load_into_transformer_2`), checked to have reached every layer it names (diffusers only warns of keys it drops);
+    yields that transformer's wrapped layers by name. Unloaded after, whatever happens."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=FUSING)
+    second = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=FUSING, **second)
     try:
-        wrapped = {name: module for name, module in pipe.transformer.named_modules()
+        wrapped = {name: module for name, module in getattr(pipe, component).named_modules()
                    if isinstance(module, BaseTunerLayer)}
         if set(wrapped) != set(ranks):
             raise LoraRefused(f"LoRA {path}: diffusers applied {len(wrapped)} of its {len(ranks)} transformer layers")
@@ -180,10 +182,19 @@ def fuse_(model, settings: Settings, report: Report, stored) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise LoraRefused(f"{type(pipe).__name__} has no LoRA loader in diffusers, so LoRAs ({entries}) cannot be "
                           "applied to it; unset LORAS and LORA_CHOICES")
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise LoraRefused(f"{type(pipe).__name__} has two experts, and diffusers loads a LoRA into one of them per "
-                          f"call (Wan 2.2's distillation LoRAs come one per expert); LoRAs ({entries}) for both are "
-                          "not supported yet: unset LORAS and LORA_CHOICES")
+    two = getattr(pipe, "transformer_2", None) is not None
+    if two and settings.lora_choices:
+        raise LoraRefused(f"{type(pipe).__name__} has two experts: LORA_CHOICES ({entries}) are switched in one "
+                          "transformer's weights and are not built for two yet; fuse the LoRAs with LORAS and "
+                          ";expert=high, low or both, and unset LORA_CHOICES")
+    for spec in settings.loras:  # diffusers loads a LoRA into one expert a call: which one is the entry's to say
+        if two and spec.expert is None:
+            raise LoraRefused(f"LoRA {spec}: {type(pipe).__name__} has two experts, the high-noise `transformer` and "
+                              "the low-noise `transformer_2`; say which this LoRA is for with ;expert=high, low or "
+                              "both (Wan 2.2's distillation LoRAs come one file per expert)")
+        if not two and spec.expert is not None:
+            raise LoraRefused(f"LoRA {spec}: ;expert={spec.expert} is for a pipeline of two experts, and "
+                              f"{type(pipe).__name__} has one transformer; leave it out")
     if stored:
         raise LoraRefused(f"MODEL_ID's transformer is stored quantized ({stored.value}): LoRAs ({entries}) are fused "
                           "into bf16 weights, which it does not have; point MODEL_ID at the unquantized model")
@@ -191,22 +202,29 @@ def fuse_(model, settings: Settings, report: Report, stored) -> None:
     for spec in settings.loras:
         path = resolve(spec)
         state, metadata = _read(pipe, path)
-        ranks, texts = check(pipe, path, state, switchable=False)
-        with _loaded(pipe, path, ranks):
-            pipe.fuse_lora(components=["transformer", *texts], lora_scale=spec.scale, adapter_names=[FUSING])
+        ranks, texts = check(pipe, path, state, switchable=False)  # two experts share one architecture
+        for i, component in enumerate(EXPERTS[spec.expert] if spec.expert else ("transformer",)):
+            with _loaded(pipe, path, ranks, component):
+                pipe.fuse_lora(components=[component, *(texts if i == 0 else [])], lora_scale=spec.scale,
+                               adapter_names=[FUSING])
         defaults = _asked_defaults(spec, path, metadata)
         clash = {key for key in defaults if key in asked and asked[key] != defaults[key]}
         if clash:
             raise LoraRefused(f"LoRA {path} asks for other defaults ({defaults}) than the LoRAs before it ({asked})")
         asked.update(defaults)
         report.loras.append(dict(name=spec.name, file=str(path), sha256=_sha256(path), scale=spec.scale,
-                                 layers=len(ranks), rank=max(ranks.values()), text_encoders=texts, defaults=defaults))
-        log.info("LoRA %s fused (scale %g, %d transformer layers%s)", path, spec.scale, len(ranks),
-                 f", and {', '.join(texts)}" if texts else "")
+                                 layers=len(ranks), rank=max(ranks.values()), text_encoders=texts, defaults=defaults,
+                                 **({"expert": spec.expert} if spec.expert else {})))
+        log.info("LoRA %s fused (scale %g, %d transformer layers%s%s)", path, spec.scale, len(ranks),
+                 f", and {', '.join(texts)}" if texts else "", f", expert {spec.expert}" if spec.expert else "")
     if "guidance" in asked and model.defaults.guidance_kind is Guidance.NONE:
         raise LoraRefused(f"LoRAs ask for guidance {asked['guidance']}, but this {model.family.name} model takes none")
     if "steps" in asked and model.defaults.fixed_steps and asked["steps"] != model.defaults.steps:
         raise LoraRefused(f"LoRAs ask for {asked['steps']} steps, but {model.defaults.fixed_steps}")
+    if "guidance" in asked and model.defaults.guidance_2 is not None:
+        # one guidance for both experts: a distillation LoRA's 1.0 turns CFG off in each (the second's own default,
+        # Wan 2.2 A14B's 3.0, would keep it on for half the steps)
+        asked["guidance_2"] = asked["guidance"]
     model.defaults = dataclasses.replace(model.defaults, **asked)
     if settings.lora_choices:
         pipe.transformer.lora_choices = _read_choices(pipe, settings.lora_choices, report)

@@ -6,9 +6,9 @@ family's tiny pipeline with the transformer, text encoder(s) and VAE of the fami
 lib.real_pipeline. aot.memory.measure_footprint sizes it as the Space does; choose_resident_plan and choose_size then
 plan it for the card of spaces' own configs.json, with a working fp8 probe and with a failed one.
 
-The second table is the default request on `large` through aot.zerogpu.Durations, from the fp8 + AoT steps measured
-on an H100/H200 (RESULTS.md runs 12 and 26) times aot.zerogpu.slowdown, which for this card rests on its published specs:
-nobody here has measured one.
+The second table is the default request on `large` through aot.zerogpu.Durations, from the fp8 + AoT calls measured
+on an H100/H200 (RESULTS.md runs 12 and 26) times aot.zerogpu.slowdown, which for this card rests on its published
+specs: nobody here has measured one.
 
     python benchmarks/zerogpu_plan.py
 

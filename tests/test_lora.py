@@ -284,3 +284,61 @@ def test_the_app_serves_each_choice_and_refuses_an_undeclared_one(lora_app):
     assert client.predict(api_name="/status")["compiles"] == compiles  # a switch compiles nothing
     banner = app._status_markdown()
     assert "LoRAs fused:" in banner and "`fused`" in banner and "LoRAs to switch per request:" in banner
+
+
+# --- two experts (Wan 2.2 A14B): a LORAS entry names the expert it is for ------------------------------------------
+
+def _deltas(path: Path, scale: float) -> dict[str, torch.Tensor]:
+    """What a LoRA file adds to each Linear's weight when fused at `scale`, from its matrices alone (rank = alpha)."""
+    state = load_file(path)
+    return {key.removeprefix("transformer.").removesuffix(".lora_A.weight"):
+            scale * state[key.replace("lora_A", "lora_B")] @ state[key]
+            for key in state if key.endswith(".lora_A.weight")}
+
+
+def test_each_expert_takes_the_loras_its_entries_name_and_one_guidance_for_both(tmp_path):
+    high = make_lora(tmp_path, "high", 11, family="wan", defaults={"steps": 4, "guidance": 1.0})
+    low = make_lora(tmp_path, "low", 12, family="wan")
+    env = dict(model_id="tiny-wan", loras=f"{high};expert=high,{low}=0.5;expert=low,{low}=0.25;expert=both")
+    model, report = tiny_model(**env), Report(device="cpu", dtype="float32")
+    assert model.defaults.guidance_2 is not None and model.defaults.guidance_2 != 1.0  # CFG on the second expert
+    experts = ("transformer", "transformer_2")
+    base = {e: {n: p.detach().clone() for n, p in getattr(model.pipe, e).named_parameters()} for e in experts}
+    lora.fuse_(model, settings_for(**env), report, None)
+    expected = {"transformer": [_deltas(high, 1.0), _deltas(low, 0.25)],
+                "transformer_2": [_deltas(low, 0.5), _deltas(low, 0.25)]}
+    for expert in experts:
+        params = dict(getattr(model.pipe, expert).named_parameters())
+        assert set(params) == set(base[expert])  # fused, then unloaded: plain Linear layers again
+        touched = set().union(*expected[expert])
+        for name, before in base[expert].items():
+            layer = name.removesuffix(".weight")
+            delta = sum(d[layer] for d in expected[expert] if layer in d) if layer in touched else 0
+            assert torch.allclose(params[name], before + delta, atol=1e-6), (expert, name)
+        assert touched and all(name.endswith((".to_q", ".to_k", ".to_v")) for name in touched)
+    assert [entry["expert"] for entry in report.loras] == ["high", "low", "both"]
+    # a distillation LoRA's guidance is both experts': 1.0 turns CFG off in each, so a step is one call per expert
+    assert (model.defaults.steps, model.defaults.guidance, model.defaults.guidance_2) == (4, 1.0, 1.0)
+    assert model.batch_one_calls(model.defaults.guidance) == 1
+
+    def key(loras: str) -> dict:
+        m, r = tiny_model(model_id="tiny-wan", loras=loras), Report(device="cpu", dtype="float32")
+        lora.fuse_(m, settings_for(model_id="tiny-wan", loras=loras), r, None)
+        return cache_key(m.pipe, "wan", "tiny-wan", None, r, cpu(), "blocks", 16, False, "", {})
+
+    assert key(f"{low};expert=high") != key(f"{low};expert=low")  # the expert is in the programs' key
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(model_id="tiny-wan", loras="{low}"), r"has two experts, .* say which this LoRA is for with ;expert=high"),
+    (dict(model_id="tiny-wan", loras="{low};expert=low", lora_choices="{low}"),
+     "LORA_CHOICES .* are switched in one transformer's weights and are not built for two yet"),
+    (dict(loras="{flux};expert=high"), ";expert=high is for a pipeline of two experts, and FluxPipeline has one"),
+])
+def test_experts_are_named_where_there_are_two_and_only_there(tmp_path, files, env, message):
+    low = make_lora(tmp_path, "low", 12, family="wan")
+    env = {k: v.format(low=low, flux=files["a"]) for k, v in env.items()}
+    with pytest.raises(lora.LoraRefused, match=message):
+        lora.fuse_(tiny_model(**env), settings_for(**env), Report(device="cpu", dtype="float32"), None)
+    with pytest.raises(ValueError, match="expert=middle is not one of high, low, both"):
+        settings_for(loras=f"{low};expert=middle")
