@@ -63,9 +63,9 @@ LORA_NONE = "none"  # the choice that serves the base weights (with LORAS fused,
 # recipe (`Family.distilled`: LTX-2's 8 steps at half the size, an x2 latent upsampler, 3 steps at the size asked for)
 # on a distilled checkpoint. Its presets name the output
 RECIPE_CHOICES = ("standard", "distilled")
-# A LORAS entry's expert=, for a pipeline of two experts: the component(s) each value fuses it into. Wan 2.2's
-# distillation LoRAs come as one file per expert (high noise, low noise)
-EXPERTS = {"high": ("transformer",), "low": ("transformer_2",), "both": ("transformer", "transformer_2")}
+# A LORAS entry's expert=, for a pipeline of two experts: the high-noise one, the low-noise one or both (aot/lora.py).
+# Wan 2.2's distillation LoRAs come as one file per expert
+EXPERTS = ("high", "low", "both")
 
 
 @dataclass(frozen=True)

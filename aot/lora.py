@@ -31,13 +31,17 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from aot.cache import _sha256
 from aot.family import Guidance
+from aot.model import experts
 from aot.quantize import WeightOnlyLinear
 from aot.report import Report
 from aot.streaming import tensor_parts
-from settings import EXPERTS, LORA_DEFAULTS_KEY, LORA_MAX_RANK, LORA_NONE, LoraSpec, Settings
+from settings import LORA_DEFAULTS_KEY, LORA_MAX_RANK, LORA_NONE, LoraSpec, Settings
 
 log = logging.getLogger("aot-space")
 FUSING = "aot_fusing"  # the adapter name a LoRA is loaded under while it is fused or read
+# A LORAS entry's expert= (settings.EXPERTS) -> the components it is fused into: diffusers names the low-noise expert
+# `transformer_2` (its `load_into_transformer_2`); a pipeline of one transformer takes "high", its only one
+EXPERT_COMPONENTS = {"high": ("transformer",), "low": ("transformer_2",), "both": ("transformer", "transformer_2")}
 
 
 class LoraRefused(ValueError):
@@ -182,7 +186,7 @@ def fuse_(model, settings: Settings, report: Report, stored) -> None:
     if not hasattr(pipe, "load_lora_weights"):
         raise LoraRefused(f"{type(pipe).__name__} has no LoRA loader in diffusers, so LoRAs ({entries}) cannot be "
                           "applied to it; unset LORAS and LORA_CHOICES")
-    two = getattr(pipe, "transformer_2", None) is not None
+    two = len(experts(pipe)) > 1
     if two and settings.lora_choices:
         raise LoraRefused(f"{type(pipe).__name__} has two experts: LORA_CHOICES ({entries}) are switched in one "
                           "transformer's weights and are not built for two yet; fuse the LoRAs with LORAS and "
@@ -203,7 +207,7 @@ def fuse_(model, settings: Settings, report: Report, stored) -> None:
         path = resolve(spec)
         state, metadata = _read(pipe, path)
         ranks, texts = check(pipe, path, state, switchable=False)  # two experts share one architecture
-        for i, component in enumerate(EXPERTS[spec.expert] if spec.expert else ("transformer",)):
+        for i, component in enumerate(EXPERT_COMPONENTS[spec.expert or "high"]):
             with _loaded(pipe, path, ranks, component):
                 pipe.fuse_lora(components=[component, *(texts if i == 0 else [])], lora_scale=spec.scale,
                                adapter_names=[FUSING])
