@@ -59,7 +59,7 @@ from aot.report import Decision, Report
 from aot.zerogpu import MAX_TASK_SECONDS, PROBE_TASK_SECONDS, STARTUP_TASK_SECONDS, Timing, gpu_task
 from settings import Preset, Settings
 
-__all__ = ["INDUCTOR_CONFIGS", "UnsupportedShape", "optimize_pipeline_"]
+__all__ = ["INDUCTOR_CONFIGS", "UnsupportedShape", "inductor_configs", "optimize_pipeline_"]
 log = logging.getLogger("aot-space")
 
 # Why each option: 1x1 convs as matmuls and no epilogue fusion follow the zerogpu-aoti recipe. Coordinate-
@@ -71,10 +71,21 @@ INDUCTOR_CONFIGS = {
     "coordinate_descent_tuning": False,
     "coordinate_descent_check_all_directions": False,
 }
+# With fp8 scaled per row, each activation's quantization is a row reduction (the row's amax) and a pointwise pass (the
+# division and cast). Inductor's default splits a long row's reduction over several programs, and then the amax and the
+# quantization are separate kernels, each reading the row from memory (and computing the GELU before it). Unsplit, they
+# fuse into one kernel that reads the row once: FLUX.1's single blocks 8.4 -> 5.2 ms of a step, the step 97.8 -> 94.8 ms
+# on an H100 (benchmarks/RESULTS.md run 27). One scale per tensor reduces the whole tensor, which needs the split.
+ROW_FP8_INDUCTOR_CONFIGS = {"split_reductions": False}
 # A preset's timing: one call of 1 step and one of this many; the difference is the steps' time. With 3, the
 # steps of a 1.3B FLUX-shaped model (about 10 ms each on an H100) drowned in the calls' own noise and timed as 0
 # (RESULTS.md run 20); the 3 s floor of every request covered them.
 TIMED_STEPS = 6
+
+
+def inductor_configs(report: Report) -> dict:
+    """Inductor's options for the programs `report` describes (its fp8 granularity decides the reductions' split)."""
+    return {**INDUCTOR_CONFIGS, **(ROW_FP8_INDUCTOR_CONFIGS if report.fp8_granularity == "row" else {})}
 
 
 def optimize_pipeline_(model: Model, settings: Settings, ranks: parallel.Ranks | None = None,
@@ -362,7 +373,7 @@ def plan_programs(model: Model, settings: Settings, report: Report, hardware: Ha
     for shape in groups:
         key = cache_key(model.pipe, model.family.name, settings.model_id, settings.revision, report, hardware,
                         report.compile_scope, list(served) if served else shape, dynamic,
-                        report.text, INDUCTOR_CONFIGS)
+                        report.text, inductor_configs(report))
         keys[shape] = (key, Path(settings.cache_dir) / key_digest(key))
     measured = measured_path(Path(settings.cache_dir), [root.name for _, root in keys.values()],
                              [p.name for p in model.presets],
@@ -415,8 +426,8 @@ def fetch_or_compile(model: Model, programs: Programs, settings: Settings, repor
                 if source:
                     adopted[shape] = source
                 else:
-                    compile_into_cache(lambda out, preset=preset: _compile(model, report.compile_scope, preset,
-                                                                           programs.served, out), root, key)
+                    compile_into_cache(lambda out, preset=preset, key=key: _compile(
+                        model, report.compile_scope, preset, programs.served, out, key["inductor"]), root, key)
                     seconds[shape] = round(time.perf_counter() - start, 1)
                 programs.manifests[shape] = read_cached(root, key)
             # a warm start on a card that measured these programs before: its timings and graph decisions are kept,
@@ -520,8 +531,8 @@ def _report_graphs(report: Report, checks: dict) -> None:
                                        f"{check['uncaptured_ms']} ms uncaptured; that shape runs uncaptured")
 
 
-def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path) -> dict:
-    signatures = compile_program(model, scope, preset, served, out_dir, INDUCTOR_CONFIGS)
+def _compile(model: Model, scope: str, preset: Preset, served, out_dir: Path, configs: dict) -> dict:
+    signatures = compile_program(model, scope, preset, served, out_dir, configs)
     release_export_memory()
     return signatures
 

@@ -18,7 +18,7 @@ from aot.report import Report
 
 log = logging.getLogger("aot-space")
 
-CACHE_FORMAT = 5  # bump when a change here alters what a compiled program contains
+CACHE_FORMAT = 6  # bump when a change here alters what a compiled program contains
 # Beside an entry's manifest: each package's checksum as last verified, with the file's size and mtime then.
 # Local bookkeeping only; never uploaded (an upload carries the manifest, which holds the checksums).
 VERIFIED = "verified.json"

@@ -184,8 +184,13 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 def _static_copy(value):
+    """`value` with its tensors cloned as normal tensors, whatever mode the caller is in. Start-up captures under
+    `torch.inference_mode`, where a clone is an inference tensor, and a request's pipeline runs under `no_grad`, where
+    copying its inputs into an inference tensor is refused: every request failed after a cold start on an H100
+    ("Inplace update to inference tensor outside InferenceMode", benchmarks/RESULTS.md run 27)."""
     leaves, spec = tree_flatten(value)
-    return tree_unflatten([leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
+    with torch.inference_mode(False), torch.no_grad():
+        return tree_unflatten([leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
 
 
 def _label(inputs: dict) -> str:

@@ -10,6 +10,7 @@ import functools
 import gc
 import inspect
 import logging
+import math
 import threading
 import time
 import unittest.mock
@@ -219,6 +220,37 @@ def _merged(a, b):
     return {**a, **b}
 
 
+# GELU's tanh form, which the feed-forwards of FLUX.1, Qwen-Image, Wan and LTX-2 use, traced as its sigmoid identity:
+# 0.5 * (1 + tanh(z)) = sigmoid(2z), so gelu(x) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)). Inductor writes
+# torch's form with libdevice's tanh, a long instruction sequence, and evaluates it in every kernel that reads the
+# activation: a per-row fp8 scale needs the row's largest value before it can quantize, so the GELU runs twice (FLUX.1's
+# single blocks: one kernel finds each row's amax, another quantizes, 9.5 ms of a 97.7 ms step on an H100, reading at a
+# third of its bandwidth: benchmarks/RESULTS.md run 27). A sigmoid compiles to one fast exponential and a division. The
+# arithmetic is done in fp32 (or wider) and rounded once, as torch's own kernel does.
+GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi)
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    f = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 and fp16 computed in fp32
+    return (f * torch.sigmoid(GELU_TANH_SCALE * (f + 0.044715 * f * f * f))).to(x.dtype)
+
+
+@contextlib.contextmanager
+def gelu_as_sigmoid():
+    """While tracing: `F.gelu(x, approximate="tanh")`, which torch's `nn.GELU` and diffusers' `GELU` both call, traced
+    as `tanh_gelu`. Only the trace sees it: the eager modules keep torch's kernel."""
+    functional, original = torch.nn.functional, torch.nn.functional.gelu
+
+    def gelu(input, approximate="none"):
+        return tanh_gelu(input) if approximate == "tanh" else original(input, approximate=approximate)
+
+    functional.gelu = gelu
+    try:
+        yield
+    finally:
+        functional.gelu = original
+
+
 def compile_program(model: Model, scope: str, preset: Preset, served: tuple[int, int] | None, out_dir: Path,
                     inductor_configs: dict) -> dict[str, Signature]:
     """Captures, exports and AOT-compiles the (already quantized) transformer at `preset`'s shape into
@@ -230,7 +262,8 @@ def compile_program(model: Model, scope: str, preset: Preset, served: tuple[int,
         args, kwargs = capture_inputs(model, module, preset)
         spec = export_spec(model, args, kwargs, served)
         t0 = time.perf_counter()
-        exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
+        with gelu_as_sigmoid():
+            exported = torch.export.export(module, args=args, kwargs=kwargs, dynamic_shapes=spec)
         t1 = time.perf_counter()
         spaces.aoti_compile_and_save(out_dir, exported, inductor_configs=inductor_configs, submodule=name or None)
         COMPILES[name] += 1

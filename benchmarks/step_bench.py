@@ -26,6 +26,8 @@ keeps its commas and must name presets of --presets), and a few knobs the produc
   bench.shared_programs=1   regional programs with one instance per block list, as spaces installs them (run 16)
   bench.bnb4=1              diffusers' bitsandbytes NF4 recipe on every Linear, eager, in place of optimizing;
                             served under VRAM_LIMIT_GIB if given (RESULTS.md run 19)
+  bench.tanh_gelu=1         GELU's tanh form traced as torch writes it (libdevice's tanh), not as its sigmoid identity
+                            (aot/programs.py `gelu_as_sigmoid`; the comparison of RESULTS.md run 27)
   bench.static_edit=1       an editing family's programs static, one per preset, traced with --inputs images, in
                             place of its one dynamic image-token program (the comparison issue 31 asks for)
 Unset settings take the product's defaults (QUANTIZATION=auto, COMPILE=auto, ...). One AoT variant's weights stay
@@ -63,6 +65,8 @@ import time
 import torch
 from torch.utils._pytree import tree_map
 
+import aot.cache
+import aot.programs
 import optimization
 from aot import step_cache
 from aot.families import FAMILIES, family_named
@@ -73,7 +77,7 @@ from aot.programs import capture_inputs, release_export_memory
 from settings import Settings
 
 log = logging.getLogger("step-bench")
-KNOBS = ("bench.fp8_granularity", "bench.shared_programs", "bench.bnb4", "bench.static_edit")
+KNOBS = ("bench.fp8_granularity", "bench.shared_programs", "bench.bnb4", "bench.static_edit", "bench.tanh_gelu")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,11 +107,17 @@ def parse_value(text: str):
 
 @contextlib.contextmanager
 def knobs_applied(knobs: dict):
-    """Inductor's options and the fp8 granularity, swapped in the optimization module (which reads both when it
-    runs; both are in the cache key) until the variant is done."""
-    saved = optimization.INDUCTOR_CONFIGS, optimization.fp8_candidates
-    optimization.INDUCTOR_CONFIGS = {**saved[0], **{name.removeprefix("inductor."): parse_value(value)
-                                                    for name, value in knobs.items() if name.startswith("inductor.")}}
+    """Inductor's options (over those for per-row fp8 too), the fp8 granularity and the GELU's traced form, swapped in
+    the modules that read them when they run (all are in the cache key: the GELU's form as the cache format before
+    it) until the variant is done."""
+    saved = (optimization.INDUCTOR_CONFIGS, optimization.fp8_candidates, aot.programs.gelu_as_sigmoid,
+             aot.cache.CACHE_FORMAT, optimization.ROW_FP8_INDUCTOR_CONFIGS)
+    if knobs.get("bench.tanh_gelu"):
+        aot.programs.gelu_as_sigmoid, aot.cache.CACHE_FORMAT = contextlib.nullcontext, saved[3] - 1
+    options = {name.removeprefix("inductor."): parse_value(value) for name, value in knobs.items()
+               if name.startswith("inductor.")}
+    optimization.INDUCTOR_CONFIGS = {**saved[0], **options}  # over the per-row fp8 options too
+    optimization.ROW_FP8_INDUCTOR_CONFIGS = {k: v for k, v in saved[4].items() if k not in options}
     granularity = knobs.get("bench.fp8_granularity")
     if granularity:
         assert granularity in ("row", "tensor"), f"bench.fp8_granularity={granularity}: row or tensor"
@@ -115,7 +125,8 @@ def knobs_applied(knobs: dict):
     try:
         yield
     finally:
-        optimization.INDUCTOR_CONFIGS, optimization.fp8_candidates = saved
+        (optimization.INDUCTOR_CONFIGS, optimization.fp8_candidates, aot.programs.gelu_as_sigmoid,
+         aot.cache.CACHE_FORMAT, optimization.ROW_FP8_INDUCTOR_CONFIGS) = saved
 
 
 def share_block_programs_(transformer: torch.nn.Module) -> None:
@@ -310,7 +321,7 @@ class Bench:
         elif text is not None:
             with knobs_applied(knobs):
                 report = optimization.optimize_pipeline_(model, settings)
-                result["inductor"] = optimization.INDUCTOR_CONFIGS
+                result["inductor"] = optimization.inductor_configs(report)
             result.update({key: getattr(report, key) for key in (
                 "quantization", "fp8_granularity", "attention", "step_cache", "text", "compile", "compile_scope",
                 "compile_seconds", "compile_source", "programs", "cache_keys", "memory", "startup", "cuda_graphs",

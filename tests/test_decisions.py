@@ -168,3 +168,18 @@ def test_bad_presets_are_refused(text, message):
 def test_conflicting_or_unknown_settings_raise_at_startup(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env, has_cuda=False)
+
+
+def test_per_row_fp8_programs_compile_with_unsplit_reductions_and_others_with_inductors_default():
+    """Inductor's options for a report: unsplit reductions for fp8 scaled per row (ROW_FP8_INDUCTOR_CONFIGS)."""
+    import optimization
+    from aot.report import Report
+
+    def configs(quantization, granularity):
+        return optimization.inductor_configs(Report(device="d", dtype="bfloat16", quantization=quantization,
+                                                    fp8_granularity=granularity))
+
+    assert configs("fp8", "row") == {**optimization.INDUCTOR_CONFIGS, "split_reductions": False}
+    # one scale per tensor reduces the whole tensor, with the split's parallelism; bf16, int8 and CPU programs as before
+    assert configs("fp8", "tensor") == configs("none", "") == configs("int8", "") == optimization.INDUCTOR_CONFIGS
+    assert "split_reductions" not in optimization.INDUCTOR_CONFIGS

@@ -17,11 +17,12 @@ class Rerun:
     def __init__(self, fn, out, perturb: float):
         self.fn, self.out, self.perturb, self.replays = fn, out, perturb, 0
 
-    def replay(self):
+    def replay(self):  # a replay's kernels write the static outputs whatever autograd's mode: no mode checks
         self.replays += 1
-        fresh = torch.utils._pytree.tree_leaves(self.fn())
-        for static, value in zip(torch.utils._pytree.tree_leaves(self.out), fresh):
-            static.copy_(value + self.perturb)
+        with torch.inference_mode():
+            fresh = torch.utils._pytree.tree_leaves(self.fn())
+            for static, value in zip(torch.utils._pytree.tree_leaves(self.out), fresh):
+                static.copy_(value + self.perturb)
 
 
 class RerunGraphs(GraphedForward):
@@ -80,6 +81,22 @@ def test_a_decided_shape_is_captured_checked_and_then_replayed_on_the_instances_
     assert {id(dispatch) for dispatch, _, _ in taken} >= {id(block.forward) for block in transformer.transformer_blocks}
     assert all(id(program) in dispatch.live and dispatch.live[id(program)] is not instance
                for dispatch, program, instance in taken)
+
+
+def test_a_graph_captured_at_start_up_replays_a_request_outside_inference_mode(compiled_blocks, graphed):
+    """Start-up captures under `torch.inference_mode`; a request's pipeline calls the transformer under `no_grad`, and
+    the replay copies that call's inputs into the graph's static ones (refused for inference tensors, RESULTS.md run
+    27)."""
+    transformer = compiled_blocks.pipe.transformer
+    name = next(iter(compiled_blocks.inputs))
+    args, kwargs = compiled_blocks.inputs[name]
+    graphs = graphed(decided={shape_of(transformer, args, kwargs): {"kept": True, "uncaptured_ms": 2.0,
+                                                                      "replay_ms": 1.0}})
+    first = call(compiled_blocks, name)  # under inference_mode, as start-up's first call: captured
+    fresh = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), (args, kwargs))  # a request's own
+    with torch.no_grad():
+        replayed = transformer(*fresh[0], **fresh[1])[0]
+    assert graphs.calls == {"replayed": 1, "uncaptured": 1} and torch.equal(replayed, first)
 
 
 def test_a_replay_that_differs_is_not_kept_and_the_shape_runs_uncaptured(compiled_blocks, graphed):
