@@ -223,10 +223,10 @@ def _merged(a, b):
 # GELU's tanh form, which the feed-forwards of FLUX.1, Qwen-Image, Wan and LTX-2 use, traced as its sigmoid identity:
 # 0.5 * (1 + tanh(z)) = sigmoid(2z), so gelu(x) = x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)). Inductor writes
 # torch's form with libdevice's tanh, a long instruction sequence, and evaluates it in every kernel that reads the
-# activation: a per-row fp8 scale needs the row's largest value before it can quantize, so the GELU runs twice (FLUX.1's
-# single blocks: one kernel finds each row's amax, another quantizes, 9.5 ms of a 97.7 ms step on an H100, reading at a
-# third of its bandwidth: benchmarks/RESULTS.md run 27). A sigmoid compiles to one fast exponential and a division. The
-# arithmetic is done in fp32 (or wider) and rounded once, as torch's own kernel does.
+# activation: a per-row fp8 scale needs the row's largest value before it can quantize, so with reductions split the
+# GELU ran twice (FLUX.1's single blocks: an amax kernel and a quantizing one, 9.4 ms of a 98.8 ms step on an H100, at a
+# third of its memory bandwidth). A sigmoid compiles to one fast exponential and a division: 1.0 ms a step less
+# (benchmarks/RESULTS.md run 27). The arithmetic is done in fp32 (or wider) and rounded once, as torch's kernel does.
 GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi)
 
 
