@@ -76,6 +76,8 @@ INDUCTOR_CONFIGS = {
 # quantization are separate kernels, each reading the row from memory (and computing the GELU before it). Unsplit, they
 # fuse into one kernel that reads the row once: FLUX.1's single blocks 8.4 -> 5.2 ms of a step, the step 97.8 -> 94.8 ms
 # on an H100 (benchmarks/RESULTS.md run 27). One scale per tensor reduces the whole tensor, which needs the split.
+# Decided by the granularity the device's own probe picked, not by the card: unmeasured on sm_120 (ZeroGPU's RTX Pro
+# 6000), where an unsplit row reduction still has a program per row (thousands a call) to fill its SMs.
 ROW_FP8_INDUCTOR_CONFIGS = {"split_reductions": False}
 # A preset's timing: one call of 1 step and one of this many; the difference is the steps' time. With 3, the
 # steps of a 1.3B FLUX-shaped model (about 10 ms each on an H100) drowned in the calls' own noise and timed as 0
